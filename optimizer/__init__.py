@@ -1,0 +1,1 @@
+"""Bedside optimizer: PyTorch checkpoint -> verified ONNX variants -> Triton model repository."""

@@ -1,0 +1,55 @@
+"""Bedside checkpoints: an architecture from MONAI's network zoo, its arguments and weights.
+
+Loaded with ``weights_only=True`` so that a checkpoint cannot run code, and the architecture is
+looked up only among MONAI's networks, never imported from an arbitrary dotted path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import monai.networks.nets as monai_nets
+import torch
+from torch import nn
+
+from optimizer.errors import CheckpointError
+
+FORMAT = "bedside-checkpoint/1"
+
+
+def build(architecture: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Instantiate ``monai.networks.nets.<architecture>(**kwargs)``."""
+    cls = getattr(monai_nets, architecture, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CheckpointError(f"{architecture!r} is not a network in monai.networks.nets")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise CheckpointError(f"cannot build {architecture}: {exc}") from exc
+
+
+def save(path: Path, architecture: str, kwargs: dict[str, Any], model: nn.Module) -> None:
+    torch.save(
+        {"format": FORMAT, "architecture": architecture, "kwargs": kwargs,
+         "state_dict": model.state_dict()},
+        path,
+    )
+
+
+def load(path: Path) -> nn.Module:
+    """The model in eval mode, or a CheckpointError that says what is wrong."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint not found: {path}") from exc
+    except Exception as exc:  # torch raises pickle/zip/runtime errors alike
+        raise CheckpointError(f"{path} is not a loadable checkpoint: {exc}") from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
+    model = build(str(blob["architecture"]), dict(blob["kwargs"]))
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the architecture: {exc}") from exc
+    return model.eval()

@@ -1,0 +1,55 @@
+"""PyTorch -> ONNX with a dynamic batch axis, checked and shape-inferred."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from optimizer.errors import ExportError
+from optimizer.manifest import Manifest
+
+LOG = logging.getLogger(__name__)
+OPSET = 20
+MAX_BATCH = 64
+
+
+def export_onnx(model: nn.Module, manifest: Manifest, path: Path) -> Path:
+    """Export through torch.export (the supported exporter), then run the ONNX checker.
+
+    Input and output names come from the manifest so Triton, the gateway and ONNX agree.
+    """
+    sample = torch.zeros((1, *manifest.input.shape), dtype=torch.float32)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(noise):
+            program = torch.onnx.export(
+                model.eval(),
+                (sample,),
+                input_names=[manifest.input.name],
+                output_names=[manifest.output.name],
+                dynamic_shapes=({0: batch},),
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises a zoo of types; the message names the op
+        raise ExportError(f"ONNX export failed: {exc}") from exc
+    if program is None:
+        raise ExportError("ONNX export produced no program")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    except Exception as exc:
+        raise ExportError(f"exported graph is not valid ONNX: {exc}") from exc
+    onnx.save(inferred, str(path))
+    LOG.info("exported %s (%d nodes)", path.name, len(inferred.graph.node))
+    return path

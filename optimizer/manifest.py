@@ -1,0 +1,249 @@
+"""The model manifest: the contract that travels with a model.
+
+The optimizer reads it and writes it beside ``config.pbtxt``; the gateway reads preprocessing and
+labels from it, so a new model never needs gateway code. It is validated once, on load, into
+frozen dataclasses; code downstream never re-checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from optimizer.errors import ManifestError
+
+SCHEMA_VERSION = 1
+Task = Literal["classification"]
+Activation = Literal["sigmoid", "softmax", "none"]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_MAX_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class Window:
+    """A fixed VOI window (centre/width in modality units) applied before normalisation."""
+
+    center: float
+    width: float
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """Affine normalisation applied to the windowed [0, 1] image: (x - mean) / std."""
+
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model takes and how a DICOM instance becomes that tensor."""
+
+    name: str
+    modalities: tuple[str, ...]
+    height: int
+    width: int
+    channels: int
+    # None: use the instance's own VOI (WindowCenter/WindowWidth), else its min/max.
+    window: Window | None
+    normalize: Normalize
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """The model's output tensor: one score per label, turned into findings by thresholds."""
+
+    name: str
+    labels: tuple[str, ...]
+    activation: Activation
+    thresholds: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """How much task accuracy an optimized variant may lose against PyTorch FP32."""
+
+    max_auc_drop: float
+    min_agreement: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated model manifest."""
+
+    name: str
+    version: int
+    task: Task
+    input: InputSpec
+    output: OutputSpec
+    accuracy_budget: AccuracyBudget
+    latency_slo_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; ``from_dict(to_dict(m)) == m``."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "task": self.task,
+            "input": {
+                "name": self.input.name,
+                "modalities": list(self.input.modalities),
+                "height": self.input.height,
+                "width": self.input.width,
+                "channels": self.input.channels,
+                "window": None
+                if self.input.window is None
+                else {"center": self.input.window.center, "width": self.input.window.width},
+                "normalize": {"mean": self.input.normalize.mean, "std": self.input.normalize.std},
+            },
+            "output": {
+                "name": self.output.name,
+                "labels": list(self.output.labels),
+                "activation": self.output.activation,
+                "thresholds": list(self.output.thresholds),
+            },
+            "accuracy_budget": {
+                "max_auc_drop": self.accuracy_budget.max_auc_drop,
+                "min_agreement": self.accuracy_budget.min_agreement,
+            },
+            "latency_slo_ms": self.latency_slo_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Validate a decoded manifest; every problem names the field it is about."""
+        r = _Reader(data, "manifest")
+        version = r.get("schema_version", int)
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest.schema_version: {version} is not supported (expected {SCHEMA_VERSION})"
+            )
+        name = r.get("name", str)
+        if not _NAME_RE.match(name):
+            raise ManifestError(
+                "manifest.name: must be 1-64 characters of letters, digits, '_', '.', '-'"
+            )
+        task = r.get("task", str)
+        if task != "classification":
+            raise ManifestError(f"manifest.task: {task!r} is not supported (classification)")
+
+        ri = r.child("input")
+        window_raw = ri.get_optional("window", dict)
+        window = None
+        if window_raw is not None:
+            rw = ri.child("window")
+            window = Window(center=rw.number("center"), width=rw.number("width", positive=True))
+        rn = ri.child("normalize")
+        modalities = tuple(ri.get("modalities", list))
+        if not modalities or not all(isinstance(m, str) and m for m in modalities):
+            raise ManifestError("manifest.input.modalities: a non-empty list of modality codes")
+        spec = InputSpec(
+            name=ri.get("name", str),
+            modalities=modalities,
+            height=ri.side("height"),
+            width=ri.side("width"),
+            channels=ri.get("channels", int),
+            window=window,
+            normalize=Normalize(mean=rn.number("mean"), std=rn.number("std", positive=True)),
+        )
+        if spec.channels not in (1, 3):
+            raise ManifestError("manifest.input.channels: must be 1 or 3")
+
+        ro = r.child("output")
+        labels = tuple(ro.get("labels", list))
+        thresholds = tuple(float(t) for t in ro.get("thresholds", list))
+        if not labels or not all(isinstance(label, str) and label for label in labels):
+            raise ManifestError("manifest.output.labels: a non-empty list of label names")
+        if len(thresholds) != len(labels):
+            raise ManifestError("manifest.output.thresholds: one threshold per label")
+        activation = ro.get("activation", str)
+        if activation not in ("sigmoid", "softmax", "none"):
+            raise ManifestError(
+                f"manifest.output.activation: {activation!r} is not sigmoid, softmax or none"
+            )
+        output = OutputSpec(
+            name=ro.get("name", str),
+            labels=labels,
+            activation=activation,  # type: ignore[arg-type]
+            thresholds=thresholds,
+        )
+
+        rb = r.child("accuracy_budget")
+        budget = AccuracyBudget(
+            max_auc_drop=rb.number("max_auc_drop"), min_agreement=rb.number("min_agreement")
+        )
+        if not 0.0 <= budget.max_auc_drop <= 1.0 or not 0.0 <= budget.min_agreement <= 1.0:
+            raise ManifestError("manifest.accuracy_budget: values must lie in [0, 1]")
+        return cls(
+            name=name,
+            version=r.get("version", int),
+            task="classification",
+            input=spec,
+            output=output,
+            accuracy_budget=budget,
+            latency_slo_ms=r.number("latency_slo_ms", positive=True),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ManifestError(f"manifest not found: {path}") from exc
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ManifestError(f"manifest {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+class _Reader:
+    """Typed access to one JSON object, with errors that name the field's full path."""
+
+    def __init__(self, data: Mapping[str, Any], where: str) -> None:
+        self._data = data
+        self._where = where
+
+    def get(self, key: str, kind: type) -> Any:
+        if key not in self._data:
+            raise ManifestError(f"{self._where}.{key}: missing")
+        value = self._data[key]
+        if kind is int and isinstance(value, bool):
+            raise ManifestError(f"{self._where}.{key}: expected int")
+        if not isinstance(value, kind):
+            raise ManifestError(f"{self._where}.{key}: expected {kind.__name__}")
+        return value
+
+    def get_optional(self, key: str, kind: type) -> Any:
+        if self._data.get(key) is None:
+            return None
+        return self.get(key, kind)
+
+    def number(self, key: str, positive: bool = False) -> float:
+        value = self._data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ManifestError(f"{self._where}.{key}: expected a number")
+        if positive and value <= 0:
+            raise ManifestError(f"{self._where}.{key}: must be > 0")
+        return float(value)
+
+    def side(self, key: str) -> int:
+        value = self.get(key, int)
+        if not 8 <= value <= _MAX_SIDE:
+            raise ManifestError(f"{self._where}.{key}: must lie in [8, {_MAX_SIDE}]")
+        return int(value)
+
+    def child(self, key: str) -> _Reader:
+        return _Reader(self.get(key, dict), f"{self._where}.{key}")

@@ -1,0 +1,103 @@
+"""Verification of a variant against the PyTorch golden outputs: numbers, then the task metric."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from optimizer.manifest import Manifest
+
+# Mean absolute error ceilings on the raw model outputs, per precision (DESIGN.md ladder).
+MAE_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-3, "int8": 0.05}
+
+
+def activate(outputs: np.ndarray, activation: str) -> np.ndarray:
+    """Raw outputs -> scores in [0, 1] as the manifest says."""
+    if activation == "sigmoid":
+        return np.asarray(1.0 / (1.0 + np.exp(-outputs.astype(np.float64))))
+    if activation == "softmax":
+        shifted = outputs - outputs.max(axis=-1, keepdims=True)
+        e = np.exp(shifted.astype(np.float64))
+        return np.asarray(e / e.sum(axis=-1, keepdims=True))
+    return outputs.astype(np.float64)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged)."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = int(labels.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both positive and negative examples")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = np.asarray(scores)[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    i = 0
+    while i < len(sorted_scores):
+        j = i
+        while j + 1 < len(sorted_scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How one variant compares with PyTorch FP32 on the labelled validation set."""
+
+    precision: str
+    mae: float
+    max_abs: float
+    mae_tolerance: float
+    auc: float
+    auc_reference: float
+    auc_delta: float
+    agreement: float
+    passed: bool
+    reasons: tuple[str, ...]
+
+
+def verify(
+    precision: str,
+    outputs: np.ndarray,
+    golden: np.ndarray,
+    labels: np.ndarray,
+    manifest: Manifest,
+    mae_tolerance: float | None = None,
+) -> Verification:
+    """Pass only if the numbers are within tolerance AND the task metric is within budget.
+
+    ``auc_delta`` is variant minus reference (negative = the variant lost accuracy); decision
+    agreement is measured at the manifest's thresholds, label by label, worst label reported.
+    """
+    if outputs.shape != golden.shape:
+        raise ValueError(f"output shape {outputs.shape} != golden shape {golden.shape}")
+    tol = MAE_TOLERANCE[precision] if mae_tolerance is None else mae_tolerance
+    err = np.abs(outputs.astype(np.float64) - golden.astype(np.float64))
+    mae, max_abs = float(err.mean()), float(err.max())
+    act = manifest.output.activation
+    scores, ref_scores = activate(outputs, act), activate(golden, act)
+    thresholds = np.asarray(manifest.output.thresholds)
+    agreement = float(((scores >= thresholds) == (ref_scores >= thresholds)).mean(axis=0).min())
+    aucs = [roc_auc(labels, scores[:, k]) for k in range(scores.shape[1])]
+    ref_aucs = [roc_auc(labels, ref_scores[:, k]) for k in range(scores.shape[1])]
+    deltas = [a - r for a, r in zip(aucs, ref_aucs, strict=True)]
+    worst = int(np.argmin(deltas))
+    budget = manifest.accuracy_budget
+    reasons = []
+    if mae >= tol:
+        reasons.append(f"MAE {mae:.3g} >= tolerance {tol:g}")
+    if -deltas[worst] > budget.max_auc_drop:
+        reasons.append(
+            f"AUC drop {-deltas[worst]:.4f} on '{manifest.output.labels[worst]}' exceeds "
+            f"budget {budget.max_auc_drop:g}"
+        )
+    if agreement < budget.min_agreement:
+        reasons.append(f"decision agreement {agreement:.4f} < {budget.min_agreement:g}")
+    return Verification(
+        precision=precision, mae=mae, max_abs=max_abs, mae_tolerance=tol, auc=aucs[worst],
+        auc_reference=ref_aucs[worst], auc_delta=deltas[worst], agreement=agreement,
+        passed=not reasons, reasons=tuple(reasons),
+    )
