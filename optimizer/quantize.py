@@ -26,6 +26,14 @@ METHODS = {
 }
 
 
+class _DropPerChannelNoise(logging.Filter):
+    """ORT warns once per 1-D weight (BatchNorm scale) that per-channel axis 1 does not apply;
+    those tensors are simply quantized per-tensor, so the warnings say nothing actionable."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+
 class _ArrayReader(CalibrationDataReader):
     """Feeds preprocessed calibration images one at a time, as serving will see them."""
 
@@ -58,6 +66,9 @@ def quantize_int8(
     if len(calibration) == 0:
         raise QuantizationError("no calibration inputs")
     prepared = out_path.with_name(out_path.stem + ".prep.onnx")
+    noise = _DropPerChannelNoise()
+    root = logging.getLogger()
+    root.addFilter(noise)
     try:
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
@@ -73,6 +84,7 @@ def quantize_int8(
     except Exception as exc:  # ORT's quantizer raises bare exceptions
         raise QuantizationError(f"INT8 quantization failed: {exc}") from exc
     finally:
+        root.removeFilter(noise)
         prepared.unlink(missing_ok=True)
     LOG.info("quantized %s with %d calibration images (%s)", out_path.name, len(calibration),
              method)

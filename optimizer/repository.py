@@ -29,6 +29,7 @@ class ServingOptions:
     max_queue_delay_us: int = 500
     instances: int = 1
     intra_op_threads: int = 2
+    warmup_runs: int = 3
 
 
 def model_config(manifest: Manifest, options: ServingOptions, precision: str) -> mc.ModelConfig:
@@ -44,6 +45,11 @@ def model_config(manifest: Manifest, options: ServingOptions, precision: str) ->
     )
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
     cfg.version_policy.latest.num_versions = 1
+    # Warm-up at load: the first clinical request must not pay ONNX Runtime's first-run cost.
+    warmup = cfg.model_warmup.add(name="zeros", batch_size=1, count=options.warmup_runs)
+    warmup.inputs[manifest.input.name].data_type = mc.TYPE_FP32
+    warmup.inputs[manifest.input.name].dims.extend(manifest.input.shape)
+    warmup.inputs[manifest.input.name].zero_data = True
     cfg.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
     cfg.parameters["onnx_file"].string_value = "model.onnx"
     cfg.parameters["bedside_precision"].string_value = precision

@@ -1,0 +1,146 @@
+"""The ``bedside`` command: demo, optimize, serve.
+
+Errors that Bedside raises on purpose end the command with a one-line message and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import FrameType
+
+from optimizer.errors import BedsideError
+
+LOG = logging.getLogger("bedside")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for noisy in ("onnxscript", "onnx_ir", "torch", "root", "pynetdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _default_triton_env() -> Path:
+    return Path(os.environ.get("BEDSIDE_TRITON_ENV", ".venv-triton")).absolute()
+
+
+def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bedside", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="synthesize, train, optimize, serve and query, locally")
+    demo.add_argument("--out", type=Path, default=Path("bedside-demo"))
+    demo.add_argument("--quick", action="store_true", help="tiny data (smoke test)")
+    demo.add_argument("--threads", type=int, default=2)
+    demo.add_argument("--triton-env", type=Path, default=None,
+                      help="Triton's Python environment (default $BEDSIDE_TRITON_ENV or "
+                           "./.venv-triton)")
+
+    opt = sub.add_parser("optimize", help="checkpoint + manifest -> verified Triton repository")
+    opt.add_argument("--checkpoint", type=Path, required=True)
+    opt.add_argument("--manifest", type=Path, required=True)
+    opt.add_argument("--calibration", type=Path, required=True,
+                     help="folder of DICOM files with labels.csv")
+    opt.add_argument("--validation", type=Path, required=True,
+                     help="folder of labelled DICOM files with labels.csv")
+    opt.add_argument("--out", type=Path, required=True)
+    opt.add_argument("--threads", type=int, default=2)
+    opt.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"],
+                     default="minmax")
+
+    srv = sub.add_parser("serve", help="run Triton and the gateway on a model repository")
+    srv.add_argument("--repository", type=Path, required=True)
+    srv.add_argument("--model", required=True)
+    srv.add_argument("--spool", type=Path, default=Path("bedside-spool"))
+    srv.add_argument("--http-host", default="127.0.0.1")
+    srv.add_argument("--http-port", type=int, default=8080)
+    srv.add_argument("--dicom-host", default="127.0.0.1")
+    srv.add_argument("--dicom-port", type=int, default=11112)
+    srv.add_argument("--ae-title", default="BEDSIDE")
+    srv.add_argument("--triton-grpc-port", type=int, default=8001)
+    srv.add_argument("--triton-env", type=Path, default=None)
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from services.gateway.app import Gateway
+    from services.gateway.config import GatewayConfig
+    from services.net import free_port
+    from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
+
+    repo = args.repository.absolute()
+    install = TritonInstall.discover(args.triton_env or _default_triton_env())
+    triton = TritonServer(install, repo, args.spool.absolute() / "triton",
+                          TritonPorts(free_port(), args.triton_grpc_port, free_port()))
+    config = GatewayConfig(
+        model_repository=repo, model_name=args.model, triton_grpc_url=triton.grpc_url,
+        spool_dir=args.spool.absolute(), http_host=args.http_host, http_port=args.http_port,
+        dicom_host=args.dicom_host, dicom_port=args.dicom_port, ae_title=args.ae_title,
+    )
+    gateway = None
+    try:
+        triton.start()
+        gateway = Gateway(config)
+        gateway.start()
+        LOG.info("serving; Ctrl-C to stop")
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        LOG.info("stopping")
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        triton.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        if args.command == "demo":
+            from services.demo import DemoSizes, run_demo
+
+            sizes = DemoSizes.quick() if args.quick else DemoSizes()
+            return run_demo(args.out.absolute(), args.triton_env or _default_triton_env(),
+                            sizes, threads=args.threads)
+        if args.command == "optimize":
+            from optimizer.pipeline import OptimizeRequest, optimize
+
+            result = optimize(OptimizeRequest(
+                checkpoint=args.checkpoint, manifest=args.manifest,
+                calibration_dir=args.calibration, validation_dir=args.validation,
+                out_dir=args.out, threads=args.threads,
+                calibration_method=args.calibration_method,
+            ))
+            print(result.report_md.read_text(encoding="utf-8"))
+            return 0
+        return _serve(args)
+    except BedsideError as exc:
+        print(f"bedside: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bedside: interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The protocol-free core: DICOM bytes -> checked dataset -> model input -> Triton -> result.
+
+Edges (DIMSE, REST) call into this and map its errors to their own codes. Nothing here logs
+patient data: UIDs appear in logs only as ``uid_hash``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from optimizer.errors import PreprocessError
+from optimizer.manifest import Manifest
+from optimizer.preprocess import check_image_header, preprocess
+from optimizer.verify import activate
+from services.gateway.errors import (
+    InvalidInstance,
+    MissingPixelData,
+    UnsupportedInstance,
+    UnsupportedSOPClass,
+)
+
+LOG = logging.getLogger(__name__)
+
+# Storage SOP classes of single-frame greyscale projection and cross-sectional images.
+IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+}
+
+
+def uid_hash(uid: str) -> str:
+    """A short, stable stand-in for a UID in logs (UIDs can identify patients)."""
+    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:12]
+
+
+class Inferer(Protocol):
+    @property
+    def model(self) -> str: ...
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Result:
+    """Findings for one instance, with the latency split the SRE and the demo read."""
+
+    model: str
+    model_version: int
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    findings: list[dict[str, Any]]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_version": self.model_version,
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "sop_instance_uid": self.sop_instance_uid,
+            "findings": self.findings,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+def parse(data: bytes) -> Dataset:
+    """DICOM Part-10 bytes -> dataset, fully read, or InvalidInstance saying why."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except InvalidDicomError as exc:
+        raise InvalidInstance(f"not a DICOM Part-10 file: {exc}", "not_dicom") from exc
+    except Exception as exc:  # truncated elements raise EOFError, OSError, ValueError...
+        raise InvalidInstance(f"unreadable DICOM file: {exc}", "unreadable") from exc
+    return ds
+
+
+class InferenceCore:
+    """Checks, preprocesses and infers one instance per the model manifest."""
+
+    def __init__(self, manifest: Manifest, inferer: Inferer) -> None:
+        self.manifest = manifest
+        self._inferer = inferer
+
+    def check(self, ds: Dataset) -> None:
+        """Header-only checks, cheap enough to run before a DIMSE acknowledgement."""
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class not in IMAGE_SOP_CLASSES:
+            raise UnsupportedSOPClass(
+                f"SOP class {sop_class or '(none)'} is not an image storage class this gateway "
+                "takes", "unsupported_sop_class")
+        if "PixelData" not in ds:
+            raise MissingPixelData(
+                f"{IMAGE_SOP_CLASSES[sop_class]} instance has no Pixel Data (7FE0,0010)",
+                "no_pixel_data")
+        for uid in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            if not str(ds.get(uid, "")):
+                raise InvalidInstance(f"missing {uid}", "missing_uid")
+        try:
+            check_image_header(ds, self.manifest.input)
+        except PreprocessError as exc:
+            raise UnsupportedInstance(str(exc), "not_for_model") from exc
+
+    def analyze(self, ds: Dataset, timings_ms: dict[str, float] | None = None) -> Result:
+        """Check, preprocess, infer, postprocess; adds its stages to ``timings_ms``."""
+        timings = dict(timings_ms or {})
+        self.check(ds)
+        t0 = time.perf_counter()
+        try:
+            x = preprocess(ds, self.manifest.input)
+        except PreprocessError as exc:
+            raise InvalidInstance(str(exc), "bad_pixels") from exc
+        t1 = time.perf_counter()
+        raw = self._inferer.infer(x[None])
+        t2 = time.perf_counter()
+        out = self.manifest.output
+        scores = activate(raw, out.activation)[0]
+        findings = [
+            {"label": label, "score": round(float(s), 6), "threshold": thr,
+             "positive": bool(s >= thr)}
+            for label, s, thr in zip(out.labels, scores, out.thresholds, strict=True)
+        ]
+        t3 = time.perf_counter()
+        timings["preprocess"] = (t1 - t0) * 1000.0
+        timings["inference"] = (t2 - t1) * 1000.0
+        timings["postprocess"] = (t3 - t2) * 1000.0
+        LOG.info("inferred instance %s in %.1f ms", uid_hash(str(ds.SOPInstanceUID)),
+                 (t3 - t0) * 1000.0)
+        return Result(
+            model=self._inferer.model, model_version=self.manifest.version,
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            sop_instance_uid=str(ds.SOPInstanceUID), findings=findings, timings_ms=timings,
+        )

@@ -1,0 +1,45 @@
+"""Errors of the gateway core. Each edge (dimse.py, rest.py) maps them in one table.
+
+``reason`` is a short, bounded token used as a metric label and in logs; ``str(error)`` is the
+message for the caller and never contains patient data.
+"""
+
+from __future__ import annotations
+
+from optimizer.errors import BedsideError
+
+
+class GatewayError(BedsideError):
+    """Base class; ``reason`` is a bounded label such as ``no_pixel_data``."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class InvalidInstance(GatewayError):
+    """The bytes are not a readable DICOM instance, or its pixels cannot be used."""
+
+
+class MissingPixelData(GatewayError):
+    """An image SOP class without Pixel Data: the data set does not match its SOP class."""
+
+
+class UnsupportedInstance(GatewayError):
+    """A well-formed instance this model does not take (non-image SOP class, wrong modality)."""
+
+
+class UnsupportedSOPClass(UnsupportedInstance):
+    """The SOP class is not an image storage class this gateway infers on."""
+
+
+class PayloadTooLarge(GatewayError):
+    """The request or instance exceeds the configured size limit."""
+
+
+class Unavailable(GatewayError):
+    """Triton (or the spool) cannot take work right now; the caller should retry later."""
+
+
+class NotFound(GatewayError):
+    """No result is known for what was asked."""

@@ -1,0 +1,39 @@
+"""Gateway metrics, defined once, on a registry owned by the gateway instance.
+
+Labels are bounded: model, protocol, stage, outcome, reason. Never UIDs or patient data.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Clinical latencies: sub-millisecond stages up to multi-second totals under load.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STAGES = ("receive", "spool", "queue", "preprocess", "inference", "postprocess",
+          "gateway_overhead", "total")
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.stage_seconds = Histogram(
+            "bedside_gateway_stage_seconds", "Time spent per pipeline stage",
+            ["model", "protocol", "stage"], buckets=BUCKETS, registry=self.registry,
+        )
+        self.requests = Counter(
+            "bedside_gateway_requests", "Instances and requests by protocol and outcome",
+            ["protocol", "outcome", "reason"], registry=self.registry,
+        )
+        self.spool_depth = Gauge(
+            "bedside_gateway_spool_depth", "Acknowledged instances waiting for inference",
+            registry=self.registry,
+        )
+        self.open_associations = Gauge(
+            "bedside_gateway_open_associations", "Open DIMSE associations",
+            registry=self.registry,
+        )
+
+    def observe(self, model: str, protocol: str, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            if stage in STAGES:
+                self.stage_seconds.labels(model, protocol, stage).observe(ms / 1000.0)

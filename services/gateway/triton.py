@@ -1,0 +1,56 @@
+"""One long-lived Triton gRPC client: binary tensors, a deadline on every call."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from services.gateway.errors import Unavailable
+
+LOG = logging.getLogger(__name__)
+
+
+class TritonInferer:
+    """Calls one model; errors become ``Unavailable`` so the edges can back-pressure."""
+
+    def __init__(self, url: str, model: str, input_name: str, output_name: str,
+                 timeout_s: float) -> None:
+        self._client = grpcclient.InferenceServerClient(url)
+        self._model = model
+        self._input = input_name
+        self._output = output_name
+        self._timeout = timeout_s
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def ready(self) -> bool:
+        try:
+            return bool(self._client.is_model_ready(self._model, client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        tensor = grpcclient.InferInput(self._input, list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        try:
+            result = self._client.infer(
+                self._model, [tensor],
+                outputs=[grpcclient.InferRequestedOutput(self._output)],
+                client_timeout=self._timeout,
+            )
+        except InferenceServerException as exc:
+            LOG.warning("triton call failed: %s", exc.status())
+            raise Unavailable(f"inference server unavailable: {exc.message()}",
+                              "triton_unavailable") from exc
+        out = result.as_numpy(self._output)
+        if out is None or out.shape[0] != batch.shape[0]:
+            raise Unavailable("inference server returned no output", "triton_empty_output")
+        return np.asarray(out)
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,102 @@
+"""REST edge over Starlette's in-process test client, with a fake Triton (unit level)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from services.gateway.core import InferenceCore
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.rest import create_app
+from services.gateway.spool import ResultStore
+from tests.conftest import TINY_MANIFEST
+from tests.gateway.fakes import FakeInferer
+from tests.gateway.util import dicom_bytes, make_instance
+
+DICOM = {"Content-Type": "application/dicom"}
+
+
+@pytest.fixture()
+def fake_triton() -> FakeInferer:
+    return FakeInferer()
+
+
+@pytest.fixture()
+def client(tmp_path: Path, fake_triton: FakeInferer) -> Iterator[TestClient]:
+    core = InferenceCore(TINY_MANIFEST, fake_triton)
+    app = create_app(core, ResultStore(tmp_path), GatewayMetrics(), lambda: True,
+                     max_request_bytes=512 * 1024)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_infer_returns_findings_and_timings_with_fake_triton(client: TestClient) -> None:
+    ds = make_instance()
+    r = client.post("/v1/infer", content=dicom_bytes(ds), headers=DICOM)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["sop_instance_uid"] == ds.SOPInstanceUID
+    assert body["findings"][0]["label"] == "lesion"
+    t = body["timings_ms"]
+    assert t["total"] >= t["inference"] and t["gateway_overhead"] == pytest.approx(
+        t["total"] - t["inference"], abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "reason"),
+    [
+        (lambda: dicom_bytes(make_instance())[:3000], 400, None),
+        (lambda: b"definitely not dicom" * 20, 400, "not_dicom"),
+        (lambda: b"", 400, "empty"),
+    ],
+)
+def test_bad_input_gets_400_and_service_keeps_serving(
+    client: TestClient, payload, status: int, reason: str | None  # type: ignore[no-untyped-def]
+) -> None:
+    r = client.post("/v1/infer", content=payload(), headers=DICOM)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"]
+    if reason:
+        assert err["reason"] == reason
+    assert client.post("/v1/infer", content=dicom_bytes(make_instance(1)),
+                       headers=DICOM).status_code == 200
+
+
+def test_no_pixel_data_and_non_image_sop_class(client: TestClient) -> None:
+    ds = make_instance()
+    del ds.PixelData
+    r = client.post("/v1/infer", content=dicom_bytes(ds), headers=DICOM)
+    assert r.status_code == 400 and r.json()["error"]["reason"] == "no_pixel_data"
+    sr = make_instance()
+    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    r = client.post("/v1/infer", content=dicom_bytes(sr), headers=DICOM)
+    assert r.status_code == 400 and r.json()["error"]["reason"] == "unsupported_sop_class"
+
+
+def test_media_type_and_size_limits(client: TestClient) -> None:
+    r = client.post("/v1/infer", content=b"x", headers={"Content-Type": "image/png"})
+    assert r.status_code == 415
+    r = client.post("/v1/infer", content=b"x" * (600 * 1024), headers=DICOM)
+    assert r.status_code == 413 and r.json()["error"]["reason"] == "too_large"
+
+
+def test_triton_down_gives_503_with_retry_after(client: TestClient,
+                                                fake_triton: FakeInferer) -> None:
+    fake_triton.unavailable_calls = 1
+    r = client.post("/v1/infer", content=dicom_bytes(make_instance()), headers=DICOM)
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert client.post("/v1/infer", content=dicom_bytes(make_instance()),
+                       headers=DICOM).status_code == 200
+
+
+def test_unknown_study_is_404_and_metrics_are_exposed(client: TestClient) -> None:
+    assert client.get("/v1/studies/1.2.3/results").status_code == 404
+    client.post("/v1/infer", content=dicom_bytes(make_instance()), headers=DICOM)
+    text = client.get("/metrics").text
+    assert 'bedside_gateway_stage_seconds_count{model="tiny-cxr",protocol="rest",stage="inference"} 1.0' in text
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").status_code == 200

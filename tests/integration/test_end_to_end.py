@@ -1,0 +1,190 @@
+"""Real peers end to end: the bundled tritonserver, the gateway, and dcmtk's storescu/echoscu.
+
+Nothing here is faked: Triton serves the optimizer's repository through its python backend,
+and the DICOM client is dcmtk (TCP_NODELAY=1, or it stalls ~45 ms per instance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from optimizer.benchmark import onnx_session, run_onnx
+from optimizer.preprocess import preprocess
+from optimizer.verify import activate
+from services.gateway.app import Gateway
+from services.gateway.config import GatewayConfig
+from services.net import free_port
+from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
+from tests.conftest import TINY_MANIFEST, triton_env
+from tests.gateway.util import make_instance
+
+pytestmark = pytest.mark.integration
+STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
+
+
+@pytest.fixture(scope="module")
+def stack(optimized: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    for tool in (STORESCU, ECHOSCU):
+        if not os.access(tool, os.X_OK):
+            pytest.fail(f"{tool} missing: install Debian dcmtk (scripts/dev.sh setup as root)")
+    work = tmp_path_factory.mktemp("stack")
+    triton = TritonServer(TritonInstall.discover(triton_env()), optimized / "repository",
+                          work / "triton", TritonPorts(free_port(), free_port(), free_port()))
+    triton.start()
+    gateway = None
+    try:
+        gateway = Gateway(GatewayConfig(
+            model_repository=optimized / "repository", model_name=TINY_MANIFEST.name,
+            triton_grpc_url=triton.grpc_url, spool_dir=work / "spool",
+            http_port=free_port(), dicom_port=free_port(), ae_title="BEDSIDE",
+        ))
+        gateway.start()
+        yield gateway
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        triton.stop()
+
+
+def _dcmtk(tool: str, gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TCP_NODELAY="1")
+    return subprocess.run(
+        [tool, "-v", "-aet", "TESTSCU", "-aec", gw.config.ae_title, gw.config.dicom_host,
+         str(gw.config.dicom_port), *args],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )
+
+
+def _get(gw: Gateway, path: str) -> tuple[int, Any]:
+    url = f"http://{gw.config.http_host}:{gw.config.http_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _post_dicom(gw: Gateway, data: bytes) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        f"http://{gw.config.http_host}:{gw.config.http_port}/v1/infer", data=data,
+        headers={"Content-Type": "application/dicom"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _study_results(gw: Gateway, study_uid: str, expected: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status, body = _get(gw, f"/v1/studies/{study_uid}/results")
+        if status == 200 and len(body["instances"]) >= expected:
+            return list(body["instances"])
+        time.sleep(0.1)
+    raise AssertionError("no results in 30 s")
+
+
+def _expected_score(optimized: Path, ds: Dataset) -> float:
+    """The selected variant run in-process on the same preprocessing: Triton must agree."""
+    report = json.loads((optimized / "report.json").read_text())
+    selected = next(v for v in report["variants"] if v["name"] == report["selected"])
+    x = preprocess(ds, TINY_MANIFEST.input)[None]
+    return float(activate(run_onnx(onnx_session(optimized / selected["file"], 1), x),
+                          "sigmoid")[0, 0])
+
+
+def test_echoscu_verification(stack: Gateway) -> None:
+    proc = _dcmtk(ECHOSCU, stack)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Received Echo Response (Success)" in proc.stdout + proc.stderr
+
+
+def test_storescu_study_gets_results_from_real_triton(
+    stack: Gateway, optimized: Path, tmp_path: Path
+) -> None:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    files = []
+    for i in range(3):
+        ds = make_instance(seed=100 + i)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study_uid, series_uid, i
+        path = tmp_path / f"i{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    proc = _dcmtk(STORESCU, stack, *map(str, files))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert out.count("Received Store Response (Success)") == 3, out
+    results = _study_results(stack, study_uid, 3)
+    by_sop = {r["sop_instance_uid"]: r for r in results}
+    for path in files:
+        ds = pydicom.dcmread(path)
+        result = by_sop[ds.SOPInstanceUID]
+        score = result["findings"][0]["score"]
+        assert score == pytest.approx(_expected_score(optimized, ds), abs=1e-4)
+        t = result["timings_ms"]
+        assert t["total"] >= t["inference"] > 0 and t["gateway_overhead"] >= 0
+
+
+def _status_line(out: str) -> str:
+    return next(line for line in out.splitlines() if "Received Store Response" in line)
+
+
+def test_non_image_sop_class_refused_over_dimse(stack: Gateway, tmp_path: Path) -> None:
+    sr = Dataset()
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    sr.StudyInstanceUID, sr.SeriesInstanceUID = generate_uid(), generate_uid()
+    sr.Modality = "SR"
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    out = _dcmtk(STORESCU, stack, str(tmp_path / "sr.dcm"))
+    text = out.stdout + out.stderr
+    assert "(Refused: SOPClassNotSupported)" in _status_line(text), text  # 0x0122
+    assert _dcmtk(ECHOSCU, stack).returncode == 0  # still serving
+
+
+def test_image_without_pixel_data_refused_over_dimse(stack: Gateway, tmp_path: Path) -> None:
+    ds = make_instance(seed=7)
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopix.dcm", enforce_file_format=True)
+    out = _dcmtk(STORESCU, stack, str(tmp_path / "nopix.dcm"))
+    text = out.stdout + out.stderr
+    assert "(Error: DataSetDoesNotMatchSOPClass)" in _status_line(text), text  # 0xA900
+
+
+def test_rest_bad_inputs_then_good_one(stack: Gateway) -> None:
+    import io
+
+    good = make_instance(seed=9)
+    buf = io.BytesIO()
+    good.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    status, body = _post_dicom(stack, data[: len(data) // 3])
+    assert status == 400 and body["error"]["message"]
+    no_pixels = make_instance(seed=10)
+    del no_pixels.PixelData
+    buf2 = io.BytesIO()
+    no_pixels.save_as(buf2, enforce_file_format=True)
+    status, body = _post_dicom(stack, buf2.getvalue())
+    assert status == 400 and "Pixel Data" in body["error"]["message"]
+    status, body = _post_dicom(stack, data)
+    assert status == 200
+    assert np.isfinite(body["findings"][0]["score"])
+    status, ready = _get(stack, "/readyz")
+    assert status == 200 and ready == {"ready": True}

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from optimizer.errors import DatasetError
+from optimizer.manifest import Manifest
+from optimizer.pipeline import OptimizeRequest, optimize
+from tests.conftest import TINY_MANIFEST
+
+
+def test_report_has_stable_keys_and_both_variants(optimized: Path) -> None:
+    report = json.loads((optimized / "report.json").read_text())
+    assert report["report_version"] == 1
+    assert [v["name"] for v in report["variants"]] == ["onnx-fp32", "onnx-int8"]
+    for v in report["variants"]:
+        for key in ("precision", "mae", "auc_delta", "decision_agreement", "verdict",
+                    "latency_ms", "speedup_vs_pytorch", "size_bytes"):
+            assert key in v
+        assert v["latency_ms"]["p95"] >= v["latency_ms"]["p50"] > 0
+        assert v["speedup_vs_pytorch"] == pytest.approx(
+            report["baseline"]["latency_ms"]["p50"] / v["latency_ms"]["p50"], rel=1e-2)
+    fp32 = report["variants"][0]
+    assert fp32["verdict"] == "pass" and fp32["mae"] < 1e-5
+    assert report["selected"] in {"onnx-fp32", "onnx-int8"}
+    md = (optimized / "report.md").read_text()
+    assert "| onnx-fp32 | fp32 |" in md and "| onnx-int8 | int8 |" in md
+
+
+def test_steps_are_recorded(optimized: Path) -> None:
+    steps = json.loads((optimized / "steps.json").read_text())
+    status = {s["step"]: s["status"] for s in steps}
+    assert status["export_onnx_fp32"] == "ok"
+    assert status["quantize_int8"] == "ok"
+    assert status["tensorrt"] == "skipped"
+    assert status["write_report"] == "ok"
+
+
+def test_repository_layout_and_config(optimized: Path) -> None:
+    model_dir = optimized / "repository" / TINY_MANIFEST.name
+    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert cfg.name == TINY_MANIFEST.name and cfg.backend == "python"
+    assert cfg.max_batch_size == 8
+    assert list(cfg.input[0].dims) == [1, 64, 64] and cfg.input[0].data_type == mc.TYPE_FP32
+    assert cfg.input[0].name == "image" and cfg.output[0].name == "logits"
+    assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    assert cfg.model_warmup[0].inputs["image"].zero_data
+    assert Manifest.load(model_dir / "manifest.json") == TINY_MANIFEST
+    assert (model_dir / "1" / "model.onnx").stat().st_size > 0
+    assert "TritonPythonModel" in (model_dir / "1" / "model.py").read_text()
+
+
+def test_failed_step_is_recorded(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"labels\.csv"):
+        optimize(OptimizeRequest(
+            checkpoint=tiny_model / "model.pt", manifest=tiny_model / "manifest.json",
+            calibration_dir=tiny_data / "calibration", validation_dir=tmp_path,
+            out_dir=tmp_path / "out", threads=1,
+        ))
+    steps = json.loads((tmp_path / "out" / "steps.json").read_text())
+    assert steps[-1]["step"] == "load_validation" and steps[-1]["status"] == "failed"

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from optimizer.manifest import AccuracyBudget
+from optimizer.verify import roc_auc, verify
+from tests.conftest import TINY_MANIFEST
+
+
+def _brute_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = list(itertools.product(pos, neg))
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+
+
+def test_auc_matches_pairwise_definition_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)  # rounding creates ties
+    assert roc_auc(labels, scores) == pytest.approx(_brute_auc(labels, scores))
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+
+
+def test_auc_needs_both_classes() -> None:
+    with pytest.raises(ValueError, match="both"):
+        roc_auc(np.ones(4), np.arange(4.0))
+
+
+def _case() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    labels = np.tile([0, 1], 100)
+    golden = (rng.normal(0, 1, 200) + 2.0 * labels).astype(np.float32)[:, None]
+    return labels, golden
+
+
+def test_identical_outputs_pass() -> None:
+    labels, golden = _case()
+    result = verify("fp32", golden.copy(), golden, labels, TINY_MANIFEST)
+    assert result.passed and result.mae == 0.0 and result.agreement == 1.0
+
+
+def test_small_error_fails_fp32_tolerance_but_not_int8() -> None:
+    labels, golden = _case()
+    noisy = golden + 1e-3
+    assert not verify("fp32", noisy, golden, labels, TINY_MANIFEST).passed
+    assert verify("int8", noisy, golden, labels, TINY_MANIFEST).passed
+
+
+def test_task_metric_budget_is_enforced() -> None:
+    labels, golden = _case()
+    strict = dataclasses.replace(
+        TINY_MANIFEST, accuracy_budget=AccuracyBudget(max_auc_drop=0.001, min_agreement=0.99))
+    damaged = golden.copy()
+    damaged[np.where(labels == 1)[0][:40]] = -5.0  # flip 40 positives into confident negatives
+    result = verify("int8", damaged, golden, labels, strict, mae_tolerance=10.0)
+    assert not result.passed
+    assert result.auc_delta < -0.001
+    assert any("AUC drop" in r for r in result.reasons)
+    assert any("agreement" in r for r in result.reasons)
