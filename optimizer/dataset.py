@@ -1,4 +1,4 @@
-"""Labelled DICOM folders (a labels.csv beside the files) loaded through the model's preprocessing."""
+"""Labelled DICOM folders (labels.csv beside the files), loaded through the model preprocessing."""
 
 from __future__ import annotations
 

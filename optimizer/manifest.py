@@ -173,7 +173,7 @@ class Manifest:
         output = OutputSpec(
             name=ro.get("name", str),
             labels=labels,
-            activation=activation,  # type: ignore[arg-type]
+            activation=activation,
             thresholds=thresholds,
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 
 from optimizer.errors import PreprocessError
@@ -67,8 +68,8 @@ def voi_window(ds: Dataset, spec: InputSpec, values: np.ndarray) -> tuple[float,
 
 
 def _first(value: object) -> float:
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        value = list(value)[0]  # type: ignore[call-overload]
+    if isinstance(value, list | tuple | MultiValue):
+        value = next(iter(value))
     return float(value)  # type: ignore[arg-type]
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 LABELS_FILE = "labels.csv"
 
 
@@ -81,8 +81,8 @@ def to_dataset(
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = CR_IMAGE_STORAGE
     ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyInstanceUID = UID(study_uid) if study_uid else generate_uid()
+    ds.SeriesInstanceUID = UID(series_uid) if series_uid else generate_uid()
     birth = dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 60 * 365)))
     ds.PatientName = f"FAKE^SYNTHETIC^{index:05d}"
     ds.PatientID = f"SYN{index:07d}"

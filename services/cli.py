@@ -1,4 +1,4 @@
-"""The ``bedside`` command: demo, optimize, serve.
+"""The ``bedside`` command: demo, optimize, serve, gateway.
 
 Errors that Bedside raises on purpose end the command with a one-line message and exit code 2;
 anything else is a bug and keeps its traceback.
@@ -15,8 +15,12 @@ import threading
 import warnings
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from optimizer.errors import BedsideError
+
+if TYPE_CHECKING:
+    from services.gateway.config import GatewayConfig
 
 LOG = logging.getLogger("bedside")
 
@@ -29,7 +33,7 @@ def _configure_logging(verbose: bool) -> None:
     )
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for noisy in ("onnxscript", "onnx_ir", "torch", "root", "pynetdicom"):
+    for noisy in ("onnxscript", "onnx_ir", "torch", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -67,46 +71,59 @@ def _parser() -> argparse.ArgumentParser:
                      default="minmax")
 
     srv = sub.add_parser("serve", help="run Triton and the gateway on a model repository")
-    srv.add_argument("--repository", type=Path, required=True)
-    srv.add_argument("--model", required=True)
-    srv.add_argument("--spool", type=Path, default=Path("bedside-spool"))
-    srv.add_argument("--http-host", default="127.0.0.1")
-    srv.add_argument("--http-port", type=int, default=8080)
-    srv.add_argument("--dicom-host", default="127.0.0.1")
-    srv.add_argument("--dicom-port", type=int, default=11112)
-    srv.add_argument("--ae-title", default="BEDSIDE")
+    gw = sub.add_parser("gateway", help="run the gateway against a running Triton")
+    for cmd in (srv, gw):
+        cmd.add_argument("--repository", type=Path, required=True,
+                         help="Triton model repository (the model's manifest.json is read)")
+        cmd.add_argument("--model", required=True)
+        cmd.add_argument("--spool", type=Path, default=Path("bedside-spool"))
+        cmd.add_argument("--http-host", default="127.0.0.1")
+        cmd.add_argument("--http-port", type=int, default=8080)
+        cmd.add_argument("--dicom-host", default="127.0.0.1")
+        cmd.add_argument("--dicom-port", type=int, default=11112)
+        cmd.add_argument("--ae-title", default="BEDSIDE")
     srv.add_argument("--triton-grpc-port", type=int, default=8001)
     srv.add_argument("--triton-env", type=Path, default=None)
+    gw.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton gRPC host:port")
     return p
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from services.gateway.app import Gateway
+def _gateway_config(args: argparse.Namespace, triton_url: str) -> GatewayConfig:
     from services.gateway.config import GatewayConfig
-    from services.net import free_port
-    from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 
-    repo = args.repository.absolute()
-    install = TritonInstall.discover(args.triton_env or _default_triton_env())
-    triton = TritonServer(install, repo, args.spool.absolute() / "triton",
-                          TritonPorts(free_port(), args.triton_grpc_port, free_port()))
-    config = GatewayConfig(
-        model_repository=repo, model_name=args.model, triton_grpc_url=triton.grpc_url,
-        spool_dir=args.spool.absolute(), http_host=args.http_host, http_port=args.http_port,
-        dicom_host=args.dicom_host, dicom_port=args.dicom_port, ae_title=args.ae_title,
+    return GatewayConfig(
+        model_repository=args.repository.absolute(), model_name=args.model,
+        triton_grpc_url=triton_url, spool_dir=args.spool.absolute(), http_host=args.http_host,
+        http_port=args.http_port, dicom_host=args.dicom_host, dicom_port=args.dicom_port,
+        ae_title=args.ae_title,
     )
-    gateway = None
+
+
+def _run_until_interrupted(args: argparse.Namespace, triton_url: str) -> None:
+    from services.gateway.app import Gateway
+
+    gateway = Gateway(_gateway_config(args, triton_url))
+    gateway.start()
     try:
-        triton.start()
-        gateway = Gateway(config)
-        gateway.start()
         LOG.info("serving; Ctrl-C to stop")
         threading.Event().wait()
     except KeyboardInterrupt:
         LOG.info("stopping")
     finally:
-        if gateway is not None:
-            gateway.stop()
+        gateway.stop()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from services.net import free_port
+    from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
+
+    install = TritonInstall.discover(args.triton_env or _default_triton_env())
+    triton = TritonServer(install, args.repository.absolute(), args.spool.absolute() / "triton",
+                          TritonPorts(free_port(), args.triton_grpc_port, free_port()))
+    try:
+        triton.start()
+        _run_until_interrupted(args, triton.grpc_url)
+    finally:
         triton.stop()
     return 0
 
@@ -114,7 +131,10 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose)
+    # Stop cleanly on SIGTERM (Kubernetes, systemd) as on Ctrl-C, also when started from a
+    # non-interactive shell that leaves SIGINT ignored for background jobs.
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "demo":
             from services.demo import DemoSizes, run_demo
@@ -132,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 calibration_method=args.calibration_method,
             ))
             print(result.report_md.read_text(encoding="utf-8"))
+            return 0
+        if args.command == "gateway":
+            _run_until_interrupted(args, args.triton_url)
             return 0
         return _serve(args)
     except BedsideError as exc:

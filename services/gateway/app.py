@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+import numpy as np
 import uvicorn
 
 from optimizer.manifest import Manifest
@@ -13,6 +14,7 @@ from services.errors import ServiceError
 from services.gateway.config import GatewayConfig
 from services.gateway.core import InferenceCore
 from services.gateway.dimse import DicomServer
+from services.gateway.errors import Unavailable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.rest import create_app
 from services.gateway.spool import ResultStore, Spool
@@ -50,7 +52,16 @@ class Gateway:
     def ready(self) -> bool:
         return self.dimse.listening and self._http.started and self.inferer.ready()
 
+    def _warm_up(self) -> None:
+        """One zero-image inference: opens the gRPC channel and checks that Triton takes the
+        manifest's input shape. Triton being down is not fatal: spooled work waits for it."""
+        try:
+            self.inferer.infer(np.zeros((1, *self.manifest.input.shape), dtype=np.float32))
+        except Unavailable as exc:
+            LOG.warning("warm-up inference failed (%s); starting anyway", exc.reason)
+
     def start(self, timeout_s: float = 10.0) -> None:
+        self._warm_up()
         self.worker.start()
         self.dimse.start()
         self._http_thread.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -76,7 +77,7 @@ class DicomServer:
         ae.maximum_associations = self._config.max_associations
         ae.supported_contexts = StoragePresentationContexts
         ae.add_supported_context(VERIFICATION)  # not in the storage list; needed for C-ECHO
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_open),

@@ -97,6 +97,9 @@ def test_unknown_study_is_404_and_metrics_are_exposed(client: TestClient) -> Non
     assert client.get("/v1/studies/1.2.3/results").status_code == 404
     client.post("/v1/infer", content=dicom_bytes(make_instance()), headers=DICOM)
     text = client.get("/metrics").text
-    assert 'bedside_gateway_stage_seconds_count{model="tiny-cxr",protocol="rest",stage="inference"} 1.0' in text
+    series = (
+        'bedside_gateway_stage_seconds_count{model="tiny-cxr",protocol="rest",stage="inference"}'
+    )
+    assert f"{series} 1.0" in text
     assert client.get("/healthz").json() == {"status": "alive"}
     assert client.get("/readyz").status_code == 200
