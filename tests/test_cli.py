@@ -42,3 +42,42 @@ def test_optimize_with_missing_manifest_is_a_clean_error(tmp_path: Path) -> None
     assert proc.returncode == 2
     assert "bedside: error: manifest not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_serve_becomes_ready_and_stops_everything_on_ctrl_c(optimized: Path,
+                                                            tmp_path: Path) -> None:
+    import json
+    import signal
+    import time
+    import urllib.request
+
+    from services.net import free_port
+
+    http_port = free_port()
+    spool = tmp_path / "spool"
+    proc = subprocess.Popen(
+        [*BEDSIDE, "serve", "--repository", str(optimized / "repository"), "--model",
+         "tiny-cxr", "--spool", str(spool), "--http-port", str(http_port), "--dicom-port",
+         str(free_port()), "--triton-grpc-port", str(free_port()), "--triton-env",
+         str(triton_env())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, ready = time.monotonic() + 90, False
+        while time.monotonic() < deadline and proc.poll() is None and not ready:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz",
+                                            timeout=2) as r:
+                    ready = json.loads(r.read()) == {"ready": True}
+            except OSError:
+                time.sleep(0.2)
+        assert ready, "bedside serve never became ready"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "tritonserver stopped" in out and "gateway stopped" in out
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert str(spool) not in ps.stdout  # tritonserver's backend dir lives under the spool
