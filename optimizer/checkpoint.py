@@ -25,7 +25,7 @@ def build(architecture: str, kwargs: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"{architecture!r} is not a network in monai.networks.nets")
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError, AssertionError) as exc:
         raise CheckpointError(f"cannot build {architecture}: {exc}") from exc
 
 
@@ -47,9 +47,12 @@ def load(path: Path) -> nn.Module:
         raise CheckpointError(f"{path} is not a loadable checkpoint: {exc}") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
+    missing = {"architecture", "kwargs", "state_dict"} - set(blob)
+    if missing:
+        raise CheckpointError(f"{path}: missing {', '.join(sorted(missing))}")
     model = build(str(blob["architecture"]), dict(blob["kwargs"]))
     try:
         model.load_state_dict(blob["state_dict"])
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the architecture: {exc}") from exc
     return model.eval()

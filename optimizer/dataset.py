@@ -48,6 +48,9 @@ def load_labelled(folder: Path, spec: InputSpec, limit: int | None = None) -> La
             raise DatasetError(f"{table}, row {i + 2}: {exc}") from exc
         except (OSError, PreprocessError, pydicom.errors.InvalidDicomError) as exc:
             raise DatasetError(f"{folder / row.get('file', '?')}: {exc}") from exc
-    if set(np.unique(labels)) - {0, 1}:
+    found = set(np.unique(labels).tolist())
+    if found - {0, 1}:
         raise DatasetError(f"{table}: labels must be 0 or 1")
+    if found != {0, 1}:
+        raise DatasetError(f"{table}: needs both positive (1) and negative (0) examples")
     return LabelledSet(inputs=inputs, labels=labels)

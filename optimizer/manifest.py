@@ -122,10 +122,10 @@ class Manifest:
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         """Validate a decoded manifest; every problem names the field it is about."""
         r = _Reader(data, "manifest")
-        version = r.get("schema_version", int)
-        if version != SCHEMA_VERSION:
+        schema = r.get("schema_version", int)
+        if schema != SCHEMA_VERSION:
             raise ManifestError(
-                f"manifest.schema_version: {version} is not supported (expected {SCHEMA_VERSION})"
+                f"manifest.schema_version: {schema} is not supported (expected {SCHEMA_VERSION})"
             )
         name = r.get("name", str)
         if not _NAME_RE.match(name):
@@ -137,9 +137,8 @@ class Manifest:
             raise ManifestError(f"manifest.task: {task!r} is not supported (classification)")
 
         ri = r.child("input")
-        window_raw = ri.get_optional("window", dict)
         window = None
-        if window_raw is not None:
+        if ri.get_optional("window", dict) is not None:
             rw = ri.child("window")
             window = Window(center=rw.number("center"), width=rw.number("width", positive=True))
         rn = ri.child("normalize")
@@ -160,7 +159,11 @@ class Manifest:
 
         ro = r.child("output")
         labels = tuple(ro.get("labels", list))
-        thresholds = tuple(float(t) for t in ro.get("thresholds", list))
+        raw_thresholds = ro.get("thresholds", list)
+        if not all(isinstance(t, int | float) and not isinstance(t, bool)
+                   for t in raw_thresholds):
+            raise ManifestError("manifest.output.thresholds: numbers only")
+        thresholds = tuple(float(t) for t in raw_thresholds)
         if not labels or not all(isinstance(label, str) and label for label in labels):
             raise ManifestError("manifest.output.labels: a non-empty list of label names")
         if len(thresholds) != len(labels):
@@ -183,9 +186,12 @@ class Manifest:
         )
         if not 0.0 <= budget.max_auc_drop <= 1.0 or not 0.0 <= budget.min_agreement <= 1.0:
             raise ManifestError("manifest.accuracy_budget: values must lie in [0, 1]")
+        version = r.get("version", int)
+        if version < 1:
+            raise ManifestError("manifest.version: must be >= 1 (Triton version folders)")
         return cls(
             name=name,
-            version=r.get("version", int),
+            version=version,
             task="classification",
             input=spec,
             output=output,

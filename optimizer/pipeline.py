@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +42,8 @@ class OptimizeRequest:
     threads: int = 2
     calibration_method: str = "minmax"
     calibration_limit: int = 64
+    # Per-precision MAE ceilings overriding optimizer.verify.MAE_TOLERANCE, e.g. {"int8": 0.1}.
+    mae_tolerances: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,8 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
                      path: Path = path) -> VariantResult:
             session = onnx_session(path, req.threads)
             outputs = run_onnx(session, validation.inputs)
-            check = verify(precision, outputs, golden, validation.labels, manifest)
+            check = verify(precision, outputs, golden, validation.labels, manifest,
+                           mae_tolerance=req.mae_tolerances.get(precision))
             latency = bench_onnx(session, sample)
             return VariantResult(
                 name=name, precision=precision, runtime="onnxruntime-cpu",

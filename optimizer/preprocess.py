@@ -103,6 +103,17 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def preprocess(ds: Dataset, spec: InputSpec) -> np.ndarray:
     """One instance -> float32 array of shape ``spec.shape``."""
+    try:
+        return _preprocess(ds, spec)
+    except PreprocessError:
+        raise
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # pydicom converts raw values lazily: a malformed number (WindowCenter "abc",
+        # RescaleSlope "x") surfaces here, not at read time.
+        raise PreprocessError(f"malformed header value: {exc}") from exc
+
+
+def _preprocess(ds: Dataset, spec: InputSpec) -> np.ndarray:
     check_image_header(ds, spec)
     stored = decode_pixels(ds)
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)

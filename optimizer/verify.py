@@ -75,6 +75,14 @@ def verify(
     if outputs.shape != golden.shape:
         raise ValueError(f"output shape {outputs.shape} != golden shape {golden.shape}")
     tol = MAE_TOLERANCE[precision] if mae_tolerance is None else mae_tolerance
+    if not np.isfinite(outputs).all():
+        nonfinite = int((~np.isfinite(outputs)).sum())
+        return Verification(
+            precision=precision, mae=float("inf"), max_abs=float("inf"), mae_tolerance=tol,
+            auc=float("nan"), auc_reference=float("nan"), auc_delta=float("-inf"),
+            agreement=0.0, passed=False,
+            reasons=(f"{nonfinite} non-finite outputs (overflow or NaN)",),
+        )
     err = np.abs(outputs.astype(np.float64) - golden.astype(np.float64))
     mae, max_abs = float(err.mean()), float(err.max())
     act = manifest.output.activation
@@ -87,7 +95,7 @@ def verify(
     worst = int(np.argmin(deltas))
     budget = manifest.accuracy_budget
     reasons = []
-    if mae >= tol:
+    if not mae < tol:
         reasons.append(f"MAE {mae:.3g} >= tolerance {tol:g}")
     if -deltas[worst] > budget.max_auc_drop:
         reasons.append(

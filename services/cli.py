@@ -33,6 +33,9 @@ def _configure_logging(verbose: bool) -> None:
     )
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # pydicom's own warnings can quote element values (names, UIDs): keep them out of logs.
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     for noisy in ("onnxscript", "onnx_ir", "torch", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -103,8 +106,8 @@ def _run_until_interrupted(args: argparse.Namespace, triton_url: str) -> None:
     from services.gateway.app import Gateway
 
     gateway = Gateway(_gateway_config(args, triton_url))
-    gateway.start()
     try:
+        gateway.start()
         LOG.info("serving; Ctrl-C to stop")
         threading.Event().wait()
     except KeyboardInterrupt:

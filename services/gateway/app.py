@@ -10,9 +10,9 @@ import numpy as np
 import uvicorn
 
 from optimizer.manifest import Manifest
-from services.errors import ServiceError
+from services.errors import ConfigError, ServiceError
 from services.gateway.config import GatewayConfig
-from services.gateway.core import InferenceCore
+from services.gateway.core import InferenceCore, read_leniently
 from services.gateway.dimse import DicomServer
 from services.gateway.errors import Unavailable
 from services.gateway.metrics import GatewayMetrics
@@ -30,6 +30,10 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.manifest = Manifest.load(config.manifest_path)
+        if self.manifest.name != config.model_name:
+            raise ConfigError(f"manifest names model {self.manifest.name!r}, "
+                              f"configured model is {config.model_name!r}")
+        read_leniently()
         self.metrics = GatewayMetrics()
         self.inferer = TritonInferer(
             config.triton_grpc_url, config.model_name, self.manifest.input.name,
@@ -50,7 +54,8 @@ class Gateway:
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
 
     def ready(self) -> bool:
-        return self.dimse.listening and self._http.started and self.inferer.ready()
+        return (self.dimse.listening and self._http.started and self.worker.alive
+                and self.inferer.ready())
 
     def _warm_up(self) -> None:
         """One zero-image inference: opens the gRPC channel and checks that Triton takes the

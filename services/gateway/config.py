@@ -26,6 +26,8 @@ class GatewayConfig:
     ae_title: str = "BEDSIDE"
     max_associations: int = 8
     max_request_bytes: int = 64 * 1024 * 1024
+    # Acknowledged-but-unfinished instances above which C-STORE answers 0xA700 (back-pressure).
+    max_spool_depth: int = 1000
     triton_timeout_s: float = 10.0
     triton_retry_backoff_s: float = 0.5
 
@@ -38,6 +40,8 @@ class GatewayConfig:
                 raise ConfigError(f"{name} {port} is not a TCP port")
         if self.max_associations < 1:
             raise ConfigError("max_associations must be >= 1")
+        if self.max_spool_depth < 1:
+            raise ConfigError("max_spool_depth must be >= 1")
         if self.max_request_bytes < 1024:
             raise ConfigError("max_request_bytes must be >= 1024")
         if self.triton_timeout_s <= 0 or self.triton_retry_backoff_s <= 0:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pydicom
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -23,6 +24,8 @@ from optimizer.manifest import Manifest
 from optimizer.preprocess import check_image_header, preprocess
 from optimizer.verify import activate
 from services.gateway.errors import (
+    GatewayError,
+    InferenceFailed,
     InvalidInstance,
     MissingPixelData,
     UnsupportedInstance,
@@ -40,6 +43,12 @@ IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
 }
+
+
+def read_leniently() -> None:
+    """Malformed values must not be echoed into warnings or logs (they may be patient data):
+    pydicom reads without validating, and the checks here reject what cannot be used."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 def uid_hash(uid: str) -> str:
@@ -78,6 +87,12 @@ class Result:
         }
 
 
+def complete_timings(timings_ms: dict[str, float], origin: float, end: float) -> None:
+    """Add ``total`` (origin -> end) and ``gateway_overhead`` (total minus inference)."""
+    timings_ms["total"] = (end - origin) * 1000.0
+    timings_ms["gateway_overhead"] = timings_ms["total"] - timings_ms.get("inference", 0.0)
+
+
 def parse(data: bytes) -> Dataset:
     """DICOM Part-10 bytes -> dataset, fully read, or InvalidInstance saying why."""
     try:
@@ -98,6 +113,14 @@ class InferenceCore:
 
     def check(self, ds: Dataset) -> None:
         """Header-only checks, cheap enough to run before a DIMSE acknowledgement."""
+        try:
+            self._check(ds)
+        except GatewayError:
+            raise
+        except Exception as exc:  # pydicom converts raw elements lazily; bad values raise here
+            raise InvalidInstance(f"malformed data element: {exc}", "malformed") from exc
+
+    def _check(self, ds: Dataset) -> None:
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class not in IMAGE_SOP_CLASSES:
             raise UnsupportedSOPClass(
@@ -128,6 +151,10 @@ class InferenceCore:
         raw = self._inferer.infer(x[None])
         t2 = time.perf_counter()
         out = self.manifest.output
+        if raw.shape != (1, len(out.labels)):
+            raise InferenceFailed(
+                f"model returned shape {raw.shape}, manifest expects (1, {len(out.labels)})",
+                "output_shape")
         scores = activate(raw, out.activation)[0]
         findings = [
             {"label": label, "score": round(float(s), 6), "threshold": thr,

@@ -16,10 +16,12 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
+from services.errors import ServiceError
 from services.gateway.config import GatewayConfig
-from services.gateway.core import InferenceCore, uid_hash
+from services.gateway.core import InferenceCore, read_leniently, uid_hash
 from services.gateway.errors import (
     GatewayError,
+    InferenceFailed,
     InvalidInstance,
     MissingPixelData,
     PayloadTooLarge,
@@ -41,6 +43,7 @@ STATUS: tuple[tuple[type[GatewayError], int], ...] = (
     (MissingPixelData, 0xA900),  # Error: Data Set does not match SOP Class
     (UnsupportedInstance, 0xC000),  # Error: Cannot understand (not for this model)
     (InvalidInstance, 0xC000),  # Error: Cannot understand
+    (InferenceFailed, 0xC000),
     (PayloadTooLarge, 0xA700),  # Refused: Out of resources
     (Unavailable, 0xA700),  # Refused: Out of resources
     (GatewayError, 0xC000),
@@ -73,6 +76,9 @@ class DicomServer:
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
+        # pynetdicom's INFO/DEBUG output dumps DIMSE messages, UIDs included: never below WARNING.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        read_leniently()
         ae = AE(ae_title=self._config.ae_title)
         ae.maximum_associations = self._config.max_associations
         ae.supported_contexts = StoragePresentationContexts
@@ -83,10 +89,14 @@ class DicomServer:
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
-        self._server = ae.start_server(
-            (self._config.dicom_host, self._config.dicom_port), block=False,
-            evt_handlers=handlers,
-        )
+        try:
+            self._server = ae.start_server(
+                (self._config.dicom_host, self._config.dicom_port), block=False,
+                evt_handlers=handlers,
+            )
+        except OSError as exc:
+            raise ServiceError(f"cannot listen for DICOM on {self._config.dicom_host}:"
+                               f"{self._config.dicom_port}: {exc.strerror}") from exc
         LOG.info("DIMSE SCP %s listening on %s:%d", self._config.ae_title,
                  self._config.dicom_host, self._config.dicom_port)
 
@@ -111,6 +121,15 @@ class DicomServer:
 
     def _on_store(self, event: Event) -> Dataset:
         arrival = time.perf_counter()
+        if self._worker.depth >= self._config.max_spool_depth:
+            return self._refuse(Unavailable(
+                "too many instances waiting for inference; retry later", "spool_full"))
+        encoded = getattr(event.request, "DataSet", None)  # C-STORE-RQ: BytesIO of the data set
+        size = encoded.getbuffer().nbytes if encoded is not None else 0
+        if size > self._config.max_request_bytes:
+            return self._refuse(PayloadTooLarge(
+                f"data set of {size} bytes exceeds {self._config.max_request_bytes}",
+                "too_large"))
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta

@@ -41,5 +41,9 @@ class Unavailable(GatewayError):
     """Triton (or the spool) cannot take work right now; the caller should retry later."""
 
 
+class InferenceFailed(GatewayError):
+    """Triton answered with a permanent error for this request (retrying will not help)."""
+
+
 class NotFound(GatewayError):
     """No result is known for what was asked."""

@@ -17,9 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.gateway.core import InferenceCore, Result, parse
+from services.gateway.core import InferenceCore, Result, complete_timings, parse
 from services.gateway.errors import (
     GatewayError,
+    InferenceFailed,
     InvalidInstance,
     MissingPixelData,
     NotFound,
@@ -40,6 +41,7 @@ HTTP_STATUS: tuple[tuple[type[GatewayError], int], ...] = (
     (PayloadTooLarge, 413),
     (NotFound, 404),
     (Unavailable, 503),
+    (InferenceFailed, 502),
     (GatewayError, 400),
 )
 
@@ -59,6 +61,8 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
         ds = parse(data)
         received = time.perf_counter()
         result = core.analyze(ds, {"receive": (received - arrival) * 1000.0})
+        complete_timings(result.timings_ms, arrival, time.perf_counter())
+        results.save(result.study_instance_uid, result.sop_instance_uid, result.to_dict())
         return result
 
     async def read_body(request: Request) -> bytes:
@@ -93,12 +97,7 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
             metrics.requests.labels("rest", "refused", exc.reason).inc()
             return error_response(exc)
         payload = result.to_dict()
-        end = time.perf_counter()
-        total = (end - arrival) * 1000.0
-        payload["timings_ms"]["total"] = round(total, 3)
-        payload["timings_ms"]["gateway_overhead"] = round(
-            total - result.timings_ms["inference"], 3)
-        metrics.observe(model, "rest", payload["timings_ms"])
+        metrics.observe(model, "rest", result.timings_ms)
         metrics.requests.labels("rest", "inferred", "ok").inc()
         return JSONResponse(payload)
 
@@ -119,7 +118,13 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        LOG.error("unexpected %s serving %s", type(exc).__name__, request.url.path)
+        metrics.requests.labels("rest", "failed", "internal").inc()
+        return JSONResponse({"error": {"reason": "internal", "message": "internal error"}},
+                            status_code=500)
+
+    return Starlette(exception_handlers={Exception: internal_error}, routes=[
         Route("/v1/infer", infer, methods=["POST"]),
         Route("/v1/studies/{study_uid:str}/results", study_results, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -2,8 +2,9 @@
 
 An instance is acknowledged (C-STORE success) only after ``Spool.put`` returned: the bytes are
 written to a temporary name, fsynced, renamed into ``incoming/`` and the directory fsynced.
-A spooled file is removed only after its result is stored, so a restart re-processes whatever
-was acknowledged but not finished.
+A spooled file leaves ``incoming/`` only after its result (or error result) is stored, so a
+restart re-processes whatever was acknowledged but not finished. A file that cannot be
+processed at all is moved to ``failed/``, never deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _durable_mkdir(path: Path) -> None:
+    """Create ``path`` and make its directory entry durable (fsync the parent)."""
+    if path.is_dir():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    _fsync_dir(path.parent)
+
+
 def _write_durably(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
@@ -38,8 +47,11 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 class Spool:
     def __init__(self, root: Path) -> None:
+        _durable_mkdir(root)
         self.incoming = root / "incoming"
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.failed = root / "failed"
+        _durable_mkdir(self.incoming)
+        _durable_mkdir(self.failed)
         for stale in self.incoming.glob("*.tmp"):  # never acknowledged: safe to drop
             stale.unlink()
 
@@ -56,17 +68,25 @@ class Spool:
         path.unlink(missing_ok=True)
         _fsync_dir(path.parent)
 
+    def quarantine(self, path: Path) -> Path:
+        """Keep an acknowledged file that cannot be processed, for a person to look at."""
+        target = self.failed / path.name
+        os.replace(path, target)
+        _fsync_dir(self.failed)
+        _fsync_dir(path.parent)
+        return target
+
 
 class ResultStore:
     """One JSON file per instance under ``results/<study hash>/``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root / "results"
-        self.root.mkdir(parents=True, exist_ok=True)
+        _durable_mkdir(self.root)
 
     def save(self, study_uid: str, sop_uid: str, result: dict[str, Any]) -> None:
         folder = self.root / uid_hash(study_uid)
-        folder.mkdir(exist_ok=True)
+        _durable_mkdir(folder)
         _write_durably(folder / f"{uid_hash(sop_uid)}.json",
                        json.dumps(result, sort_keys=True).encode("utf-8"))
 

@@ -8,13 +8,17 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from services.gateway.errors import Unavailable
+from services.gateway.errors import InferenceFailed, Unavailable
 
 LOG = logging.getLogger(__name__)
+# gRPC codes worth retrying: the server is down, overloaded or slow, not the request wrong.
+# No status at all means the channel itself failed (connection refused).
+RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED")
 
 
 class TritonInferer:
-    """Calls one model; errors become ``Unavailable`` so the edges can back-pressure."""
+    """Calls one model. Transient failures raise ``Unavailable`` (retry, back-pressure);
+    permanent ones raise ``InferenceFailed`` (the request itself cannot be served)."""
 
     def __init__(self, url: str, model: str, input_name: str, output_name: str,
                  timeout_s: float) -> None:
@@ -44,12 +48,17 @@ class TritonInferer:
                 client_timeout=self._timeout,
             )
         except InferenceServerException as exc:
-            LOG.warning("triton call failed: %s", exc.status())
-            raise Unavailable(f"inference server unavailable: {exc.message()}",
-                              "triton_unavailable") from exc
+            status = str(exc.status() or "")
+            LOG.warning("triton call failed: %s", status or "no status")
+            if not status or any(code in status for code in RETRYABLE):
+                raise Unavailable(f"inference server unavailable: {exc.message()}",
+                                  "triton_unavailable") from exc
+            raise InferenceFailed(f"inference failed: {exc.message()}",
+                                  "triton_error") from exc
         out = result.as_numpy(self._output)
         if out is None or out.shape[0] != batch.shape[0]:
-            raise Unavailable("inference server returned no output", "triton_empty_output")
+            raise InferenceFailed("inference server returned no usable output",
+                                  "triton_empty_output")
         return np.asarray(out)
 
     def close(self) -> None:

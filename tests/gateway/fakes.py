@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.gateway.errors import Unavailable
+from services.gateway.errors import InferenceFailed, Unavailable
 
 
 class FakeInferer:
@@ -14,10 +14,17 @@ class FakeInferer:
 
     def __init__(self, unavailable_calls: int = 0) -> None:
         self.unavailable_calls = unavailable_calls
+        self.fail_permanently = False
+        self.crash_next = False
         self.calls = 0
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self.calls += 1
+        if self.crash_next:
+            self.crash_next = False
+            raise RuntimeError("simulated bug")
+        if self.fail_permanently:
+            raise InferenceFailed("fake model error", "triton_error")
         if self.unavailable_calls > 0:
             self.unavailable_calls -= 1
             raise Unavailable("fake triton down", "triton_unavailable")

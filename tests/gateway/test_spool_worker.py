@@ -11,7 +11,7 @@ from services.gateway.spool import ResultStore, Spool
 from services.gateway.worker import Job, SpoolWorker
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
-from tests.gateway.util import dicom_bytes, make_instance
+from tests.gateway.util import bad_window_center, dicom_bytes, make_instance
 
 
 def _wait(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -75,5 +75,40 @@ def test_bad_pixels_after_ack_store_an_error_result(tmp_path: Path) -> None:
         assert _wait(lambda: len(results.for_study(ds.StudyInstanceUID)) == 1)
         [stored] = results.for_study(ds.StudyInstanceUID)
         assert stored["error"]["reason"] == "bad_pixels"
+    finally:
+        worker.stop()
+
+
+def test_worker_survives_a_bug_and_quarantines_with_fake_triton(tmp_path: Path) -> None:
+    fake = FakeInferer()
+    fake.crash_next = True
+    spool, results = Spool(tmp_path), ResultStore(tmp_path)
+    worker = SpoolWorker(InferenceCore(TINY_MANIFEST, fake), spool, results, GatewayMetrics(),
+                         backoff_s=0.01)
+    worker.start()
+    first, second = make_instance(1), make_instance(2)
+    try:
+        worker.submit(Job(path=spool.put(dicom_bytes(first)), protocol="dimse"))
+        worker.submit(Job(path=spool.put(dicom_bytes(second)), protocol="dimse"))
+        assert _wait(lambda: len(results.for_study(second.StudyInstanceUID)) == 1)
+        assert worker.alive and worker.depth == 0
+        assert len(list(spool.failed.glob("*.dcm"))) == 1  # kept, not deleted
+        assert results.for_study(first.StudyInstanceUID) == []
+    finally:
+        worker.stop()
+
+
+def test_malformed_header_after_ack_gets_error_result(tmp_path: Path) -> None:
+    ds = make_instance()
+    ds[0x00281050] = bad_window_center()
+    spool, results = Spool(tmp_path), ResultStore(tmp_path)
+    worker = SpoolWorker(InferenceCore(TINY_MANIFEST, FakeInferer()), spool, results,
+                         GatewayMetrics(), backoff_s=0.01)
+    worker.start()
+    try:
+        worker.submit(Job(path=spool.put(dicom_bytes(ds)), protocol="dimse"))
+        assert _wait(lambda: len(results.for_study(ds.StudyInstanceUID)) == 1)
+        assert results.for_study(ds.StudyInstanceUID)[0]["error"]["reason"] == "bad_pixels"
+        assert worker.alive
     finally:
         worker.stop()

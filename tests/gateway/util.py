@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from optimizer.synthetic import SynthConfig, radiograph, to_dataset
 
@@ -20,3 +22,8 @@ def dicom_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def bad_window_center() -> RawDataElement:
+    """WindowCenter "abc": a malformed DS value, kept raw as a careless sender would write it."""
+    return RawDataElement(Tag(0x00281050), "DS", 4, b"abc ", 0, False, True)

@@ -47,3 +47,18 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         Manifest.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["output"].update(thresholds=["x"]), "numbers only"),
+        (lambda d: d["output"].update(thresholds=[None]), "numbers only"),
+        (lambda d: d.update(version=0), "must be >= 1"),
+    ],
+)
+def test_bad_values_are_manifest_errors(mutate: Any, message: str) -> None:
+    data = _dict()
+    mutate(data)
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_dict(data)

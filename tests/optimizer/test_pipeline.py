@@ -63,3 +63,18 @@ def test_failed_step_is_recorded(tiny_model: Path, tiny_data: Path, tmp_path: Pa
         ))
     steps = json.loads((tmp_path / "out" / "steps.json").read_text())
     assert steps[-1]["step"] == "load_validation" and steps[-1]["status"] == "failed"
+
+
+def test_nothing_passing_is_a_selection_error(tiny_model: Path, tiny_data: Path,
+                                              tmp_path: Path) -> None:
+    from optimizer.errors import SelectionError
+
+    with pytest.raises(SelectionError, match=r"onnx-fp32: MAE .* >= tolerance 0"):
+        optimize(OptimizeRequest(
+            checkpoint=tiny_model / "model.pt", manifest=tiny_model / "manifest.json",
+            calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
+            out_dir=tmp_path, threads=1, mae_tolerances={"fp32": 0.0, "int8": 0.0},
+        ))
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    assert steps[-1]["step"] == "select" and steps[-1]["status"] == "failed"
+    assert not (tmp_path / "repository").exists()

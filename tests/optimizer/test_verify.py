@@ -61,3 +61,11 @@ def test_task_metric_budget_is_enforced() -> None:
     assert result.auc_delta < -0.001
     assert any("AUC drop" in r for r in result.reasons)
     assert any("agreement" in r for r in result.reasons)
+
+
+def test_non_finite_outputs_fail() -> None:
+    labels, golden = _case()
+    broken = golden.copy()
+    broken[3, 0] = np.nan
+    result = verify("int8", broken, golden, labels, TINY_MANIFEST, mae_tolerance=10.0)
+    assert not result.passed and "non-finite" in result.reasons[0]
