@@ -52,10 +52,11 @@ def test_parse_rejects_non_dicom_and_truncated() -> None:
         InferenceCore(TINY_MANIFEST, FakeInferer()).analyze(parse(truncated))
 
 
-def test_uid_hash_hides_the_uid() -> None:
+def test_uid_hash_is_stable_and_distinguishes_uids() -> None:
     uid = "1.2.826.0.1.3680043.8.498.12345"
-    assert uid not in uid_hash(uid) and len(uid_hash(uid)) == 12
-    assert uid_hash(uid) == uid_hash(uid)
+    assert uid_hash(uid) == uid_hash(uid) and len(uid_hash(uid)) == 12
+    assert uid_hash(uid) != uid_hash(uid + "6")
+    assert all(c in "0123456789abcdef" for c in uid_hash(uid))
 
 
 def test_result_is_json_ready() -> None:
