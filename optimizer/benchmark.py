@@ -1,4 +1,9 @@
-"""Latency measurement with warm-up and a stability window, PyTorch and ONNX Runtime alike."""
+"""Latency and throughput measurement, PyTorch and ONNX Runtime alike.
+
+Every figure comes from a warm-up followed by a stability window (at least ``min_runs`` calls
+and ``min_seconds``), never from one run. Batch sizes double from 1 until throughput stops
+improving by ``min_gain``.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,38 @@ class Latency:
     runs: int
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    warmup: int = 10
+    min_runs: int = 50
+    min_seconds: float = 1.0
+    max_batch: int = 32
+    min_gain: float = 0.05  # stop doubling the batch when throughput gains less than this
+
+
+@dataclass(frozen=True)
+class BatchPoint:
+    batch: int
+    latency: Latency
+    throughput: float  # items per second
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A runtime's figures: one point per batch size, and its peak memory growth."""
+
+    points: tuple[BatchPoint, ...]
+    peak_memory_mb: float | None  # growth of peak RSS while loading and running; Linux only
+
+    @property
+    def batch1(self) -> Latency:
+        return self.points[0].latency
+
+    @property
+    def best(self) -> BatchPoint:
+        return max(self.points, key=lambda p: p.throughput)
+
+
 def time_calls(
     call: Callable[[], object], warmup: int = 10, min_runs: int = 50, min_seconds: float = 1.0
 ) -> Latency:
@@ -41,6 +78,76 @@ def time_calls(
         p50_ms=float(np.percentile(arr, 50)), p95_ms=float(np.percentile(arr, 95)),
         p99_ms=float(np.percentile(arr, 99)), mean_ms=float(arr.mean()), runs=len(samples),
     )
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak-RSS growth over a block: resets the kernel's high-water mark, then reads it."""
+
+    def __enter__(self) -> PeakMemory:
+        self.mb: float | None = None
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (Linux >= 4.0)
+            self._reset = True
+        except OSError:  # without a reset the high-water mark would be someone else's: no figure
+            self._reset = False
+        self._before = _rss_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        peak = _rss_kib("VmHWM")
+        if self._reset and peak is not None and self._before is not None:
+            self.mb = max(0.0, (peak - self._before) / 1024.0)
+
+
+def sweep(make_call: Callable[[int], Callable[[], object]], opts: BenchOptions) -> list[BatchPoint]:
+    """Latency and throughput at batch 1, 2, 4, ... until gains stop or ``max_batch``."""
+    points: list[BatchPoint] = []
+    batch = 1
+    while batch <= opts.max_batch:
+        lat = time_calls(make_call(batch), opts.warmup, opts.min_runs, opts.min_seconds)
+        point = BatchPoint(batch=batch, latency=lat, throughput=batch * 1000.0 / lat.mean_ms)
+        best = max((p.throughput for p in points), default=0.0)
+        points.append(point)
+        if points[:-1] and point.throughput < best * (1.0 + opts.min_gain):
+            break
+        batch *= 2
+    return points
+
+
+def profile_onnx(path: Path, sample: np.ndarray, threads: int, opts: BenchOptions) -> Profile:
+    with PeakMemory() as mem:
+        session = onnx_session(path, threads)
+        name = session.get_inputs()[0].name
+
+        def make(batch: int) -> Callable[[], object]:
+            x = np.ascontiguousarray(np.repeat(sample[:1], batch, axis=0))
+            return lambda: session.run(None, {name: x})
+
+        points = sweep(make, opts)
+    return Profile(points=tuple(points), peak_memory_mb=mem.mb)
+
+
+def profile_torch(model: nn.Module, sample: np.ndarray, threads: int,
+                  opts: BenchOptions) -> Profile:
+    torch.set_num_threads(threads)
+    with PeakMemory() as mem, torch.inference_mode():
+
+        def make(batch: int) -> Callable[[], object]:
+            x = torch.from_numpy(np.repeat(sample[:1], batch, axis=0))
+            return lambda: model(x)
+
+        points = sweep(make, opts)
+    return Profile(points=tuple(points), peak_memory_mb=mem.mb)
 
 
 def onnx_session(path: Path, threads: int) -> ort.InferenceSession:

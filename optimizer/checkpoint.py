@@ -1,11 +1,15 @@
-"""Bedside checkpoints: an architecture from MONAI's network zoo, its arguments and weights.
+"""Model loading: three formats a research team hands over.
 
-Loaded with ``weights_only=True`` so that a checkpoint cannot run code, and the architecture is
-looked up only among MONAI's networks, never imported from an arbitrary dotted path.
+- a Bedside checkpoint (``.pt``): an architecture from MONAI's network zoo, its arguments and
+  weights, loaded with ``weights_only=True`` so that it cannot run code; the architecture is
+  looked up among MONAI's networks, never imported from an arbitrary dotted path;
+- TorchScript (``torch.jit.save``), recognised by its archive layout;
+- an exported program (``torch.export.save``, ``.pt2``).
 """
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +41,27 @@ def save(path: Path, architecture: str, kwargs: dict[str, Any], model: nn.Module
     )
 
 
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
 def load(path: Path) -> nn.Module:
     """The model in eval mode, or a CheckpointError that says what is wrong."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".pt2":
+        try:
+            return torch.export.load(str(path)).module()
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a loadable exported program: {exc}") from exc
+    if _is_torchscript(path):
+        try:
+            return torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a loadable TorchScript model: {exc}") from exc
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:

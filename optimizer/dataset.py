@@ -1,4 +1,12 @@
-"""Labelled DICOM folders (labels.csv beside the files), loaded through the model preprocessing."""
+"""Labelled folders (a labels.csv beside the files), loaded through the model's preprocessing.
+
+labels.csv columns:
+- classification: ``file,label`` with label 0 or 1;
+- segmentation: ``file,mask`` with mask a ``.npy`` of shape (K, H, W) or (H, W) for one class,
+  at the image's resolution (resized to the model's like the image) or at the model's.
+``file`` is a DICOM instance (preprocessed per the manifest) or a ``.npy`` already shaped as the
+model input (3-D patches, which need series assembly the optimizer does not do).
+"""
 
 from __future__ import annotations
 
@@ -10,47 +18,76 @@ import numpy as np
 import pydicom
 
 from optimizer.errors import DatasetError, PreprocessError
-from optimizer.manifest import InputSpec
-from optimizer.preprocess import preprocess
+from optimizer.manifest import Manifest
+from optimizer.preprocess import preprocess, resize
 from optimizer.synthetic import LABELS_FILE
 
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """Preprocessed inputs (N, C, H, W) float32 and their binary labels (N,)."""
+    """Inputs (N, *input shape) float32, and labels: (N,) for classification, (N, K, ...)
+    binary masks for segmentation."""
 
     inputs: np.ndarray
     labels: np.ndarray
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self.inputs.shape[0])
 
 
-def load_labelled(folder: Path, spec: InputSpec, limit: int | None = None) -> LabelledSet:
-    """Read ``folder/labels.csv`` (columns file,label) and preprocess each listed instance."""
+def _load_input(path: Path, manifest: Manifest) -> np.ndarray:
+    if path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False).astype(np.float32)
+        if arr.shape != manifest.input.shape:
+            raise DatasetError(f"{path}: shape {arr.shape}, model takes {manifest.input.shape}")
+        return arr
+    return preprocess(pydicom.dcmread(path), manifest.input)
+
+
+def _load_mask(path: Path, manifest: Manifest) -> np.ndarray:
+    mask = np.load(path, allow_pickle=False)
+    classes = len(manifest.output.labels)
+    if mask.ndim == len(manifest.input.shape) - 1 and classes == 1:
+        mask = mask[None]
+    spatial = manifest.input.shape[1:]
+    if mask.shape[0] != classes:
+        raise DatasetError(f"{path}: {mask.shape[0]} mask channels, manifest has {classes}")
+    if mask.shape[1:] != spatial:
+        if len(spatial) != 2:
+            raise DatasetError(f"{path}: 3-D masks must already have shape {spatial}")
+        mask = np.stack([resize(m.astype(np.float32), *spatial) > 0.5 for m in mask])
+    return (mask > 0).astype(np.uint8)
+
+
+def load_labelled(folder: Path, manifest: Manifest, limit: int | None = None) -> LabelledSet:
     table = folder / LABELS_FILE
+    column = "label" if manifest.task == "classification" else "mask"
     if not table.is_file():
-        raise DatasetError(f"{folder}: no {LABELS_FILE} (columns: file,label)")
+        raise DatasetError(f"{folder}: no {LABELS_FILE} (columns: file,{column})")
     with table.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if limit is not None:
         rows = rows[:limit]
     if not rows:
         raise DatasetError(f"{table}: no rows")
-    inputs = np.empty((len(rows), *spec.shape), dtype=np.float32)
-    labels = np.empty(len(rows), dtype=np.int64)
+    inputs = np.empty((len(rows), *manifest.input.shape), dtype=np.float32)
+    labels: list[np.ndarray] = []
     for i, row in enumerate(rows):
         try:
-            path = folder / row["file"]
-            labels[i] = int(row["label"])
-            inputs[i] = preprocess(pydicom.dcmread(path), spec)
+            inputs[i] = _load_input(folder / row["file"], manifest)
+            if column == "label":
+                labels.append(np.asarray(int(row["label"])))
+            else:
+                labels.append(_load_mask(folder / row["mask"], manifest))
         except (KeyError, ValueError) as exc:
             raise DatasetError(f"{table}, row {i + 2}: {exc}") from exc
         except (OSError, PreprocessError, pydicom.errors.InvalidDicomError) as exc:
             raise DatasetError(f"{folder / row.get('file', '?')}: {exc}") from exc
-    found = set(np.unique(labels).tolist())
-    if found - {0, 1}:
-        raise DatasetError(f"{table}: labels must be 0 or 1")
-    if found != {0, 1}:
-        raise DatasetError(f"{table}: needs both positive (1) and negative (0) examples")
-    return LabelledSet(inputs=inputs, labels=labels)
+    stacked = np.stack(labels)
+    if column == "label":
+        found = set(np.unique(stacked).tolist())
+        if found - {0, 1}:
+            raise DatasetError(f"{table}: labels must be 0 or 1")
+        if found != {0, 1}:
+            raise DatasetError(f"{table}: needs both positive (1) and negative (0) examples")
+    return LabelledSet(inputs=inputs, labels=stacked)

@@ -27,6 +27,10 @@ def export_onnx(model: nn.Module, manifest: Manifest, path: Path) -> Path:
     sample = torch.zeros((1, *manifest.input.shape), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     noise = io.StringIO()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, torch.jit.ScriptModule):
+        _export_torchscript(model, manifest, sample, path)
+        return _check(path)
     try:
         with contextlib.redirect_stdout(noise):
             program = torch.onnx.export(
@@ -43,8 +47,26 @@ def export_onnx(model: nn.Module, manifest: Manifest, path: Path) -> Path:
         raise ExportError(f"ONNX export failed: {exc}") from exc
     if program is None:
         raise ExportError("ONNX export produced no program")
-    path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
+    return _check(path)
+
+
+def _export_torchscript(model: torch.jit.ScriptModule, manifest: Manifest,
+                        sample: torch.Tensor, path: Path) -> None:
+    """TorchScript cannot go through torch.export; the TorchScript-based exporter takes it."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(
+                model, (sample,), str(path), input_names=[manifest.input.name],
+                output_names=[manifest.output.name], opset_version=OPSET, dynamo=False,
+                dynamic_axes={manifest.input.name: {0: "batch"},
+                              manifest.output.name: {0: "batch"}},
+            )
+    except Exception as exc:
+        raise ExportError(f"ONNX export of the TorchScript model failed: {exc}") from exc
+
+
+def _check(path: Path) -> Path:
     try:
         onnx.checker.check_model(str(path), full_check=True)
         inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)

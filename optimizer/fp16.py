@@ -24,6 +24,20 @@ SENSITIVE_OPS = (
 )
 
 
+def _drop_duplicate_nodes(graph: onnx.GraphProto) -> None:
+    """When one FP32 initializer feeds several blocked nodes, the converter inserts the same
+    Cast once per consumer under one output name; keep the first, which is identical."""
+    seen: set[str] = set()
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Cast" and node.output and node.output[0] in seen:
+            continue
+        seen.update(node.output)
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def _topological_sort(graph: onnx.GraphProto) -> None:
     """The converter appends its I/O casts at the end of the node list; ONNX wants producers
     before consumers, so reorder in place (Kahn's algorithm, stable for the original order)."""
@@ -48,6 +62,7 @@ def convert_fp16(fp32_path: Path, out_path: Path, keep_io_types: bool = True) ->
         model = onnx.load(str(fp32_path))
         half = convert_float_to_float16(model, keep_io_types=keep_io_types,
                                         op_block_list=list(SENSITIVE_OPS))
+        _drop_duplicate_nodes(half.graph)
         _topological_sort(half.graph)
         onnx.checker.check_model(half)
         onnx.save(half, str(out_path))

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from optimizer.errors import ManifestError
 
 SCHEMA_VERSION = 1
-Task = Literal["classification"]
+Task = Literal["classification", "segmentation"]
 Activation = Literal["sigmoid", "softmax", "none"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAX_SIDE = 4096
@@ -51,9 +51,13 @@ class InputSpec:
     # None: use the instance's own VOI (WindowCenter/WindowWidth), else its min/max.
     window: Window | None
     normalize: Normalize
+    # 3-D models (patches of a volume): depth in slices; None for 2-D images.
+    depth: int | None = None
 
     @property
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> tuple[int, ...]:
+        if self.depth is not None:
+            return (self.channels, self.depth, self.height, self.width)
         return (self.channels, self.height, self.width)
 
 
@@ -73,6 +77,7 @@ class AccuracyBudget:
 
     max_auc_drop: float
     min_agreement: float
+    max_dice_drop: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,14 @@ class Manifest:
     output: OutputSpec
     accuracy_budget: AccuracyBudget
     latency_slo_ms: float
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Per-item output: one score per label, or one map per class for segmentation."""
+        classes = len(self.output.labels)
+        if self.task == "classification":
+            return (classes,)
+        return (classes, *self.input.shape[1:])
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; ``from_dict(to_dict(m)) == m``."""
@@ -104,6 +117,7 @@ class Manifest:
                 if self.input.window is None
                 else {"center": self.input.window.center, "width": self.input.window.width},
                 "normalize": {"mean": self.input.normalize.mean, "std": self.input.normalize.std},
+                "depth": self.input.depth,
             },
             "output": {
                 "name": self.output.name,
@@ -114,6 +128,7 @@ class Manifest:
             "accuracy_budget": {
                 "max_auc_drop": self.accuracy_budget.max_auc_drop,
                 "min_agreement": self.accuracy_budget.min_agreement,
+                "max_dice_drop": self.accuracy_budget.max_dice_drop,
             },
             "latency_slo_ms": self.latency_slo_ms,
         }
@@ -133,8 +148,9 @@ class Manifest:
                 "manifest.name: must be 1-64 characters of letters, digits, '_', '.', '-'"
             )
         task = r.get("task", str)
-        if task != "classification":
-            raise ManifestError(f"manifest.task: {task!r} is not supported (classification)")
+        if task not in ("classification", "segmentation"):
+            raise ManifestError(
+                f"manifest.task: {task!r} is not supported (classification, segmentation)")
 
         ri = r.child("input")
         window = None
@@ -153,6 +169,7 @@ class Manifest:
             channels=ri.get("channels", int),
             window=window,
             normalize=Normalize(mean=rn.number("mean"), std=rn.number("std", positive=True)),
+            depth=ri.side("depth") if ri.get_optional("depth", int) is not None else None,
         )
         if spec.channels not in (1, 3):
             raise ManifestError("manifest.input.channels: must be 1 or 3")
@@ -182,9 +199,11 @@ class Manifest:
 
         rb = r.child("accuracy_budget")
         budget = AccuracyBudget(
-            max_auc_drop=rb.number("max_auc_drop"), min_agreement=rb.number("min_agreement")
+            max_auc_drop=rb.number("max_auc_drop"), min_agreement=rb.number("min_agreement"),
+            max_dice_drop=rb.number("max_dice_drop") if "max_dice_drop" in rb else 0.01,
         )
-        if not 0.0 <= budget.max_auc_drop <= 1.0 or not 0.0 <= budget.min_agreement <= 1.0:
+        if not all(0.0 <= v <= 1.0 for v in (budget.max_auc_drop, budget.min_agreement,
+                                                budget.max_dice_drop)):
             raise ManifestError("manifest.accuracy_budget: values must lie in [0, 1]")
         version = r.get("version", int)
         if version < 1:
@@ -192,7 +211,7 @@ class Manifest:
         return cls(
             name=name,
             version=version,
-            task="classification",
+            task=task,
             input=spec,
             output=output,
             accuracy_budget=budget,
@@ -250,6 +269,9 @@ class _Reader:
         if not 8 <= value <= _MAX_SIDE:
             raise ManifestError(f"{self._where}.{key}: must lie in [8, {_MAX_SIDE}]")
         return int(value)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
 
     def child(self, key: str) -> _Reader:
         return _Reader(self.get(key, dict), f"{self._where}.{key}")

@@ -1,13 +1,17 @@
 """``bedside optimize``: checkpoint + manifest -> verified variants -> Triton repository + report.
 
-Each step records its status (ok / failed / skipped) and duration in ``steps.json`` as soon as it
-ends, so a failed run shows where it stopped and why.
+Steps: load -> golden outputs (PyTorch FP32) -> export ONNX -> FP16 -> INT8 (calibration method
+chosen on the validation set; accuracy recovery when it misses the budget) -> TensorRT (GPU
+nodes only) -> benchmark -> select -> repository -> report. Each step records its status
+(ok / failed / skipped) and duration in ``steps.json`` as soon as it ends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,21 +19,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
+from torch import nn
 
 from optimizer import checkpoint
-from optimizer.benchmark import bench_onnx, bench_torch, onnx_session, run_onnx, run_torch
-from optimizer.dataset import load_labelled
+from optimizer.benchmark import (
+    BenchOptions,
+    Profile,
+    onnx_session,
+    profile_onnx,
+    profile_torch,
+    run_onnx,
+    run_torch,
+)
+from optimizer.dataset import LabelledSet, load_labelled
 from optimizer.errors import SelectionError
 from optimizer.export import export_onnx
+from optimizer.fp16 import convert_fp16
 from optimizer.manifest import Manifest
-from optimizer.quantize import quantize_int8
+from optimizer.quantize import METHODS, Int8Quantizer
 from optimizer.report import VariantResult, build_report, write_report
-from optimizer.repository import ServingOptions, write_repository
-from optimizer.verify import verify
+from optimizer.repository import TARGETS, ServingOptions, write_repository
+from optimizer.verify import Verification, verify
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+OBJECTIVES = ("latency", "throughput", "throughput-within-slo")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -40,10 +57,44 @@ class OptimizeRequest:
     validation_dir: Path
     out_dir: Path
     threads: int = 2
-    calibration_method: str = "minmax"
+    precisions: tuple[str, ...] = PRECISIONS
+    calibration_methods: tuple[str, ...] = ("minmax", "percentile", "entropy")
     calibration_limit: int = 64
     # Per-precision MAE ceilings overriding optimizer.verify.MAE_TOLERANCE, e.g. {"int8": 0.1}.
     mae_tolerances: dict[str, float] = field(default_factory=dict)
+    recovery: bool = True
+    recovery_max_fraction: float = 0.5  # keep at most this share of nodes in FP32
+    objective: str = "latency"
+    target: str = "cpu"
+    bench: BenchOptions = field(default_factory=BenchOptions)
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad or "fp32" not in self.precisions:
+            raise ValueError(f"precisions must include fp32 and come from {PRECISIONS}")
+        if not self.calibration_methods or any(m not in METHODS
+                                               for m in self.calibration_methods):
+            raise ValueError(f"calibration methods come from {sorted(METHODS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}")
+
+    def command(self) -> list[str]:
+        """The ``bedside optimize`` command line that reproduces this request."""
+        return [
+            "bedside", "optimize", "--checkpoint", str(self.checkpoint.absolute()),
+            "--manifest", str(self.manifest.absolute()),
+            "--calibration", str(self.calibration_dir.absolute()),
+            "--validation", str(self.validation_dir.absolute()),
+            "--out", str(self.out_dir.absolute()), "--threads", str(self.threads),
+            "--precisions", ",".join(self.precisions),
+            "--calibration-methods", ",".join(self.calibration_methods),
+            "--objective", self.objective, "--target", self.target,
+            *(["--no-recovery"] if not self.recovery else []),
+            *[arg for p, t in sorted(self.mae_tolerances.items())
+              for arg in ("--mae-tolerance", f"{p}={t}")],
+        ]
 
 
 @dataclass(frozen=True)
@@ -73,6 +124,7 @@ class StepLog:
         self._record(name, "ok", start, None)
 
     def skipped(self, name: str, why: str) -> None:
+        LOG.info("step %s skipped: %s", name, why)
         self._steps.append({"step": name, "status": "skipped", "seconds": 0.0, "detail": why})
         self._flush()
 
@@ -90,66 +142,194 @@ def _run(log: StepLog, name: str, fn: Callable[[], T]) -> T:
         return fn()
 
 
+def sha256_of(path: Path) -> str:
+    """A file's digest, or a folder's (every file's relative name and bytes, sorted)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class _Candidate:
+    name: str
+    precision: str
+    path: Path
+    verification: Verification
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class _Optimizer:
+    def __init__(self, req: OptimizeRequest) -> None:
+        self.req = req
+        self.out = req.out_dir
+        (self.out / "variants").mkdir(parents=True, exist_ok=True)
+        self.log = StepLog(self.out / "steps.json")
+        self.manifest: Manifest
+        self.model: nn.Module
+        self.validation: LabelledSet
+        self.calibration: LabelledSet
+        self.golden: np.ndarray
+
+    def session_outputs(self, path: Path, inputs: np.ndarray) -> np.ndarray:
+        return run_onnx(onnx_session(path, self.req.threads), inputs)
+
+    def check(self, precision: str, path: Path) -> Verification:
+        outputs = self.session_outputs(path, self.validation.inputs)
+        return verify(precision, outputs, self.golden, self.validation.labels, self.manifest,
+                      mae_tolerance=self.req.mae_tolerances.get(precision))
+
+    def int8(self, fp32_path: Path) -> _Candidate:
+        quantizer = Int8Quantizer(fp32_path, self.out / "variants" / "int8-work",
+                                  self.manifest.input.name, self.calibration.inputs)
+        tried: list[_Candidate] = []
+        for method in self.req.calibration_methods:
+            path = self.out / "variants" / f"model.int8.{method}.onnx"
+            quantizer.quantize(path, method)
+            tried.append(_Candidate(f"onnx-int8-{method}", "int8", path,
+                                    self.check("int8", path), {"calibration_method": method}))
+        passing = [c for c in tried if c.verification.passed]
+        if passing:
+            return min(passing, key=lambda c: c.verification.mae)
+        best = max(tried, key=lambda c: (c.verification.agreement, -c.verification.mae))
+        if not self.req.recovery:
+            return best
+        return self.recover(quantizer, best)
+
+    def recover(self, quantizer: Int8Quantizer, best: _Candidate) -> _Candidate:
+        """Keep the nodes that contribute most error in FP32, doubling their number until the
+        budget holds or ``recovery_max_fraction`` of the graph would stay in FP32."""
+        method = best.details["calibration_method"]
+        samples = self.calibration.inputs[:16]
+        golden = run_torch(self.model, samples)
+        ranked = quantizer.rank_nodes(method, samples, golden, self.session_outputs)
+        limit = max(1, int(len(quantizer.nodes) * self.req.recovery_max_fraction))
+        attempts: list[dict[str, Any]] = []
+        k = 1
+        current = best
+        while k <= min(limit, len(ranked)):
+            kept = [n.node for n in ranked[:k]]
+            path = self.out / "variants" / f"model.int8.{method}.recovered.onnx"
+            quantizer.quantize(path, method, exclude=kept)
+            check = self.check("int8", path)
+            attempts.append({"fp32_nodes": k, "mae": check.mae,
+                             "metric_delta": check.metric_delta, "agreement": check.agreement,
+                             "passed": check.passed})
+            current = _Candidate(f"onnx-int8-{method}-recovered", "int8", path, check, {
+                "calibration_method": method, "fp32_nodes": kept, "recovery": attempts,
+                "plain_int8_reasons": list(best.verification.reasons)})
+            if check.passed:
+                LOG.info("INT8 recovered with %d of %d nodes in FP32", k, len(quantizer.nodes))
+                return current
+            k *= 2
+        LOG.info("INT8 recovery stopped at its bound (%d nodes) without passing", limit)
+        return current
+
+    def run(self) -> OptimizeResult:
+        req, log = self.req, self.log
+        torch.set_num_threads(req.threads)
+        self.manifest = _run(log, "load_manifest", lambda: Manifest.load(req.manifest))
+        self.model = _run(log, "load_checkpoint", lambda: checkpoint.load(req.checkpoint))
+        self.validation = _run(log, "load_validation",
+                               lambda: load_labelled(req.validation_dir, self.manifest))
+        self.calibration = _run(log, "load_calibration", lambda: load_labelled(
+            req.calibration_dir, self.manifest, limit=req.calibration_limit))
+        inputs = _run(log, "hash_inputs", lambda: {
+            "checkpoint": sha256_of(req.checkpoint), "manifest": sha256_of(req.manifest),
+            "calibration": sha256_of(req.calibration_dir),
+            "validation": sha256_of(req.validation_dir)})
+        self.golden = _run(log, "golden_outputs",
+                           lambda: run_torch(self.model, self.validation.inputs))
+
+        fp32_path = self.out / "variants" / "model.fp32.onnx"
+        _run(log, "export_onnx_fp32", lambda: export_onnx(self.model, self.manifest, fp32_path))
+        candidates = [_run(log, "verify_fp32", lambda: _Candidate(
+            "onnx-fp32", "fp32", fp32_path, self.check("fp32", fp32_path)))]
+        if "fp16" in req.precisions:
+            def fp16() -> _Candidate:
+                path = convert_fp16(fp32_path, self.out / "variants" / "model.fp16.onnx")
+                return _Candidate("onnx-fp16", "fp16", path, self.check("fp16", path),
+                                  {"io": "fp32", "fp32_ops": "normalisation, exp/log, reductions"})
+            candidates.append(_run(log, "fp16", fp16))
+        else:
+            log.skipped("fp16", "not requested")
+        if "int8" in req.precisions:
+            candidates.append(_run(log, "int8", lambda: self.int8(fp32_path)))
+        else:
+            log.skipped("int8", "not requested")
+        log.skipped("tensorrt", "TensorRT is not installed here; on a GPU node engines are built "
+                                "from model.fp32.onnx (FP16) and the INT8 QDQ graph")
+
+        sample = self.validation.inputs[:1]
+        baseline = _run(log, "benchmark_pytorch",
+                        lambda: profile_torch(self.model, sample, req.threads, req.bench))
+        variants: list[VariantResult] = []
+        for cand in candidates:
+            def bench(cand: _Candidate = cand) -> VariantResult:
+                prof = profile_onnx(cand.path, sample, req.threads, req.bench)
+                return VariantResult(
+                    name=cand.name, precision=cand.precision, runtime="onnxruntime-cpu",
+                    file=str(cand.path.relative_to(self.out)),
+                    size_bytes=cand.path.stat().st_size, verification=cand.verification,
+                    profile=prof, speedup=baseline.batch1.p50_ms / prof.batch1.p50_ms,
+                    details=cand.details)
+            variants.append(_run(log, f"benchmark_{cand.name}", bench))
+
+        chosen = _run(log, "select", lambda: select(variants, req.objective,
+                                                     self.manifest.latency_slo_ms))
+        repo = self.out / "repository"
+        serving = ServingOptions(intra_op_threads=req.threads)
+        model_dir, version = _run(log, "write_repository", lambda: write_repository(
+            repo, self.manifest, self.out / chosen.file, chosen.precision, serving, req.target))
+        report = build_report(
+            manifest=self.manifest, threads=req.threads, objective=req.objective,
+            target=req.target, inputs=inputs, validation_size=len(self.validation),
+            baseline=baseline, variants=variants, selected=chosen.name,
+            repository=str(model_dir.relative_to(self.out)), version=version,
+        )
+        js, md = _run(log, "write_report", lambda: write_report(self.out, report))
+        _write_reproduce(self.out, req)
+        return OptimizeResult(report=report, repository=repo, report_json=js, report_md=md)
+
+
+def select(variants: list[VariantResult], objective: str, slo_ms: float) -> VariantResult:
+    """The best passing variant for the objective; a SelectionError says why none fits."""
+    passing = [v for v in variants if v.verification.passed]
+    if not passing:
+        why = "; ".join(f"{v.name}: {', '.join(v.verification.reasons)}" for v in variants)
+        raise SelectionError(f"no variant passed verification ({why})")
+    if objective == "latency":
+        return min(passing, key=lambda v: v.profile.batch1.p50_ms)
+    if objective == "throughput":
+        return max(passing, key=lambda v: v.profile.best.throughput)
+
+    def within(v: VariantResult) -> float:
+        ok = [p.throughput for p in v.profile.points if p.latency.p95_ms <= slo_ms]
+        return max(ok, default=0.0)
+
+    fitting = [v for v in passing if within(v) > 0]
+    if not fitting:
+        raise SelectionError(f"no passing variant has p95 <= {slo_ms:g} ms even at batch 1")
+    return max(fitting, key=within)
+
+
+def _write_reproduce(out: Path, req: OptimizeRequest) -> None:
+    script = out / "reproduce.sh"
+    script.write_text(
+        "#!/bin/sh\n# Re-runs the optimization that produced this folder (same inputs: compare\n"
+        "# report.json 'inputs' digests). Run with Bedside's environment active.\nset -e\n"
+        + shlex.join(req.command()) + "\n", encoding="utf-8")
+    script.chmod(0o755)
+
+
 def optimize(req: OptimizeRequest) -> OptimizeResult:
     """Run every step; raises a BedsideError subclass naming the step's problem on failure."""
-    out = req.out_dir
-    (out / "variants").mkdir(parents=True, exist_ok=True)
-    log = StepLog(out / "steps.json")
-    torch.set_num_threads(req.threads)
+    return _Optimizer(req).run()
 
-    manifest = _run(log, "load_manifest", lambda: Manifest.load(req.manifest))
-    model = _run(log, "load_checkpoint", lambda: checkpoint.load(req.checkpoint))
-    validation = _run(log, "load_validation",
-                      lambda: load_labelled(req.validation_dir, manifest.input))
-    calibration = _run(
-        log, "load_calibration",
-        lambda: load_labelled(req.calibration_dir, manifest.input, limit=req.calibration_limit),
-    )
-    golden = _run(log, "golden_outputs", lambda: run_torch(model, validation.inputs))
 
-    fp32_path = out / "variants" / "model.fp32.onnx"
-    _run(log, "export_onnx_fp32", lambda: export_onnx(model, manifest, fp32_path))
-    int8_path = out / "variants" / "model.int8.onnx"
-    _run(log, "quantize_int8", lambda: quantize_int8(
-        fp32_path, int8_path, manifest.input.name, calibration.inputs, req.calibration_method))
-    log.skipped("tensorrt", "TensorRT is not available on this machine (CPU target)")
-
-    sample = validation.inputs[:1]
-    baseline = _run(log, "benchmark_pytorch", lambda: bench_torch(model, sample, req.threads))
-    variants: list[VariantResult] = []
-    for name, precision, path in (("onnx-fp32", "fp32", fp32_path),
-                                  ("onnx-int8", "int8", int8_path)):
-        def evaluate(name: str = name, precision: str = precision,
-                     path: Path = path) -> VariantResult:
-            session = onnx_session(path, req.threads)
-            outputs = run_onnx(session, validation.inputs)
-            check = verify(precision, outputs, golden, validation.labels, manifest,
-                           mae_tolerance=req.mae_tolerances.get(precision))
-            latency = bench_onnx(session, sample)
-            return VariantResult(
-                name=name, precision=precision, runtime="onnxruntime-cpu",
-                file=str(path.relative_to(out)), size_bytes=path.stat().st_size,
-                verification=check, latency=latency, speedup=baseline.p50_ms / latency.p50_ms,
-            )
-        variants.append(_run(log, f"verify_benchmark_{name}", evaluate))
-
-    def select() -> VariantResult:
-        passing = [v for v in variants if v.verification.passed]
-        if not passing:
-            why = "; ".join(f"{v.name}: {', '.join(v.verification.reasons)}" for v in variants)
-            raise SelectionError(f"no variant passed verification ({why})")
-        return min(passing, key=lambda v: v.latency.p50_ms)
-
-    chosen = _run(log, "select", select)
-    repo = out / "repository"
-    serving = ServingOptions(intra_op_threads=req.threads)
-    model_dir = _run(log, "write_repository", lambda: write_repository(
-        repo, manifest, out / chosen.file, chosen.precision, serving))
-    report = build_report(
-        model=manifest.name, version=manifest.version, threads=req.threads,
-        validation_size=len(validation), baseline=baseline, variants=variants,
-        selected=chosen.name, repository=str(model_dir.relative_to(out)),
-    )
-    js, md = _run(log, "write_report", lambda: write_report(out, report))
-    return OptimizeResult(report=report, repository=repo, report_json=js, report_md=md)
-
+__all__ = ["OBJECTIVES", "PRECISIONS", "OptimizeRequest", "OptimizeResult", "Profile",
+           "optimize", "select"]

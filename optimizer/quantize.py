@@ -1,11 +1,24 @@
-"""INT8 static quantization (QDQ, per-channel weights) calibrated on the model's own inputs."""
+"""INT8 static quantization (QDQ, per-channel weights) calibrated on the model's own inputs,
+and the per-node sensitivity ranking that accuracy recovery uses to keep nodes in FP32.
+
+The FP32 graph is prepared once (ONNX Runtime's pre-processing: graph optimisation and shape
+inference); every calibration method and every recovery attempt quantizes that same graph, so
+node names line up between the ranking and ``nodes_to_exclude``. The QDQ graph is also what a
+TensorRT INT8 engine is built from on a GPU node, so calibration happens once, here.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -26,16 +39,27 @@ METHODS = {
 }
 
 
-class _DropPerChannelNoise(logging.Filter):
-    """ORT warns once per 1-D weight (BatchNorm scale) that per-channel axis 1 does not apply;
-    those tensors are simply quantized per-tensor, so the warnings say nothing actionable."""
+class _DropNoise(logging.Filter):
+    """ORT warns once per 1-D weight (BatchNorm scale) that per-channel axis 1 does not apply
+    (those are quantized per-tensor) and prints calibration chatter; neither is actionable."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "is out-of-range for weight" not in record.getMessage()
 
 
+@contextmanager
+def _quiet_ort() -> Iterator[None]:
+    noise = _DropNoise()
+    root = logging.getLogger()
+    root.addFilter(noise)
+    try:
+        yield
+    finally:
+        root.removeFilter(noise)
+
+
 class _ArrayReader(CalibrationDataReader):
-    """Feeds preprocessed calibration images one at a time, as serving will see them."""
+    """Feeds preprocessed images one at a time, as serving will see them."""
 
     def __init__(self, input_name: str, inputs: np.ndarray) -> None:
         self._name = input_name
@@ -53,39 +77,80 @@ class _ArrayReader(CalibrationDataReader):
         self._i = 0
 
 
+@dataclass(frozen=True)
+class NodeSensitivity:
+    """Output error (MAE vs FP32) when this node alone is quantized: its contribution."""
+
+    node: str
+    op_type: str
+    mae: float
+
+
+class Int8Quantizer:
+    """Quantizes one FP32 graph, with any calibration method and any nodes kept in FP32.
+
+    Calibration ranges are cached per method, so recovery attempts after the first cost a
+    graph rewrite, not a calibration pass.
+    """
+
+    def __init__(self, fp32_path: Path, workdir: Path, input_name: str,
+                 calibration: np.ndarray) -> None:
+        if len(calibration) == 0:
+            raise QuantizationError("no calibration inputs")
+        self._input = input_name
+        self._calibration = calibration
+        self._workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.prepared = workdir / "model.prep.onnx"
+        try:
+            with _quiet_ort():
+                quant_pre_process(str(fp32_path), str(self.prepared), skip_symbolic_shape=True)
+        except Exception as exc:  # ORT raises bare exceptions
+            raise QuantizationError(f"INT8 pre-processing failed: {exc}") from exc
+        self.nodes = [(n.name, n.op_type) for n in onnx.load(str(self.prepared)).graph.node]
+
+    def quantize(self, out_path: Path, method: str = "minmax", exclude: Sequence[str] = (),
+                 only: Sequence[str] | None = None) -> Path:
+        """U8 activations / S8 per-channel weights in QDQ form (fast on x86 VNNI/AVX2)."""
+        if method not in METHODS:
+            raise QuantizationError(f"unknown calibration method {method!r}: {sorted(METHODS)}")
+        try:
+            with _quiet_ort(), contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    str(self.prepared), str(out_path),
+                    _ArrayReader(self._input, self._calibration),
+                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=METHODS[method], nodes_to_exclude=list(exclude),
+                    nodes_to_quantize=list(only) if only is not None else None,
+                    calibration_cache_path=str(self._workdir / f"calibration.{method}.cache"),
+                )
+        except Exception as exc:
+            raise QuantizationError(f"INT8 quantization ({method}) failed: {exc}") from exc
+        LOG.debug("quantized %s (%s, %d nodes kept in FP32)", out_path.name, method,
+                  len(exclude))
+        return out_path
+
+    def rank_nodes(self, method: str, samples: np.ndarray, golden: np.ndarray,
+                   run: Callable[[Path, np.ndarray], np.ndarray],
+                   max_nodes: int = 400) -> list[NodeSensitivity]:
+        """Quantize one node at a time and measure the output error it alone causes."""
+        probe = self._workdir / "probe.onnx"
+        ranked = []
+        for name, op_type in self.nodes[:max_nodes]:
+            self.quantize(probe, method, only=[name])
+            err = float(np.abs(run(probe, samples) - golden).mean())
+            if err > 0.0:
+                ranked.append(NodeSensitivity(node=name, op_type=op_type, mae=err))
+        probe.unlink(missing_ok=True)
+        return sorted(ranked, key=lambda n: n.mae, reverse=True)
+
+
 def quantize_int8(
-    fp32_path: Path,
-    out_path: Path,
-    input_name: str,
-    calibration: np.ndarray,
+    fp32_path: Path, out_path: Path, input_name: str, calibration: np.ndarray,
     method: str = "minmax",
 ) -> Path:
-    """U8 activations / S8 per-channel weights in QDQ form (fast on x86 VNNI/AVX2 in ORT)."""
-    if method not in METHODS:
-        raise QuantizationError(f"unknown calibration method {method!r}: {sorted(METHODS)}")
-    if len(calibration) == 0:
-        raise QuantizationError("no calibration inputs")
-    prepared = out_path.with_name(out_path.stem + ".prep.onnx")
-    noise = _DropPerChannelNoise()
-    root = logging.getLogger()
-    root.addFilter(noise)
-    try:
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(out_path),
-            _ArrayReader(input_name, calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=METHODS[method],
-        )
-    except Exception as exc:  # ORT's quantizer raises bare exceptions
-        raise QuantizationError(f"INT8 quantization failed: {exc}") from exc
-    finally:
-        root.removeFilter(noise)
-        prepared.unlink(missing_ok=True)
-    LOG.info("quantized %s with %d calibration images (%s)", out_path.name, len(calibration),
-             method)
-    return out_path
+    """One-shot INT8 quantization (no recovery)."""
+    quantizer = Int8Quantizer(fp32_path, out_path.parent / (out_path.stem + ".work"),
+                              input_name, calibration)
+    return quantizer.quantize(out_path, method)

@@ -1,21 +1,24 @@
-"""The optimization report: report.json (stable keys) and report.md (for a human to sign off)."""
+"""The optimization report: report.json (stable keys), report.md and plots, for sign-off."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnxruntime
 import torch
 
-from optimizer.benchmark import Latency
+from optimizer.benchmark import Latency, Profile
+from optimizer.manifest import Manifest
 from optimizer.verify import Verification
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,9 @@ class VariantResult:
     file: str
     size_bytes: int
     verification: Verification
-    latency: Latency
+    profile: Profile
     speedup: float
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
@@ -35,12 +39,19 @@ class VariantResult:
 
 
 def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in
+                    Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
     return {
         "platform": platform.platform(),
         "processor": platform.machine(),
+        "cpu_model": cpu,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
 
@@ -50,21 +61,38 @@ def _latency(lat: Latency) -> dict[str, float]:
             "p99": round(lat.p99_ms, 4), "mean": round(lat.mean_ms, 4), "runs": lat.runs}
 
 
+def _profile(prof: Profile) -> dict[str, Any]:
+    return {
+        "latency_ms": _latency(prof.batch1),
+        "batches": [{"batch": p.batch, "p50_ms": round(p.latency.p50_ms, 4),
+                     "p95_ms": round(p.latency.p95_ms, 4), "p99_ms": round(p.latency.p99_ms, 4),
+                     "throughput_per_s": round(p.throughput, 2)} for p in prof.points],
+        "best_throughput_per_s": round(prof.best.throughput, 2),
+        "best_throughput_batch": prof.best.batch,
+        "peak_memory_mb": None if prof.peak_memory_mb is None else round(prof.peak_memory_mb, 1),
+    }
+
+
 def build_report(
-    model: str, version: int, threads: int, validation_size: int, baseline: Latency,
-    variants: list[VariantResult], selected: str, repository: str,
+    manifest: Manifest, threads: int, objective: str, target: str, inputs: dict[str, str],
+    validation_size: int, baseline: Profile, variants: list[VariantResult], selected: str,
+    repository: str, version: int,
 ) -> dict[str, Any]:
+    ref = variants[0].verification
     return {
         "report_version": REPORT_VERSION,
-        "model": model,
+        "model": manifest.name,
         "version": version,
+        "task": manifest.task,
         "machine": machine(),
         "threads": threads,
-        "batch_size": 1,
-        "validation": {"instances": validation_size,
-                       "auc_reference": variants[0].verification.auc_reference},
-        "baseline": {"runtime": "pytorch-eager", "precision": "fp32",
-                     "latency_ms": _latency(baseline)},
+        "objective": objective,
+        "target": target,
+        "inputs_sha256": inputs,
+        "validation": {"instances": validation_size, "metric": ref.metric,
+                       "reference": ref.metric_reference},
+        "baseline": {"name": "pytorch-eager", "runtime": "torch", "precision": "fp32",
+                     **_profile(baseline)},
         "variants": [
             {
                 "name": v.name,
@@ -75,57 +103,119 @@ def build_report(
                 "mae": v.verification.mae,
                 "max_abs_error": v.verification.max_abs,
                 "mae_tolerance": v.verification.mae_tolerance,
-                "auc": v.verification.auc,
-                "auc_delta": v.verification.auc_delta,
+                "metric": v.verification.metric,
+                "metric_value": v.verification.metric_value,
+                "metric_delta": v.verification.metric_delta,
                 "decision_agreement": v.verification.agreement,
                 "verdict": v.verdict,
                 "reasons": list(v.verification.reasons),
-                "latency_ms": _latency(v.latency),
+                **_profile(v.profile),
                 "speedup_vs_pytorch": round(v.speedup, 3),
+                "details": v.details,
             }
             for v in variants
         ],
+        "skipped": [{"name": "tensorrt-fp16/int8",
+                     "reason": "TensorRT is not installed on this machine"}],
         "selected": selected,
         "repository": repository,
+        "plots": ["latency_vs_batch.png", "accuracy_vs_speed.png"],
     }
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    base = report["baseline"]["latency_ms"]
+    m = report["machine"]
+    metric = report["validation"]["metric"].upper()
+    base = report["baseline"]
     lines = [
-        f"# Optimization report: {report['model']} v{report['version']}",
+        f"# Optimization report: {report['model']} v{report['version']} ({report['task']})",
         "",
-        f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs; "
-        f"{report['threads']} inference threads; batch size {report['batch_size']}; "
-        f"torch {report['machine']['torch']}, onnxruntime {report['machine']['onnxruntime']}.",
-        f"Validation: {report['validation']['instances']} labelled instances, "
-        f"PyTorch FP32 AUC {report['validation']['auc_reference']:.4f}.",
+        f"Machine: {m['cpu_model'] or m['processor']}, {m['cpus']} CPUs, {m['platform']}; "
+        f"{report['threads']} inference threads; torch {m['torch']}, onnxruntime "
+        f"{m['onnxruntime']}. Objective: {report['objective']}; target: {report['target']}.",
+        f"Validation: {report['validation']['instances']} labelled instances, PyTorch FP32 "
+        f"{metric} {report['validation']['reference']:.4f}. Latency at batch 1.",
         "",
-        "| variant | precision | runtime | MAE | AUC delta | agreement | verdict "
-        "| p50 ms | p95 ms | speed-up vs PyTorch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| variant | precision | runtime | MAE | {metric} delta | agreement | verdict "
+        "| p50 ms | p95 ms | p99 ms | best throughput /s (batch) | speed-up vs PyTorch | MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| pytorch-eager (baseline) | fp32 | torch | - | - | - | reference "
-        f"| {base['p50']:.3f} | {base['p95']:.3f} | 1.00x |",
+        f"| {base['latency_ms']['p50']:.3f} | {base['latency_ms']['p95']:.3f} "
+        f"| {base['latency_ms']['p99']:.3f} | {base['best_throughput_per_s']:.1f} "
+        f"({base['best_throughput_batch']}) | 1.00x | - |",
     ]
     for v in report["variants"]:
+        lat = v["latency_ms"]
         lines.append(
             f"| {v['name']} | {v['precision']} | {v['runtime']} | {v['mae']:.2e} "
-            f"| {v['auc_delta']:+.4f} | {v['decision_agreement']:.4f} | {v['verdict']} "
-            f"| {v['latency_ms']['p50']:.3f} | {v['latency_ms']['p95']:.3f} "
-            f"| {v['speedup_vs_pytorch']:.2f}x |"
+            f"| {v['metric_delta']:+.4f} | {v['decision_agreement']:.4f} | {v['verdict']} "
+            f"| {lat['p50']:.3f} | {lat['p95']:.3f} | {lat['p99']:.3f} "
+            f"| {v['best_throughput_per_s']:.1f} ({v['best_throughput_batch']}) "
+            f"| {v['speedup_vs_pytorch']:.2f}x | {v['size_bytes'] / 1e6:.2f} |"
         )
-    lines += ["", f"Selected: **{report['selected']}** (lowest p50 among variants that pass).",
-              f"Triton model repository: `{report['repository']}`.", ""]
+    lines += ["", f"Selected: **{report['selected']}** (objective: {report['objective']}).",
+              f"Triton model repository: `{report['repository']}` (version "
+              f"{report['version']}, target {report['target']}).", ""]
+    lines += ["Throughput by batch size (items/s):", "",
+              "| runtime | " + " | ".join(f"b{p['batch']}" for p in base["batches"]) + " |",
+              "|---|" + "---|" * len(base["batches"])]
+    for row in [base, *report["variants"]]:
+        cells = {p["batch"]: f"{p['throughput_per_s']:.1f}" for p in row["batches"]}
+        lines.append(f"| {row['name']} | "
+                     + " | ".join(cells.get(p["batch"], "-") for p in base["batches"]) + " |")
+    lines.append("")
+    for v in report["variants"]:
+        if v["details"].get("fp32_nodes"):
+            nodes = v["details"]["fp32_nodes"]
+            lines.append(f"Accuracy recovery for {v['name']}: {len(nodes)} nodes kept in FP32 "
+                         f"({', '.join(nodes[:12])}{', ...' if len(nodes) > 12 else ''}); "
+                         f"plain INT8 failed: {'; '.join(v['details']['plain_int8_reasons'])}.")
     failing = [v for v in report["variants"] if v["reasons"]]
     if failing:
-        lines.append("Why variants failed:")
+        lines += ["", "Why variants failed:"]
         lines += [f"- {v['name']}: {'; '.join(v['reasons'])}" for v in failing]
-        lines.append("")
+    lines += ["", "Not run: " + "; ".join(f"{s['name']} ({s['reason']})"
+                                          for s in report["skipped"]) + ".", "",
+              "![latency vs batch size](latency_vs_batch.png)",
+              "![accuracy vs speed](accuracy_vs_speed.png)", ""]
     return "\n".join(lines)
+
+
+def write_plots(out_dir: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [report["baseline"], *report["variants"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ax.plot([p["batch"] for p in row["batches"]], [p["p50_ms"] for p in row["batches"]],
+                marker="o", label=row["name"])
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency (ms)",
+           title=f"{report['model']}: latency vs batch size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_vs_batch.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in report["variants"]:
+        ax.scatter(v["speedup_vs_pytorch"], v["metric_delta"],
+                   marker="o" if v["verdict"] == "pass" else "x", s=60)
+        ax.annotate(v["name"], (v["speedup_vs_pytorch"], v["metric_delta"]), fontsize=8)
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set(xlabel="speed-up vs PyTorch eager FP32 (batch 1)",
+           ylabel=f"{report['validation']['metric'].upper()} delta vs FP32",
+           title="accuracy vs speed (x = failed verification)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_speed.png", dpi=110)
+    plt.close(fig)
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
     js, md = out_dir / "report.json", out_dir / "report.md"
-    js.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    js.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     md.write_text(render_markdown(report), encoding="utf-8")
+    write_plots(out_dir, report)
     return js, md

@@ -1,12 +1,18 @@
 """Triton model repository writer: config.pbtxt through Triton's protobuf, manifest beside it.
 
 Layout (Triton's):  <repo>/<model>/config.pbtxt, <repo>/<model>/manifest.json,
-                    <repo>/<model>/<version>/model.py + model.onnx
-Target ``cpu``: the python backend hosting ONNX Runtime, served by the bundled tritonserver.
+                    <repo>/<model>/<version>/model.onnx (+ model.py for the cpu target)
+Targets:
+- ``cpu``: the python backend hosting ONNX Runtime, served by the bundled tritonserver (tested).
+- ``gpu``: Triton's onnxruntime backend on a GPU with the TensorRT execution accelerator
+  (FP16, or INT8 from the QDQ graph). Only the configuration is produced and checked here: no
+  TensorRT or GPU Triton exists on the development machines.
+A model that already has versions gets a new version folder; old versions stay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -18,6 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from optimizer.manifest import Manifest
 
 MANIFEST_FILE = "manifest.json"
+TARGETS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -32,43 +39,67 @@ class ServingOptions:
     warmup_runs: int = 3
 
 
-def model_config(manifest: Manifest, options: ServingOptions, precision: str) -> mc.ModelConfig:
-    cfg = mc.ModelConfig(name=manifest.name, backend="python",
-                         max_batch_size=options.max_batch_size)
+def model_config(manifest: Manifest, options: ServingOptions, precision: str,
+                 target: str = "cpu") -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=manifest.name, max_batch_size=options.max_batch_size)
     cfg.input.add(name=manifest.input.name, data_type=mc.TYPE_FP32,
                   dims=list(manifest.input.shape))
     cfg.output.add(name=manifest.output.name, data_type=mc.TYPE_FP32,
-                   dims=[len(manifest.output.labels)])
-    cfg.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
-    cfg.dynamic_batching.preferred_batch_size.extend(
-        [b for b in options.preferred_batch_sizes if b <= options.max_batch_size]
-    )
-    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
+                   dims=list(manifest.output_shape))
+    if options.max_queue_delay_us > 0 or options.preferred_batch_sizes:
+        cfg.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+        cfg.dynamic_batching.preferred_batch_size.extend(
+            [b for b in options.preferred_batch_sizes if b <= options.max_batch_size])
     cfg.version_policy.latest.num_versions = 1
-    # Warm-up at load: the first clinical request must not pay ONNX Runtime's first-run cost.
+    # Warm-up at load: the first clinical request must not pay a first-run cost.
     warmup = cfg.model_warmup.add(name="zeros", batch_size=1, count=options.warmup_runs)
     warmup.inputs[manifest.input.name].data_type = mc.TYPE_FP32
     warmup.inputs[manifest.input.name].dims.extend(manifest.input.shape)
     warmup.inputs[manifest.input.name].zero_data = True
-    cfg.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
-    cfg.parameters["onnx_file"].string_value = "model.onnx"
     cfg.parameters["bedside_precision"].string_value = precision
+    if target == "cpu":
+        cfg.backend = "python"
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
+        cfg.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
+        cfg.parameters["onnx_file"].string_value = "model.onnx"
+    elif target == "gpu":
+        cfg.backend = "onnxruntime"
+        cfg.default_model_filename = "model.onnx"
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=options.instances)
+        trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(
+            name="tensorrt")
+        trt.parameters["precision_mode"] = "INT8" if precision == "int8" else "FP16"
+        trt.parameters["max_workspace_size_bytes"] = str(2 << 30)
+        trt.parameters["trt_engine_cache_enable"] = "1"
+        trt.parameters["trt_engine_cache_path"] = "/tmp/bedside-trt-cache"
+    else:
+        raise ValueError(f"unknown target {target!r}")
     return cfg
 
 
+def next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if model_dir.is_dir() else []
+    return max(versions, default=0) + 1
+
+
 def write_repository(
-    repo: Path, manifest: Manifest, onnx_path: Path, precision: str, options: ServingOptions
-) -> Path:
-    """Write (or replace) version ``manifest.version`` of the model; returns the model folder."""
+    repo: Path, manifest: Manifest, onnx_path: Path, precision: str, options: ServingOptions,
+    target: str = "cpu",
+) -> tuple[Path, int]:
+    """Add a version of the model (the manifest's version for a new model, else the next
+    free one); returns the model folder and the version written."""
     model_dir = repo / manifest.name
-    version_dir = model_dir / str(manifest.version)
-    if version_dir.exists():
-        shutil.rmtree(version_dir)
+    version = manifest.version if not model_dir.is_dir() else max(
+        manifest.version, next_version(model_dir))
+    version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True)
     shutil.copyfile(onnx_path, version_dir / "model.onnx")
-    backend = resources.files("optimizer.triton_backend").joinpath("model.py")
-    (version_dir / "model.py").write_text(backend.read_text(encoding="utf-8"), encoding="utf-8")
-    cfg = model_config(manifest, options, precision)
+    if target == "cpu":
+        backend = resources.files("optimizer.triton_backend").joinpath("model.py")
+        (version_dir / "model.py").write_text(backend.read_text(encoding="utf-8"),
+                                              encoding="utf-8")
+    cfg = model_config(manifest, options, precision, target)
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg), encoding="utf-8")
-    manifest.save(model_dir / MANIFEST_FILE)
-    return model_dir
+    dataclasses.replace(manifest, version=version).save(model_dir / MANIFEST_FILE)
+    return model_dir, version

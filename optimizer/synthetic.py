@@ -34,6 +34,14 @@ class SynthConfig:
 
 def radiograph(rng: np.random.Generator, lesion: bool, cfg: SynthConfig) -> np.ndarray:
     """One image, float in ~[0, 1], larger = more attenuation (brighter, MONOCHROME2)."""
+    return radiograph_with_mask(rng, int(lesion), cfg)[0]
+
+
+def radiograph_with_mask(
+    rng: np.random.Generator, lesions: int, cfg: SynthConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """An image with ``lesions`` lesions and its lesion mask (where a lesion reaches half its
+    peak), the ground truth for segmentation."""
     n = cfg.size
     y, x = np.mgrid[-1 : 1 : n * 1j, -1 : 1 : n * 1j].astype(np.float32)
     dx, dy = rng.normal(0, 0.03, 2)
@@ -52,15 +60,18 @@ def radiograph(rng: np.random.Generator, lesion: bool, cfg: SynthConfig) -> np.n
     for _ in range(6):  # smooth, patient-specific anatomy
         bx, by = rng.uniform(-0.8, 0.8, 2)
         img += rng.normal(0, 0.025) * np.exp(-((x - bx) ** 2 + (y - by) ** 2) / 0.08)
-    if lesion:
+    mask = np.zeros((n, n), dtype=np.uint8)
+    for _ in range(lesions):
         ys, xs = np.nonzero(lungs > 0.5)
         k = rng.integers(len(ys))
         sigma = rng.uniform(*cfg.lesion_sigma)
         amp = rng.uniform(*cfg.lesion_contrast)
         yy, xx = np.mgrid[0:n, 0:n]
-        img += amp * np.exp(-((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2) / (2 * sigma**2))
+        blob = np.exp(-((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2) / (2 * sigma**2))
+        img += amp * blob
+        mask |= (blob >= 0.5).astype(np.uint8)
     img += rng.normal(0, cfg.noise, img.shape).astype(np.float32)
-    return np.asarray(img, dtype=np.float32)
+    return np.asarray(img, dtype=np.float32), mask
 
 
 def to_dataset(
@@ -137,6 +148,28 @@ def write_labelled_set(
         writer.writerow(["file", "label"])
         writer.writerows(rows)
     return rows
+
+
+def write_segmentation_set(
+    out_dir: Path, count: int, seed: int, cfg: SynthConfig | None = None
+) -> None:
+    """``count`` instances with 0-2 lesions each, a lesion mask (.npy) per instance, and a
+    labels.csv (columns file,mask)."""
+    cfg = cfg or SynthConfig()
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        img, mask = radiograph_with_mask(rng, i % 3, cfg)
+        name = f"img{i:05d}"
+        to_dataset(img, rng, index=seed * 100_000 + i).save_as(
+            out_dir / f"{name}.dcm", enforce_file_format=True)
+        np.save(out_dir / f"{name}.mask.npy", mask[None])
+        rows.append((f"{name}.dcm", f"{name}.mask.npy"))
+    with (out_dir / LABELS_FILE).open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "mask"])
+        writer.writerows(rows)
 
 
 def write_study(

@@ -43,20 +43,50 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice over the whole set (both empty counts as perfect agreement)."""
+    inter = float(np.logical_and(pred, truth).sum())
+    total = float(pred.sum() + truth.sum())
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
 @dataclass(frozen=True)
 class Verification:
-    """How one variant compares with PyTorch FP32 on the labelled validation set."""
+    """How one variant compares with PyTorch FP32 on the labelled validation set.
+
+    ``metric`` is the task metric: ``auc`` (classification) or ``dice`` (segmentation);
+    ``metric_delta`` is variant minus reference on the worst label (negative = lost accuracy).
+    """
 
     precision: str
     mae: float
     max_abs: float
     mae_tolerance: float
-    auc: float
-    auc_reference: float
-    auc_delta: float
+    metric: str
+    metric_value: float
+    metric_reference: float
+    metric_delta: float
     agreement: float
     passed: bool
     reasons: tuple[str, ...]
+
+
+def _task_metrics(
+    scores: np.ndarray, ref_scores: np.ndarray, labels: np.ndarray, manifest: Manifest
+) -> tuple[str, list[float], list[float], float, float]:
+    """(metric name, per-label values, per-label references, agreement, allowed drop)."""
+    out = manifest.output
+    k = len(out.labels)
+    thr = np.asarray(out.thresholds).reshape((1, k) + (1,) * (scores.ndim - 2))
+    decisions, ref_decisions = scores >= thr, ref_scores >= thr
+    agreement = float(min((decisions[:, i] == ref_decisions[:, i]).mean() for i in range(k)))
+    if manifest.task == "classification":
+        values = [roc_auc(labels, scores[:, i]) for i in range(k)]
+        refs = [roc_auc(labels, ref_scores[:, i]) for i in range(k)]
+        return "auc", values, refs, agreement, manifest.accuracy_budget.max_auc_drop
+    values = [dice(decisions[:, i], labels[:, i] > 0) for i in range(k)]
+    refs = [dice(ref_decisions[:, i], labels[:, i] > 0) for i in range(k)]
+    return "dice", values, refs, agreement, manifest.accuracy_budget.max_dice_drop
 
 
 def verify(
@@ -69,43 +99,41 @@ def verify(
 ) -> Verification:
     """Pass only if the numbers are within tolerance AND the task metric is within budget.
 
-    ``auc_delta`` is variant minus reference (negative = the variant lost accuracy); decision
-    agreement is measured at the manifest's thresholds, label by label, worst label reported.
+    Decision agreement is measured at the manifest's thresholds (per instance for
+    classification, per pixel for segmentation), label by label, worst label reported.
     """
     if outputs.shape != golden.shape:
         raise ValueError(f"output shape {outputs.shape} != golden shape {golden.shape}")
     tol = MAE_TOLERANCE[precision] if mae_tolerance is None else mae_tolerance
+    metric_name = "auc" if manifest.task == "classification" else "dice"
     if not np.isfinite(outputs).all():
         nonfinite = int((~np.isfinite(outputs)).sum())
         return Verification(
             precision=precision, mae=float("inf"), max_abs=float("inf"), mae_tolerance=tol,
-            auc=float("nan"), auc_reference=float("nan"), auc_delta=float("-inf"),
-            agreement=0.0, passed=False,
+            metric=metric_name, metric_value=float("nan"), metric_reference=float("nan"),
+            metric_delta=float("-inf"), agreement=0.0, passed=False,
             reasons=(f"{nonfinite} non-finite outputs (overflow or NaN)",),
         )
     err = np.abs(outputs.astype(np.float64) - golden.astype(np.float64))
     mae, max_abs = float(err.mean()), float(err.max())
     act = manifest.output.activation
     scores, ref_scores = activate(outputs, act), activate(golden, act)
-    thresholds = np.asarray(manifest.output.thresholds)
-    agreement = float(((scores >= thresholds) == (ref_scores >= thresholds)).mean(axis=0).min())
-    aucs = [roc_auc(labels, scores[:, k]) for k in range(scores.shape[1])]
-    ref_aucs = [roc_auc(labels, ref_scores[:, k]) for k in range(scores.shape[1])]
-    deltas = [a - r for a, r in zip(aucs, ref_aucs, strict=True)]
+    name, values, refs, agreement, allowed = _task_metrics(scores, ref_scores, labels, manifest)
+    deltas = [v - r for v, r in zip(values, refs, strict=True)]
     worst = int(np.argmin(deltas))
-    budget = manifest.accuracy_budget
     reasons = []
     if not mae < tol:
         reasons.append(f"MAE {mae:.3g} >= tolerance {tol:g}")
-    if -deltas[worst] > budget.max_auc_drop:
+    if -deltas[worst] > allowed:
         reasons.append(
-            f"AUC drop {-deltas[worst]:.4f} on '{manifest.output.labels[worst]}' exceeds "
-            f"budget {budget.max_auc_drop:g}"
+            f"{name.upper()} drop {-deltas[worst]:.4f} on '{manifest.output.labels[worst]}' "
+            f"exceeds budget {allowed:g}"
         )
-    if agreement < budget.min_agreement:
-        reasons.append(f"decision agreement {agreement:.4f} < {budget.min_agreement:g}")
+    if agreement < manifest.accuracy_budget.min_agreement:
+        reasons.append(
+            f"decision agreement {agreement:.4f} < {manifest.accuracy_budget.min_agreement:g}")
     return Verification(
-        precision=precision, mae=mae, max_abs=max_abs, mae_tolerance=tol, auc=aucs[worst],
-        auc_reference=ref_aucs[worst], auc_delta=deltas[worst], agreement=agreement,
-        passed=not reasons, reasons=tuple(reasons),
+        precision=precision, mae=mae, max_abs=max_abs, mae_tolerance=tol, metric=name,
+        metric_value=values[worst], metric_reference=refs[worst], metric_delta=deltas[worst],
+        agreement=agreement, passed=not reasons, reasons=tuple(reasons),
     )

@@ -70,8 +70,26 @@ def _parser() -> argparse.ArgumentParser:
                      help="folder of labelled DICOM files with labels.csv")
     opt.add_argument("--out", type=Path, required=True)
     opt.add_argument("--threads", type=int, default=2)
-    opt.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"],
-                     default="minmax")
+    opt.add_argument("--precisions", default="fp32,fp16,int8",
+                     help="comma-separated, from fp32, fp16, int8 (fp32 is always built)")
+    opt.add_argument("--calibration-methods", default="minmax,percentile,entropy",
+                     help="INT8 calibration methods to try; the validation set picks one")
+    opt.add_argument("--objective", default="latency",
+                     choices=["latency", "throughput", "throughput-within-slo"])
+    opt.add_argument("--target", default="cpu", choices=["cpu", "gpu"],
+                     help="cpu: python backend + ONNX Runtime; gpu: onnxruntime + TensorRT")
+    opt.add_argument("--no-recovery", action="store_true",
+                     help="do not keep sensitive nodes in FP32 when INT8 misses the budget")
+    opt.add_argument("--mae-tolerance", action="append", default=[], metavar="PRECISION=MAE",
+                     help="override a verification threshold, e.g. int8=0.1 (repeatable)")
+
+    ref = sub.add_parser("reference", help="write a reference model (random weights), its "
+                         "manifest and synthetic calibration/validation data, for optimize")
+    ref.add_argument("--model", required=True, choices=["densenet121", "unet2d", "unet3d"])
+    ref.add_argument("--out", type=Path, required=True)
+    ref.add_argument("--side", type=int, default=None, help="input side (smaller = faster)")
+    ref.add_argument("--calibration", type=int, default=32)
+    ref.add_argument("--validation", type=int, default=64)
 
     srv = sub.add_parser("serve", help="run Triton and the gateway on a model repository")
     gw = sub.add_parser("gateway", help="run the gateway against a running Triton")
@@ -148,13 +166,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "optimize":
             from optimizer.pipeline import OptimizeRequest, optimize
 
-            result = optimize(OptimizeRequest(
-                checkpoint=args.checkpoint, manifest=args.manifest,
-                calibration_dir=args.calibration, validation_dir=args.validation,
-                out_dir=args.out, threads=args.threads,
-                calibration_method=args.calibration_method,
-            ))
+            try:
+                tolerances = {k: float(v) for k, v in
+                              (item.split("=", 1) for item in args.mae_tolerance)}
+                request = OptimizeRequest(
+                    checkpoint=args.checkpoint, manifest=args.manifest,
+                    calibration_dir=args.calibration, validation_dir=args.validation,
+                    out_dir=args.out, threads=args.threads,
+                    precisions=tuple(args.precisions.split(",")),
+                    calibration_methods=tuple(args.calibration_methods.split(",")),
+                    objective=args.objective, target=args.target,
+                    recovery=not args.no_recovery, mae_tolerances=tolerances,
+                )
+            except ValueError as exc:
+                print(f"bedside: error: {exc}", file=sys.stderr)
+                return 2
+            result = optimize(request)
             print(result.report_md.read_text(encoding="utf-8"))
+            return 0
+        if args.command == "reference":
+            from optimizer.reference import write_reference
+
+            write_reference(args.model, args.out, args.side, args.calibration, args.validation)
+            o = args.out
+            print(f"wrote {args.model} to {o}; next:\n  bedside optimize --checkpoint "
+                  f"{o}/model.pt --manifest {o}/manifest.json --calibration {o}/calibration "
+                  f"--validation {o}/validation --out {o}/optimized")
             return 0
         if args.command == "gateway":
             _run_until_interrupted(args, args.triton_url)

@@ -125,11 +125,11 @@ def run_demo(out: Path, triton_env: Path, sizes: DemoSizes, threads: int = 2) ->
 
     print(f"[2/5] training a small MONAI DenseNet ({sizes.train} images, {sizes.epochs} epochs)")
     DEMO_MANIFEST.save(model_dir / "manifest.json")
-    trained = train_classifier(load_labelled(data / "train", DEMO_MANIFEST.input),
+    trained = train_classifier(load_labelled(data / "train", DEMO_MANIFEST),
                                epochs=sizes.epochs, seed=0)
     checkpoint.save(model_dir / "model.pt", DEMO_ARCHITECTURE, DEMO_KWARGS, trained)
 
-    print("[3/5] optimizing: ONNX FP32 and INT8, verified and benchmarked")
+    print("[3/5] optimizing: ONNX FP32, FP16 and INT8, verified and benchmarked")
     result = optimize(OptimizeRequest(
         checkpoint=model_dir / "model.pt", manifest=model_dir / "manifest.json",
         calibration_dir=data / "calibration", validation_dir=data / "validation",

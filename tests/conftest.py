@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 from optimizer import checkpoint
+from optimizer.benchmark import BenchOptions
 from optimizer.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
 from optimizer.synthetic import write_labelled_set
 from optimizer.train import DEMO_ARCHITECTURE, DEMO_KWARGS
 
 ROOT = Path(__file__).resolve().parents[1]
+# Benchmarks in tests check the mechanics, not the figures: a few runs per point.
+QUICK_BENCH = BenchOptions(warmup=2, min_runs=5, min_seconds=0.02, max_batch=4)
 
 TINY_MANIFEST = Manifest(
     name="tiny-cxr",
@@ -68,6 +71,6 @@ def optimized(tiny_model: Path, tiny_data: Path,
     optimize(OptimizeRequest(
         checkpoint=tiny_model / "model.pt", manifest=tiny_model / "manifest.json",
         calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
-        out_dir=out, threads=1,
+        out_dir=out, threads=1, bench=QUICK_BENCH, calibration_methods=("minmax", "percentile"),
     ))
     yield out

@@ -138,6 +138,21 @@ class InferenceCore:
         except PreprocessError as exc:
             raise UnsupportedInstance(str(exc), "not_for_model") from exc
 
+    def _findings(self, scores: np.ndarray) -> list[dict[str, Any]]:
+        out = self.manifest.output
+        pairs = zip(out.labels, out.thresholds, strict=True)
+        if self.manifest.task == "classification":
+            return [{"label": label, "score": round(float(scores[k]), 6), "threshold": thr,
+                     "positive": bool(scores[k] >= thr)} for k, (label, thr) in enumerate(pairs)]
+        findings = []
+        for k, (label, thr) in enumerate(pairs):  # segmentation: a summary per class map
+            mask = scores[k] >= thr
+            findings.append({"label": label, "threshold": thr, "pixels": int(mask.sum()),
+                             "fraction": round(float(mask.mean()), 6),
+                             "max_score": round(float(scores[k].max()), 6),
+                             "positive": bool(mask.any())})
+        return findings
+
     def analyze(self, ds: Dataset, timings_ms: dict[str, float] | None = None) -> Result:
         """Check, preprocess, infer, postprocess; adds its stages to ``timings_ms``."""
         timings = dict(timings_ms or {})
@@ -150,17 +165,11 @@ class InferenceCore:
         t1 = time.perf_counter()
         raw = self._inferer.infer(x[None])
         t2 = time.perf_counter()
-        out = self.manifest.output
-        if raw.shape != (1, len(out.labels)):
+        expected = (1, *self.manifest.output_shape)
+        if raw.shape != expected:
             raise InferenceFailed(
-                f"model returned shape {raw.shape}, manifest expects (1, {len(out.labels)})",
-                "output_shape")
-        scores = activate(raw, out.activation)[0]
-        findings = [
-            {"label": label, "score": round(float(s), 6), "threshold": thr,
-             "positive": bool(s >= thr)}
-            for label, s, thr in zip(out.labels, scores, out.thresholds, strict=True)
-        ]
+                f"model returned shape {raw.shape}, manifest expects {expected}", "output_shape")
+        findings = self._findings(activate(raw, self.manifest.output.activation)[0])
         t3 = time.perf_counter()
         timings["preprocess"] = (t1 - t0) * 1000.0
         timings["inference"] = (t2 - t1) * 1000.0

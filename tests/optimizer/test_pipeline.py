@@ -10,32 +10,42 @@ from tritonclient.grpc import model_config_pb2 as mc
 from optimizer.errors import DatasetError
 from optimizer.manifest import Manifest
 from optimizer.pipeline import OptimizeRequest, optimize
-from tests.conftest import TINY_MANIFEST
+from tests.conftest import QUICK_BENCH, TINY_MANIFEST
 
 
 def test_report_has_stable_keys_and_both_variants(optimized: Path) -> None:
     report = json.loads((optimized / "report.json").read_text())
-    assert report["report_version"] == 1
-    assert [v["name"] for v in report["variants"]] == ["onnx-fp32", "onnx-int8"]
+    assert report["report_version"] == 2
+    names = [v["name"] for v in report["variants"]]
+    assert names[:2] == ["onnx-fp32", "onnx-fp16"] and names[2].startswith("onnx-int8-")
     for v in report["variants"]:
-        for key in ("precision", "mae", "auc_delta", "decision_agreement", "verdict",
-                    "latency_ms", "speedup_vs_pytorch", "size_bytes"):
+        for key in ("precision", "mae", "metric", "metric_delta", "decision_agreement",
+                    "verdict", "latency_ms", "batches", "best_throughput_per_s",
+                    "speedup_vs_pytorch", "size_bytes", "peak_memory_mb"):
             assert key in v
-        assert v["latency_ms"]["p95"] >= v["latency_ms"]["p50"] > 0
+        assert v["metric"] == "auc"
+        assert v["latency_ms"]["p99"] >= v["latency_ms"]["p95"] >= v["latency_ms"]["p50"] > 0
         assert v["speedup_vs_pytorch"] == pytest.approx(
             report["baseline"]["latency_ms"]["p50"] / v["latency_ms"]["p50"], rel=1e-2)
+        assert [b["batch"] for b in v["batches"]][:2] == [1, 2]
     fp32 = report["variants"][0]
     assert fp32["verdict"] == "pass" and fp32["mae"] < 1e-5
-    assert report["selected"] in {"onnx-fp32", "onnx-int8"}
+    assert report["variants"][1]["mae"] < 1e-3  # FP16 within its rung of the ladder
+    assert report["selected"] in names
+    assert set(report["inputs_sha256"]) == {"checkpoint", "manifest", "calibration",
+                                            "validation"}
     md = (optimized / "report.md").read_text()
-    assert "| onnx-fp32 | fp32 |" in md and "| onnx-int8 | int8 |" in md
+    assert "| onnx-fp32 | fp32 |" in md and "| onnx-int8-" in md and "| onnx-fp16 | fp16 |" in md
+    for plot in report["plots"]:
+        assert (optimized / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bedside optimize --checkpoint" in (optimized / "reproduce.sh").read_text()
 
 
 def test_steps_are_recorded(optimized: Path) -> None:
     steps = json.loads((optimized / "steps.json").read_text())
     status = {s["step"]: s["status"] for s in steps}
     assert status["export_onnx_fp32"] == "ok"
-    assert status["quantize_int8"] == "ok"
+    assert status["int8"] == "ok" and status["fp16"] == "ok"
     assert status["tensorrt"] == "skipped"
     assert status["write_report"] == "ok"
 
@@ -59,7 +69,7 @@ def test_failed_step_is_recorded(tiny_model: Path, tiny_data: Path, tmp_path: Pa
         optimize(OptimizeRequest(
             checkpoint=tiny_model / "model.pt", manifest=tiny_model / "manifest.json",
             calibration_dir=tiny_data / "calibration", validation_dir=tmp_path,
-            out_dir=tmp_path / "out", threads=1,
+            out_dir=tmp_path / "out", threads=1, bench=QUICK_BENCH,
         ))
     steps = json.loads((tmp_path / "out" / "steps.json").read_text())
     assert steps[-1]["step"] == "load_validation" and steps[-1]["status"] == "failed"
@@ -73,8 +83,10 @@ def test_nothing_passing_is_a_selection_error(tiny_model: Path, tiny_data: Path,
         optimize(OptimizeRequest(
             checkpoint=tiny_model / "model.pt", manifest=tiny_model / "manifest.json",
             calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
-            out_dir=tmp_path, threads=1, mae_tolerances={"fp32": 0.0, "int8": 0.0},
+            out_dir=tmp_path, threads=1, precisions=("fp32",),
+            mae_tolerances={"fp32": 0.0}, bench=QUICK_BENCH,
         ))
     steps = json.loads((tmp_path / "steps.json").read_text())
     assert steps[-1]["step"] == "select" and steps[-1]["status"] == "failed"
+    assert steps[-1]["detail"].startswith("SelectionError")
     assert not (tmp_path / "repository").exists()

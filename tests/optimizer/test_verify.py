@@ -58,7 +58,7 @@ def test_task_metric_budget_is_enforced() -> None:
     damaged[np.where(labels == 1)[0][:40]] = -5.0  # flip 40 positives into confident negatives
     result = verify("int8", damaged, golden, labels, strict, mae_tolerance=10.0)
     assert not result.passed
-    assert result.auc_delta < -0.001
+    assert result.metric == "auc" and result.metric_delta < -0.001
     assert any("AUC drop" in r for r in result.reasons)
     assert any("agreement" in r for r in result.reasons)
 
