@@ -49,7 +49,14 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def load(path: Path) -> nn.Module:
-    """The model in eval mode, or a CheckpointError that says what is wrong."""
+    """The model in eval mode without gradients, or a CheckpointError saying what is wrong."""
+    model = _load(path)
+    for param in model.parameters():  # inference only; lets TorchScript run in inference_mode
+        param.requires_grad_(False)
+    return model
+
+
+def _load(path: Path) -> nn.Module:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".pt2":

@@ -24,6 +24,8 @@ def export_onnx(model: nn.Module, manifest: Manifest, path: Path) -> Path:
 
     Input and output names come from the manifest so Triton, the gateway and ONNX agree.
     """
+    if not isinstance(model, torch.fx.GraphModule):  # unlifted exported programs have no eval()
+        model.eval()
     sample = torch.zeros((1, *manifest.input.shape), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     noise = io.StringIO()
@@ -34,7 +36,7 @@ def export_onnx(model: nn.Module, manifest: Manifest, path: Path) -> Path:
     try:
         with contextlib.redirect_stdout(noise):
             program = torch.onnx.export(
-                model.eval(),
+                model,
                 (sample,),
                 input_names=[manifest.input.name],
                 output_names=[manifest.output.name],

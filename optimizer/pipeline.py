@@ -8,6 +8,7 @@ nodes only) -> benchmark -> select -> repository -> report. Each step records it
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -209,24 +210,27 @@ class _Optimizer:
         ranked = quantizer.rank_nodes(method, samples, golden, self.session_outputs)
         limit = max(1, int(len(quantizer.nodes) * self.req.recovery_max_fraction))
         attempts: list[dict[str, Any]] = []
-        k = 1
         current = best
-        while k <= min(limit, len(ranked)):
-            kept = [n.node for n in ranked[:k]]
+        for k in _schedule(ranked, limit):
+            kept = [node for group in ranked[:k] for node in group.nodes]
             path = self.out / "variants" / f"model.int8.{method}.recovered.onnx"
             quantizer.quantize(path, method, exclude=kept)
             check = self.check("int8", path)
-            attempts.append({"fp32_nodes": k, "mae": check.mae,
+            attempts.append({"fp32_nodes": len(kept), "mae": check.mae,
                              "metric_delta": check.metric_delta, "agreement": check.agreement,
                              "passed": check.passed})
             current = _Candidate(f"onnx-int8-{method}-recovered", "int8", path, check, {
                 "calibration_method": method, "fp32_nodes": kept, "recovery": attempts,
                 "plain_int8_reasons": list(best.verification.reasons)})
             if check.passed:
-                LOG.info("INT8 recovered with %d of %d nodes in FP32", k, len(quantizer.nodes))
+                LOG.info("INT8 recovered with %d of %d nodes in FP32", len(kept),
+                         len(quantizer.nodes))
                 return current
-            k *= 2
         LOG.info("INT8 recovery stopped at its bound (%d nodes) without passing", limit)
+        if not attempts:  # even the most sensitive group exceeds the bound
+            current = dataclasses.replace(best, details={
+                **best.details, "recovery": [], "fp32_nodes": [],
+                "plain_int8_reasons": list(best.verification.reasons)})
         return current
 
     def run(self) -> OptimizeResult:
@@ -294,6 +298,21 @@ class _Optimizer:
         js, md = _run(log, "write_report", lambda: write_report(self.out, report))
         _write_reproduce(self.out, req)
         return OptimizeResult(report=report, repository=repo, report_json=js, report_md=md)
+
+
+def _schedule(ranked: list[Any], limit: int) -> list[int]:
+    """How many of the most sensitive groups to keep in FP32 at each attempt: doubling, and
+    finally as many as the bound allows."""
+    sizes = np.cumsum([len(g.nodes) for g in ranked])
+    fits = int(np.searchsorted(sizes, limit, side="right"))  # groups whose nodes fit the bound
+    steps = []
+    k = 1
+    while k < fits:
+        steps.append(k)
+        k *= 2
+    if fits:
+        steps.append(fits)
+    return steps
 
 
 def select(variants: list[VariantResult], objective: str, slo_ms: float) -> VariantResult:

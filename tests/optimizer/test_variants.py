@@ -43,6 +43,20 @@ def test_fp16_keeps_fp32_io_and_stays_close(fp32: Path, tmp_path: Path) -> None:
     assert float(np.abs(a - b).mean()) < 1e-2
 
 
+def test_rank_groups_bound_the_number_of_probes(fp32: Path, tmp_path: Path) -> None:
+    calib = np.random.default_rng(2).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    q = Int8Quantizer(fp32, tmp_path, "image", calib)
+    calls: list[Path] = []
+
+    def run(p: Path, x: np.ndarray) -> np.ndarray:
+        calls.append(p)
+        return run_onnx(onnx_session(p, 1), x)
+
+    ranked = q.rank_nodes("minmax", calib, np.zeros((2, 1), np.float32), run, max_probes=8)
+    assert len(calls) <= 8 and len(ranked) <= 8
+    assert max(len(r.nodes) for r in ranked) == -(-len(q.nodes) // 8)
+
+
 def test_rank_nodes_orders_by_error(fp32: Path, tiny_model: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     calib = rng.normal(size=(6, 1, 64, 64)).astype(np.float32)
@@ -51,10 +65,10 @@ def test_rank_nodes_orders_by_error(fp32: Path, tiny_model: Path, tmp_path: Path
     ranked = q.rank_nodes("minmax", calib[:4], golden,
                           lambda p, x: run_onnx(onnx_session(p, 1), x))
     assert ranked and all(a.mae >= b.mae for a, b in itertools.pairwise(ranked))
-    assert {r.node for r in ranked} <= {name for name, _ in q.nodes}
+    assert {n for r in ranked for n in r.nodes} <= {name for name, _ in q.nodes}
     assert ranked[0].mae > ranked[-1].mae
-    # the recorded figure is what quantizing that node alone does to the output
-    alone = q.quantize(tmp_path / "alone.onnx", "minmax", only=[ranked[0].node])
+    # the recorded figure is what quantizing that group alone does to the output
+    alone = q.quantize(tmp_path / "alone.onnx", "minmax", only=list(ranked[0].nodes))
     err = float(np.abs(run_onnx(onnx_session(alone, 1), calib[:4]) - golden).mean())
     assert err == pytest.approx(ranked[0].mae, rel=1e-5)
 
@@ -76,11 +90,11 @@ def test_int8_recovery_turns_a_failing_variant_into_a_passing_one(
         checkpoint=tiny_model / "model.pt", manifest=tiny_model / "manifest.json",
         calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
         out_dir=tmp_path / "rec", threads=1, precisions=("fp32", "int8"),
-        calibration_methods=("minmax",), mae_tolerances={"int8": plain_mae * 0.5},
+        calibration_methods=("minmax",), mae_tolerances={"int8": plain_mae * 0.7},
         bench=QUICK_BENCH))
     int8 = result.report["variants"][1]
     assert int8["name"] == "onnx-int8-minmax-recovered"
-    assert int8["verdict"] == "pass" and int8["mae"] < plain_mae * 0.5
+    assert int8["verdict"] == "pass" and int8["mae"] < plain_mae * 0.7
     kept = int8["details"]["fp32_nodes"]
     assert len(kept) >= 1 and int8["details"]["recovery"][-1]["passed"]
     assert any("MAE" in r for r in int8["details"]["plain_int8_reasons"])
@@ -97,7 +111,9 @@ def test_int8_recovery_bound_is_respected(tiny_model: Path, tiny_data: Path,
         recovery_max_fraction=0.02, bench=QUICK_BENCH))
     int8 = result.report["variants"][1]
     assert int8["verdict"] == "fail"
-    assert len(int8["details"]["recovery"]) == 1  # bound: a single node kept at most
+    # bound: 2% of ~70 nodes is one node, less than the smallest probe group of two
+    assert int8["details"]["recovery"] == [] and int8["details"]["fp32_nodes"] == []
+    assert "MAE" in int8["reasons"][0]
     assert result.report["selected"] == "onnx-fp32"
 
 
