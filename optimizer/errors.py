@@ -37,3 +37,7 @@ class QuantizationError(BedsideError):
 
 class SelectionError(BedsideError):
     """No variant passed verification, so nothing can be deployed."""
+
+
+class TuneError(BedsideError):
+    """Tuning could not run, or found no configuration within the latency budget."""

@@ -18,6 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from optimizer.errors import BedsideError
+from services.errors import ConfigError
 
 if TYPE_CHECKING:
     from services.gateway.config import GatewayConfig
@@ -91,6 +92,21 @@ def _parser() -> argparse.ArgumentParser:
     ref.add_argument("--calibration", type=int, default=32)
     ref.add_argument("--validation", type=int, default=64)
 
+    tun = sub.add_parser("tune", help="sweep Triton's batching and instance settings and "
+                         "write the best config.pbtxt")
+    tun.add_argument("--repository", type=Path, required=True)
+    tun.add_argument("--model", required=True)
+    tun.add_argument("--out", type=Path, default=None, help="default: ./tune-<model>")
+    tun.add_argument("--triton-url", default=None,
+                     help="a Triton in explicit model-control mode; default: start one here")
+    tun.add_argument("--triton-env", type=Path, default=None)
+    tun.add_argument("--latency-budget-ms", type=float, default=None,
+                     help="p95 budget (default: the manifest's latency_slo_ms)")
+    tun.add_argument("--concurrency", default="1,4,8")
+    tun.add_argument("--queue-delays-us", default="0,500,2000")
+    tun.add_argument("--instances", default="1,2")
+    tun.add_argument("--seconds", type=float, default=2.0, help="per measured point")
+
     srv = sub.add_parser("serve", help="run Triton and the gateway on a model repository")
     gw = sub.add_parser("gateway", help="run the gateway against a running Triton")
     for cmd in (srv, gw):
@@ -132,6 +148,41 @@ def _run_until_interrupted(args: argparse.Namespace, triton_url: str) -> None:
         LOG.info("stopping")
     finally:
         gateway.stop()
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from optimizer.tune import Grid, tune
+    from services.net import free_port
+    from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
+
+    grid = Grid(queue_delays_us=_ints(args.queue_delays_us), instances=_ints(args.instances),
+                concurrencies=_ints(args.concurrency))
+    repo = args.repository.absolute()
+    out = (args.out or Path(f"tune-{args.model}")).absolute()
+    triton = None
+    url = args.triton_url
+    if url is None:
+        install = TritonInstall.discover(args.triton_env or _default_triton_env())
+        triton = TritonServer(install, repo, out / "triton",
+                              TritonPorts(free_port(), free_port(), free_port()),
+                              explicit_models=True)
+        triton.start()
+        url = triton.grpc_url
+    try:
+        result = tune(url, repo, args.model, grid, args.seconds, args.latency_budget_ms, out)
+    finally:
+        if triton is not None:
+            triton.stop()
+    print((out / "tune.md").read_text(encoding="utf-8"))
+    print(f"wrote {repo / args.model / 'config.pbtxt'} ({result['chosen']})")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -184,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             result = optimize(request)
             print(result.report_md.read_text(encoding="utf-8"))
             return 0
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "reference":
             from optimizer.reference import write_reference
 

@@ -92,9 +92,10 @@ class TritonServer:
 
     def __init__(
         self, install: TritonInstall, repository: Path, workdir: Path, ports: TritonPorts,
-        host: str = "127.0.0.1",
+        host: str = "127.0.0.1", explicit_models: bool = False,
     ) -> None:
         self._install = install
+        self._explicit = explicit_models  # models loaded through the API (bedside tune)
         self._repository = repository
         self._workdir = workdir
         self.ports = ports
@@ -138,6 +139,8 @@ class TritonServer:
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
             "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
         ]
+        if self._explicit:
+            args.append("--model-control-mode=explicit")
         LOG.info("starting tritonserver (grpc %s)", self.grpc_url)
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
