@@ -46,6 +46,8 @@ class _DropNoise(logging.Filter):
     (those are quantized per-tensor) and prints calibration chatter; neither is actionable."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:  # "Created a copy of bias input ...", per tensor
+            return False
         return "is out-of-range for weight" not in record.getMessage()
 
 

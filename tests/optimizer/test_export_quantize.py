@@ -42,8 +42,22 @@ class _DataDependent(nn.Module):
 
 
 def test_unexportable_model_raises_export_error(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="ONNX export failed"):
+    with pytest.raises(ExportError, match="torch.export could not capture the model"):
         export_onnx(_DataDependent(), TINY_MANIFEST, tmp_path / "bad.onnx")
+
+
+class _NoOnnxOperator(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.linalg.eigvals(x[0, 0, :4, :4]).real.sum()  # no ONNX translation exists
+        return x.mean(dim=(2, 3)) + y
+
+
+def test_operator_without_onnx_form_is_named_with_its_source_line(tmp_path: Path) -> None:
+    with pytest.raises(ExportError) as info:
+        export_onnx(_NoOnnxOperator(), TINY_MANIFEST, tmp_path / "bad.onnx")
+    message = str(info.value)
+    assert "operator aten.linalg_eig has no ONNX translation" in message
+    assert "test_export_quantize.py" in message and "torch.linalg.eigvals" in message
 
 
 def test_int8_is_qdq_per_channel_and_close(fp32: Path, tmp_path: Path) -> None:
