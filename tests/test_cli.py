@@ -26,7 +26,8 @@ def test_quick_demo_runs_everything_and_prints_findings(tmp_path: Path) -> None:
     assert len(re.findall(r"C-STORE study, instance \d: lesion=", out)) == 2
     assert re.search(r"REST image: lesion=(POSITIVE|negative) \(score 0\.\d+", out)
     assert out.count("latency ms: gateway overhead") == 3
-    assert "| onnx-int8 | int8 |" in out
+    assert "| onnx-fp32 | fp32 |" in out and "| onnx-fp16 | fp16 |" in out
+    assert re.search(r"\| onnx-int8-(minmax|percentile|entropy)(-recovered)? \| int8 \|", out)
     assert (tmp_path / "demo" / "report.json").is_file()
     # everything it started is gone: no tritonserver left behind from this run
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
