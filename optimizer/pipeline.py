@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shlex
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from optimizer import checkpoint
 from optimizer.benchmark import (
@@ -272,7 +274,8 @@ class _Optimizer:
         baseline = _run(log, "benchmark_pytorch",
                         lambda: profile_torch(self.model, sample, req.threads, req.bench))
         variants: list[VariantResult] = []
-        for cand in candidates:
+        for cand in tqdm(candidates, desc="benchmark", unit="variant", leave=False,
+                         disable=not sys.stderr.isatty()):
             def bench(cand: _Candidate = cand) -> VariantResult:
                 prof = profile_onnx(cand.path, sample, req.threads, req.bench)
                 return VariantResult(

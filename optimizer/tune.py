@@ -151,7 +151,30 @@ def tune(url: str, repository: Path, model: str, grid: Grid, duration_s: float,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tune.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out_dir / "tune.md").write_text(render(result), encoding="utf-8")
+    plot(result, out_dir / "throughput_vs_concurrency.png")
     return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in result["sweep"]:
+        label = (f"delay {r['max_queue_delay_us']}us, pref {list(r['preferred_batch_sizes'])}, "
+                 f"x{r['instances']}")
+        series.setdefault(label, []).append((r["concurrency"], r["throughput"]))
+    for label, points in series.items():
+        ax.plot(*zip(*sorted(points), strict=True), marker="o", label=label)
+    ax.set(xlabel="concurrent clients", ylabel="throughput (inferences/s)",
+           title=f"{result['model']}: throughput vs concurrency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -171,5 +194,6 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", f"Chosen: queue delay {c['max_queue_delay_us']} us, preferred batch sizes "
               f"{list(c['preferred_batch_sizes']) or 'none'}, {c['instances']} instance(s): "
               f"{result['best']['throughput']:.1f}/s at concurrency "
-              f"{result['best']['concurrency']} (p95 {result['best']['p95_ms']:.2f} ms).", ""]
+              f"{result['best']['concurrency']} (p95 {result['best']['p95_ms']:.2f} ms).", "",
+              "![throughput vs concurrency](throughput_vs_concurrency.png)", ""]
     return "\n".join(lines)

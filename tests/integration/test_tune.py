@@ -52,6 +52,8 @@ def test_tune_sweeps_and_writes_the_best_config(explicit_triton: tuple[Path, str
     saved = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert saved["chosen"]["max_queue_delay_us"] == best["max_queue_delay_us"]
     assert "| 2000 |" in (tmp_path / "tune" / "tune.md").read_text()
+    png = (tmp_path / "tune" / "throughput_vs_concurrency.png").read_bytes()
+    assert png[:4] == b"\x89PNG"
 
 
 def test_impossible_budget_is_a_tune_error(explicit_triton: tuple[Path, str],
