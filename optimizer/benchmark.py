@@ -127,10 +127,10 @@ def sweep(make_call: Callable[[int], Callable[[], object]], opts: BenchOptions) 
 def profile_onnx(path: Path, sample: np.ndarray, threads: int, opts: BenchOptions) -> Profile:
     with PeakMemory() as mem:
         session = onnx_session(path, threads)
-        name = session.get_inputs()[0].name
+        name, dtype = session.get_inputs()[0].name, input_dtype(session)
 
         def make(batch: int) -> Callable[[], object]:
-            x = np.ascontiguousarray(np.repeat(sample[:1], batch, axis=0))
+            x = np.ascontiguousarray(np.repeat(sample[:1], batch, axis=0).astype(dtype))
             return lambda: session.run(None, {name: x})
 
         points = sweep(make, opts)
@@ -159,9 +159,14 @@ def onnx_session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def input_dtype(session: ort.InferenceSession) -> type[np.floating]:
+    """float16 for variants converted with FP16 I/O, else float32."""
+    return np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+
+
 def run_onnx(session: ort.InferenceSession, inputs: np.ndarray, batch: int = 32) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    parts = [session.run(None, {name: inputs[i : i + batch]})[0]
+    name, dtype = session.get_inputs()[0].name, input_dtype(session)
+    parts = [session.run(None, {name: inputs[i : i + batch].astype(dtype)})[0]
              for i in range(0, len(inputs), batch)]
     return np.concatenate(parts).astype(np.float32)
 

@@ -65,6 +65,7 @@ class OptimizeRequest:
     calibration_limit: int = 64
     # Per-precision MAE ceilings overriding optimizer.verify.MAE_TOLERANCE, e.g. {"int8": 0.1}.
     mae_tolerances: dict[str, float] = field(default_factory=dict)
+    fp16_io: str = "fp32"  # "fp16": the FP16 variant also takes and returns FP16 tensors
     recovery: bool = True
     recovery_max_fraction: float = 0.5  # keep at most this share of nodes in FP32
     objective: str = "latency"
@@ -80,6 +81,8 @@ class OptimizeRequest:
             raise ValueError(f"calibration methods come from {sorted(METHODS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}")
+        if self.fp16_io not in ("fp32", "fp16"):
+            raise ValueError("fp16_io must be fp32 or fp16")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}")
 
@@ -93,7 +96,7 @@ class OptimizeRequest:
             "--out", str(self.out_dir.absolute()), "--threads", str(self.threads),
             "--precisions", ",".join(self.precisions),
             "--calibration-methods", ",".join(self.calibration_methods),
-            "--objective", self.objective, "--target", self.target,
+            "--objective", self.objective, "--target", self.target, "--fp16-io", self.fp16_io,
             *(["--no-recovery"] if not self.recovery else []),
             *[arg for p, t in sorted(self.mae_tolerances.items())
               for arg in ("--mae-tolerance", f"{p}={t}")],
@@ -257,9 +260,11 @@ class _Optimizer:
             "onnx-fp32", "fp32", fp32_path, self.check("fp32", fp32_path)))]
         if "fp16" in req.precisions:
             def fp16() -> _Candidate:
-                path = convert_fp16(fp32_path, self.out / "variants" / "model.fp16.onnx")
+                path = convert_fp16(fp32_path, self.out / "variants" / "model.fp16.onnx",
+                                    keep_io_types=req.fp16_io == "fp32")
                 return _Candidate("onnx-fp16", "fp16", path, self.check("fp16", path),
-                                  {"io": "fp32", "fp32_ops": "normalisation, exp/log, reductions"})
+                                  {"io": req.fp16_io,
+                                   "fp32_ops": "normalisation, exp/log, reductions"})
             candidates.append(_run(log, "fp16", fp16))
         else:
             log.skipped("fp16", "not requested")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -39,12 +40,19 @@ class ServingOptions:
     warmup_runs: int = 3
 
 
+def io_type(onnx_path: Path) -> int:
+    """Triton's data type for the model's I/O: FP16 for FP16-I/O variants, else FP32."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    half = graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    return int(mc.TYPE_FP16 if half else mc.TYPE_FP32)
+
+
 def model_config(manifest: Manifest, options: ServingOptions, precision: str,
-                 target: str = "cpu") -> mc.ModelConfig:
+                 target: str = "cpu", data_type: int = mc.TYPE_FP32) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=manifest.name, max_batch_size=options.max_batch_size)
-    cfg.input.add(name=manifest.input.name, data_type=mc.TYPE_FP32,
+    cfg.input.add(name=manifest.input.name, data_type=data_type,
                   dims=list(manifest.input.shape))
-    cfg.output.add(name=manifest.output.name, data_type=mc.TYPE_FP32,
+    cfg.output.add(name=manifest.output.name, data_type=data_type,
                    dims=list(manifest.output_shape))
     if options.max_queue_delay_us > 0 or options.preferred_batch_sizes:
         cfg.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
@@ -53,7 +61,7 @@ def model_config(manifest: Manifest, options: ServingOptions, precision: str,
     cfg.version_policy.latest.num_versions = 1
     # Warm-up at load: the first clinical request must not pay a first-run cost.
     warmup = cfg.model_warmup.add(name="zeros", batch_size=1, count=options.warmup_runs)
-    warmup.inputs[manifest.input.name].data_type = mc.TYPE_FP32
+    warmup.inputs[manifest.input.name].data_type = data_type
     warmup.inputs[manifest.input.name].dims.extend(manifest.input.shape)
     warmup.inputs[manifest.input.name].zero_data = True
     cfg.parameters["bedside_precision"].string_value = precision
@@ -75,6 +83,29 @@ def model_config(manifest: Manifest, options: ServingOptions, precision: str,
     else:
         raise ValueError(f"unknown target {target!r}")
     return cfg
+
+
+def _write_engine_script(model_dir: Path, manifest: Manifest, options: ServingOptions,
+                         precision: str) -> None:
+    """trtexec commands that build TensorRT plans from this version's ONNX on the target GPU
+    node (engines are specific to the TensorRT version and GPU model, so they are built there,
+    by the chart's engine-build job). Not run here: no TensorRT on these machines."""
+    shape = "x".join(str(d) for d in manifest.input.shape)
+    name = manifest.input.name
+    shapes = (f"--minShapes={name}:1x{shape} --optShapes={name}:"
+              f"{max(options.preferred_batch_sizes, default=1)}x{shape} "
+              f"--maxShapes={name}:{options.max_batch_size}x{shape}")
+    # INT8 comes from the QDQ graph (explicit quantization: calibration already happened, on
+    # CPU, in bedside optimize); FP16 from the FP32 graph.
+    flags = "--int8 --fp16" if precision == "int8" else "--fp16"
+    script = model_dir / "build_tensorrt_engines.sh"
+    script.write_text(
+        "#!/bin/sh\n# Build the TensorRT plan on the GPU node that will serve it (untested here:\n"
+        "# no TensorRT on the development machines).\nset -e\n"
+        'V=${1:?usage: build_tensorrt_engines.sh VERSION}\n'
+        f'trtexec --onnx="$V/model.onnx" {flags} {shapes} --saveEngine="$V/model.plan"\n',
+        encoding="utf-8")
+    script.chmod(0o755)
 
 
 def next_version(model_dir: Path) -> int:
@@ -99,7 +130,9 @@ def write_repository(
         backend = resources.files("optimizer.triton_backend").joinpath("model.py")
         (version_dir / "model.py").write_text(backend.read_text(encoding="utf-8"),
                                               encoding="utf-8")
-    cfg = model_config(manifest, options, precision, target)
+    cfg = model_config(manifest, options, precision, target, io_type(onnx_path))
+    if target == "gpu":
+        _write_engine_script(model_dir, manifest, options, precision)
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg), encoding="utf-8")
     dataclasses.replace(manifest, version=version).save(model_dir / MANIFEST_FILE)
     return model_dir, version

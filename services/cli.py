@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                      choices=["latency", "throughput", "throughput-within-slo"])
     opt.add_argument("--target", default="cpu", choices=["cpu", "gpu"],
                      help="cpu: python backend + ONNX Runtime; gpu: onnxruntime + TensorRT")
+    opt.add_argument("--fp16-io", default="fp32", choices=["fp32", "fp16"],
+                     help="I/O of the FP16 variant (fp32 keeps callers unchanged)")
     opt.add_argument("--no-recovery", action="store_true",
                      help="do not keep sensitive nodes in FP32 when INT8 misses the budget")
     opt.add_argument("--mae-tolerance", action="append", default=[], metavar="PRECISION=MAE",
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     calibration_methods=tuple(args.calibration_methods.split(",")),
                     objective=args.objective, target=args.target,
                     recovery=not args.no_recovery, mae_tolerances=tolerances,
+                    fp16_io=args.fp16_io,
                 )
             except ValueError as exc:
                 print(f"bedside: error: {exc}", file=sys.stderr)

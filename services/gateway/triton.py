@@ -27,6 +27,7 @@ class TritonInferer:
         self._input = input_name
         self._output = output_name
         self._timeout = timeout_s
+        self._datatype: str | None = None  # from Triton's model metadata, on first use
 
     @property
     def model(self) -> str:
@@ -38,10 +39,24 @@ class TritonInferer:
         except InferenceServerException:
             return False
 
+    def _input_datatype(self) -> str:
+        """FP32, or FP16 for FP16-I/O variants: what the served model declares."""
+        if self._datatype is None:
+            meta = self._client.get_model_metadata(self._model, as_json=True,
+                                                   client_timeout=self._timeout)
+            declared = {i["name"]: i["datatype"] for i in meta.get("inputs", [])}
+            if self._input not in declared:
+                raise InferenceFailed(f"model has no input named {self._input!r}",
+                                      "model_metadata")
+            self._datatype = declared[self._input]
+        return self._datatype
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        tensor = grpcclient.InferInput(self._input, list(batch.shape), "FP32")
-        tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         try:
+            datatype = self._input_datatype()
+            dtype = np.float16 if datatype == "FP16" else np.float32
+            tensor = grpcclient.InferInput(self._input, list(batch.shape), datatype)
+            tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=dtype))
             result = self._client.infer(
                 self._model, [tensor],
                 outputs=[grpcclient.InferRequestedOutput(self._output)],
@@ -59,7 +74,7 @@ class TritonInferer:
         if out is None or out.shape[0] != batch.shape[0]:
             raise InferenceFailed("inference server returned no usable output",
                                   "triton_empty_output")
-        return np.asarray(out)
+        return np.asarray(out, dtype=np.float32)
 
     def close(self) -> None:
         self._client.close()

@@ -155,3 +155,5 @@ def test_gpu_target_config_and_new_versions(fp32: Path, tmp_path: Path) -> None:
     assert (v1, v2) == (1, 2) and (model_dir / "1" / "model.py").exists()
     assert not (model_dir / "2" / "model.py").exists()  # gpu: onnxruntime backend, no python
     assert json.loads((model_dir / "manifest.json").read_text())["version"] == 2
+    script = (model_dir / "build_tensorrt_engines.sh").read_text()
+    assert "trtexec" in script and "--fp16" in script and "--maxShapes=image:8x1x64x64" in script
