@@ -11,7 +11,6 @@ assemble series into volumes).
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ import torch
 from optimizer import checkpoint
 from optimizer.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
 from optimizer.synthetic import (
-    LABELS_FILE,
     SynthConfig,
     write_labelled_set,
+    write_labels,
     write_segmentation_set,
 )
 
@@ -85,10 +84,7 @@ def _write_volumes(out_dir: Path, count: int, side: int, seed: int) -> None:
         np.save(out_dir / f"vol{i:04d}.npy", vol[None])
         np.save(out_dir / f"vol{i:04d}.mask.npy", mask[None])
         rows.append((f"vol{i:04d}.npy", f"vol{i:04d}.mask.npy"))
-    with (out_dir / LABELS_FILE).open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["file", "mask"])
-        writer.writerows(rows)
+    write_labels(out_dir, ("file", "mask"), rows)
 
 
 def write_reference(name: str, out: Path, side: int | None = None, calibration: int = 32,

@@ -13,6 +13,7 @@ import csv
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -30,6 +31,14 @@ class SynthConfig:
     noise: float = 0.035
     lesion_contrast: tuple[float, float] = (0.08, 0.20)
     lesion_sigma: tuple[float, float] = (5.0, 10.0)
+
+
+def write_labels(out_dir: Path, header: tuple[str, str], rows: list[tuple[str, Any]]) -> None:
+    """The labels.csv that optimizer.dataset reads beside the files it lists."""
+    with (out_dir / LABELS_FILE).open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def radiograph(rng: np.random.Generator, lesion: bool, cfg: SynthConfig) -> np.ndarray:
@@ -143,10 +152,7 @@ def write_labelled_set(
         name = f"img{i:05d}.dcm"
         ds.save_as(out_dir / name, enforce_file_format=True)
         rows.append((name, label))
-    with (out_dir / LABELS_FILE).open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["file", "label"])
-        writer.writerows(rows)
+    write_labels(out_dir, ("file", "label"), rows)
     return rows
 
 
@@ -166,10 +172,7 @@ def write_segmentation_set(
             out_dir / f"{name}.dcm", enforce_file_format=True)
         np.save(out_dir / f"{name}.mask.npy", mask[None])
         rows.append((f"{name}.dcm", f"{name}.mask.npy"))
-    with (out_dir / LABELS_FILE).open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["file", "mask"])
-        writer.writerows(rows)
+    write_labels(out_dir, ("file", "mask"), rows)
 
 
 def write_study(
