@@ -176,15 +176,3 @@ def run_torch(model: nn.Module, inputs: np.ndarray, batch: int = 32) -> np.ndarr
         parts = [model(torch.from_numpy(inputs[i : i + batch])).numpy()
                  for i in range(0, len(inputs), batch)]
     return np.concatenate(parts).astype(np.float32)
-
-
-def bench_torch(model: nn.Module, sample: np.ndarray, threads: int) -> Latency:
-    torch.set_num_threads(threads)
-    x = torch.from_numpy(sample)
-    with torch.inference_mode():
-        return time_calls(lambda: model(x))
-
-
-def bench_onnx(session: ort.InferenceSession, sample: np.ndarray) -> Latency:
-    name = session.get_inputs()[0].name
-    return time_calls(lambda: session.run(None, {name: sample}))

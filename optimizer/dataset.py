@@ -79,15 +79,35 @@ def load_labelled(folder: Path, manifest: Manifest, limit: int | None = None) ->
                 labels.append(np.asarray(int(row["label"])))
             else:
                 labels.append(_load_mask(folder / row["mask"], manifest))
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
             raise DatasetError(f"{table}, row {i + 2}: {exc}") from exc
         except (OSError, PreprocessError, pydicom.errors.InvalidDicomError) as exc:
             raise DatasetError(f"{folder / row.get('file', '?')}: {exc}") from exc
     stacked = np.stack(labels)
     if column == "label":
+        classes = len(manifest.output.labels) if manifest.output.activation == "softmax" else 2
         found = set(np.unique(stacked).tolist())
-        if found - {0, 1}:
-            raise DatasetError(f"{table}: labels must be 0 or 1")
-        if found != {0, 1}:
-            raise DatasetError(f"{table}: needs both positive (1) and negative (0) examples")
+        if found - set(range(classes)):
+            raise DatasetError(f"{table}: labels must lie in 0..{classes - 1}")
+        if len(found) < 2:
+            raise DatasetError(f"{table}: needs examples of at least two classes")
     return LabelledSet(inputs=inputs, labels=stacked)
+
+
+def load_inputs(folder: Path, manifest: Manifest, limit: int | None = None) -> np.ndarray:
+    """Inputs only (calibration needs no labels): the files listed in labels.csv when there is
+    one, else every .dcm / .npy file in the folder, in name order."""
+    table = folder / LABELS_FILE
+    if table.is_file():
+        with table.open(newline="", encoding="utf-8") as fh:
+            names = [row.get("file") or "" for row in csv.DictReader(fh)]
+    else:
+        names = sorted(p.name for p in folder.glob("*") if p.suffix in (".dcm", ".npy")
+                       and not p.name.endswith(".mask.npy"))
+    names = names[:limit] if limit is not None else names
+    if not names or not all(names):
+        raise DatasetError(f"{folder}: no input files (or a labels.csv row without a file)")
+    try:
+        return np.stack([_load_input(folder / n, manifest) for n in names])
+    except (OSError, PreprocessError, pydicom.errors.InvalidDicomError) as exc:
+        raise DatasetError(f"{folder}: {exc}") from exc

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,8 +37,14 @@ from optimizer.benchmark import (
     run_onnx,
     run_torch,
 )
-from optimizer.dataset import LabelledSet, load_labelled
-from optimizer.errors import SelectionError
+from optimizer.dataset import LabelledSet, load_inputs, load_labelled
+from optimizer.errors import (
+    BedsideError,
+    CheckpointError,
+    ManifestError,
+    QuantizationError,
+    SelectionError,
+)
 from optimizer.export import export_onnx
 from optimizer.fp16 import convert_fp16
 from optimizer.manifest import Manifest
@@ -81,6 +88,13 @@ class OptimizeRequest:
             raise ValueError(f"calibration methods come from {sorted(METHODS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}")
+        if set(self.mae_tolerances) - set(PRECISIONS):
+            raise ValueError(f"MAE tolerances are for {PRECISIONS}, not "
+                             f"{sorted(set(self.mae_tolerances) - set(PRECISIONS))}")
+        if self.threads < 1 or self.calibration_limit < 1:
+            raise ValueError("threads and calibration_limit must be >= 1")
+        if not 0.0 < self.recovery_max_fraction <= 1.0:
+            raise ValueError("recovery_max_fraction must lie in (0, 1]")
         if self.fp16_io not in ("fp32", "fp16"):
             raise ValueError("fp16_io must be fp32 or fp16")
         if self.target not in TARGETS:
@@ -97,6 +111,8 @@ class OptimizeRequest:
             "--precisions", ",".join(self.precisions),
             "--calibration-methods", ",".join(self.calibration_methods),
             "--objective", self.objective, "--target", self.target, "--fp16-io", self.fp16_io,
+            "--calibration-limit", str(self.calibration_limit),
+            "--recovery-max-fraction", str(self.recovery_max_fraction),
             *(["--no-recovery"] if not self.recovery else []),
             *[arg for p, t in sorted(self.mae_tolerances.items())
               for arg in ("--mae-tolerance", f"{p}={t}")],
@@ -129,6 +145,11 @@ class StepLog:
             raise
         self._record(name, "ok", start, None)
 
+    def not_ok(self) -> list[dict[str, str]]:
+        """Steps that were skipped or failed, with why: what the report says was not built."""
+        return [{"name": s["step"], "status": s["status"], "reason": s["detail"] or ""}
+                for s in self._steps if s["status"] != "ok"]
+
     def skipped(self, name: str, why: str) -> None:
         LOG.info("step %s skipped: %s", name, why)
         self._steps.append({"step": name, "status": "skipped", "seconds": 0.0, "detail": why})
@@ -146,6 +167,16 @@ class StepLog:
 def _run(log: StepLog, name: str, fn: Callable[[], T]) -> T:
     with log.step(name):
         return fn()
+
+
+def _optional(log: StepLog, name: str, fn: Callable[[], T]) -> T | None:
+    """A variant that cannot be built is reported and left out; the others go on."""
+    try:
+        with log.step(name):
+            return fn()
+    except BedsideError as exc:
+        LOG.warning("variant step %s failed: %s", name, exc)
+        return None
 
 
 def sha256_of(path: Path) -> str:
@@ -173,44 +204,61 @@ class _Optimizer:
     def __init__(self, req: OptimizeRequest) -> None:
         self.req = req
         self.out = req.out_dir
-        (self.out / "variants").mkdir(parents=True, exist_ok=True)
-        self.log = StepLog(self.out / "steps.json")
+        self.out.mkdir(parents=True, exist_ok=True)
         self.manifest: Manifest
         self.model: nn.Module
         self.validation: LabelledSet
-        self.calibration: LabelledSet
+        self.calibration: np.ndarray
         self.golden: np.ndarray
+        for stale in ("variants", "report.json", "report.md", "steps.json", "reproduce.sh",
+                      "latency_vs_batch.png", "accuracy_vs_speed.png"):
+            target = self.out / stale  # never mix this run's results with an earlier one's
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        (self.out / "variants").mkdir(parents=True)
+        self.log = StepLog(self.out / "steps.json")
 
     def session_outputs(self, path: Path, inputs: np.ndarray) -> np.ndarray:
         return run_onnx(onnx_session(path, self.req.threads), inputs)
 
     def check(self, precision: str, path: Path) -> Verification:
-        outputs = self.session_outputs(path, self.validation.inputs)
+        try:
+            outputs = self.session_outputs(path, self.validation.inputs)
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            raise QuantizationError(f"{path.name} does not run in ONNX Runtime: {exc}") from exc
         return verify(precision, outputs, self.golden, self.validation.labels, self.manifest,
                       mae_tolerance=self.req.mae_tolerances.get(precision))
 
     def int8(self, fp32_path: Path) -> _Candidate:
         quantizer = Int8Quantizer(fp32_path, self.out / "variants" / "int8-work",
-                                  self.manifest.input.name, self.calibration.inputs)
+                                  self.manifest.input.name, self.calibration)
         tried: list[_Candidate] = []
         for method in self.req.calibration_methods:
             path = self.out / "variants" / f"model.int8.{method}.onnx"
             quantizer.quantize(path, method)
             tried.append(_Candidate(f"onnx-int8-{method}", "int8", path,
                                     self.check("int8", path), {"calibration_method": method}))
+        trials = [{"calibration_method": c.details["calibration_method"],
+                   "mae": c.verification.mae, "metric_delta": c.verification.metric_delta,
+                   "agreement": c.verification.agreement, "passed": c.verification.passed}
+                  for c in tried]
         passing = [c for c in tried if c.verification.passed]
         if passing:
-            return min(passing, key=lambda c: c.verification.mae)
-        best = max(tried, key=lambda c: (c.verification.agreement, -c.verification.mae))
-        if not self.req.recovery:
-            return best
-        return self.recover(quantizer, best)
+            chosen = min(passing, key=lambda c: c.verification.mae)
+        else:
+            chosen = max(tried, key=lambda c: (c.verification.agreement, -c.verification.mae))
+            if self.req.recovery:
+                chosen = self.recover(quantizer, chosen)
+        chosen.details["calibration_trials"] = trials
+        return chosen
 
     def recover(self, quantizer: Int8Quantizer, best: _Candidate) -> _Candidate:
         """Keep the nodes that contribute most error in FP32, doubling their number until the
         budget holds or ``recovery_max_fraction`` of the graph would stay in FP32."""
         method = best.details["calibration_method"]
-        samples = self.calibration.inputs[:16]
+        samples = self.calibration[:16]
         golden = run_torch(self.model, samples)
         ranked = quantizer.rank_nodes(method, samples, golden, self.session_outputs)
         limit = max(1, int(len(quantizer.nodes) * self.req.recovery_max_fraction))
@@ -238,6 +286,23 @@ class _Optimizer:
                 "plain_int8_reasons": list(best.verification.reasons)})
         return current
 
+    def _golden(self) -> np.ndarray:
+        out = self.manifest.output
+        if self.manifest.task == "classification" and len(out.labels) > 1 \
+                and out.activation != "softmax":
+            raise ManifestError("multi-label sigmoid outputs need one label column each; "
+                                "labels.csv has one: use softmax with class indices")
+        try:
+            golden = run_torch(self.model, self.validation.inputs)
+        except RuntimeError as exc:
+            raise CheckpointError(f"the model fails on inputs of shape "
+                                  f"{self.manifest.input.shape}: {exc}") from exc
+        if golden.shape[1:] != self.manifest.output_shape:
+            raise ManifestError(
+                f"the model outputs {golden.shape[1:]} per item; the manifest's "
+                f"{len(self.manifest.output.labels)} label(s) imply {self.manifest.output_shape}")
+        return golden
+
     def run(self) -> OptimizeResult:
         req, log = self.req, self.log
         torch.set_num_threads(req.threads)
@@ -245,14 +310,13 @@ class _Optimizer:
         self.model = _run(log, "load_checkpoint", lambda: checkpoint.load(req.checkpoint))
         self.validation = _run(log, "load_validation",
                                lambda: load_labelled(req.validation_dir, self.manifest))
-        self.calibration = _run(log, "load_calibration", lambda: load_labelled(
+        self.calibration = _run(log, "load_calibration", lambda: load_inputs(
             req.calibration_dir, self.manifest, limit=req.calibration_limit))
         inputs = _run(log, "hash_inputs", lambda: {
             "checkpoint": sha256_of(req.checkpoint), "manifest": sha256_of(req.manifest),
             "calibration": sha256_of(req.calibration_dir),
             "validation": sha256_of(req.validation_dir)})
-        self.golden = _run(log, "golden_outputs",
-                           lambda: run_torch(self.model, self.validation.inputs))
+        self.golden = _run(log, "golden_outputs", self._golden)
 
         fp32_path = self.out / "variants" / "model.fp32.onnx"
         _run(log, "export_onnx_fp32", lambda: export_onnx(self.model, self.manifest, fp32_path))
@@ -265,11 +329,13 @@ class _Optimizer:
                 return _Candidate("onnx-fp16", "fp16", path, self.check("fp16", path),
                                   {"io": req.fp16_io,
                                    "fp32_ops": "normalisation, exp/log, reductions"})
-            candidates.append(_run(log, "fp16", fp16))
+            if (half := _optional(log, "fp16", fp16)) is not None:
+                candidates.append(half)
         else:
             log.skipped("fp16", "not requested")
         if "int8" in req.precisions:
-            candidates.append(_run(log, "int8", lambda: self.int8(fp32_path)))
+            if (int8 := _optional(log, "int8", lambda: self.int8(fp32_path))) is not None:
+                candidates.append(int8)
         else:
             log.skipped("int8", "not requested")
         log.skipped("tensorrt", "TensorRT is not installed here; on a GPU node engines are built "
@@ -291,10 +357,10 @@ class _Optimizer:
                     details=cand.details)
             variants.append(_run(log, f"benchmark_{cand.name}", bench))
 
-        chosen = _run(log, "select", lambda: select(variants, req.objective,
-                                                     self.manifest.latency_slo_ms))
-        repo = self.out / "repository"
         serving = ServingOptions(intra_op_threads=req.threads)
+        chosen = _run(log, "select", lambda: select(
+            variants, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
+        repo = self.out / "repository"
         model_dir, version = _run(log, "write_repository", lambda: write_repository(
             repo, self.manifest, self.out / chosen.file, chosen.precision, serving, req.target))
         report = build_report(
@@ -302,6 +368,7 @@ class _Optimizer:
             target=req.target, inputs=inputs, validation_size=len(self.validation),
             baseline=baseline, variants=variants, selected=chosen.name,
             repository=str(model_dir.relative_to(self.out)), version=version,
+            not_built=log.not_ok(),
         )
         js, md = _run(log, "write_report", lambda: write_report(self.out, report))
         _write_reproduce(self.out, req)
@@ -323,20 +390,34 @@ def _schedule(ranked: list[Any], limit: int) -> list[int]:
     return steps
 
 
-def select(variants: list[VariantResult], objective: str, slo_ms: float) -> VariantResult:
-    """The best passing variant for the objective; a SelectionError says why none fits."""
+def select(variants: list[VariantResult], objective: str, slo_ms: float,
+           max_batch: int = 8) -> VariantResult:
+    """The best passing variant for the objective, among batch sizes Triton will form
+    (``max_batch``); a SelectionError says why none fits.
+
+    Every objective requires batch-1 p95 within the SLO; ``throughput-within-slo`` also keeps
+    only the batch sizes whose p95 fits it.
+    """
     passing = [v for v in variants if v.verification.passed]
     if not passing:
         why = "; ".join(f"{v.name}: {', '.join(v.verification.reasons)}" for v in variants)
         raise SelectionError(f"no variant passed verification ({why})")
+    in_slo = [v for v in passing if v.profile.batch1.p95_ms <= slo_ms]
+    if not in_slo:
+        raise SelectionError(f"no passing variant has p95 <= {slo_ms:g} ms even at batch 1")
+
+    def best_throughput(v: VariantResult, slo: float = float("inf")) -> float:
+        ok = [p.throughput for p in v.profile.points
+              if p.batch <= max_batch and p.latency.p95_ms <= slo]
+        return max(ok, default=0.0)
+
     if objective == "latency":
-        return min(passing, key=lambda v: v.profile.batch1.p50_ms)
+        return min(in_slo, key=lambda v: v.profile.batch1.p50_ms)
     if objective == "throughput":
-        return max(passing, key=lambda v: v.profile.best.throughput)
+        return max(in_slo, key=best_throughput)
 
     def within(v: VariantResult) -> float:
-        ok = [p.throughput for p in v.profile.points if p.latency.p95_ms <= slo_ms]
-        return max(ok, default=0.0)
+        return best_throughput(v, slo_ms)
 
     fitting = [v for v in passing if within(v) > 0]
     if not fitting:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -104,7 +105,9 @@ class Int8Quantizer:
         self._input = input_name
         self._calibration = calibration
         self._workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
+        if workdir.exists():  # calibration caches of an earlier run must never be reused
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
         self.prepared = workdir / "model.prep.onnx"
         try:
             with _quiet_ort():
@@ -156,13 +159,3 @@ class Int8Quantizer:
                                               op_types=tuple(t for _, t in group), mae=err))
         probe.unlink(missing_ok=True)
         return sorted(ranked, key=lambda n: n.mae, reverse=True)
-
-
-def quantize_int8(
-    fp32_path: Path, out_path: Path, input_name: str, calibration: np.ndarray,
-    method: str = "minmax",
-) -> Path:
-    """One-shot INT8 quantization (no recovery)."""
-    quantizer = Int8Quantizer(fp32_path, out_path.parent / (out_path.stem + ".work"),
-                              input_name, calibration)
-    return quantizer.quantize(out_path, method)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ def _profile(prof: Profile) -> dict[str, Any]:
 def build_report(
     manifest: Manifest, threads: int, objective: str, target: str, inputs: dict[str, str],
     validation_size: int, baseline: Profile, variants: list[VariantResult], selected: str,
-    repository: str, version: int,
+    repository: str, version: int, not_built: list[dict[str, str]],
 ) -> dict[str, Any]:
     ref = variants[0].verification
     return {
@@ -115,8 +116,7 @@ def build_report(
             }
             for v in variants
         ],
-        "skipped": [{"name": "tensorrt-fp16/int8",
-                     "reason": "TensorRT is not installed on this machine"}],
+        "not_built": not_built,
         "selected": selected,
         "repository": repository,
         "plots": ["latency_vs_batch.png", "accuracy_vs_speed.png"],
@@ -174,8 +174,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if failing:
         lines += ["", "Why variants failed:"]
         lines += [f"- {v['name']}: {'; '.join(v['reasons'])}" for v in failing]
-    lines += ["", "Not run: " + "; ".join(f"{s['name']} ({s['reason']})"
-                                          for s in report["skipped"]) + ".", "",
+    if report["not_built"]:
+        lines += ["", "Not built: " + "; ".join(f"{s['name']} ({s['status']}: {s['reason']})"
+                                                for s in report["not_built"]) + "."]
+    lines += ["",
               "![latency vs batch size](latency_vs_batch.png)",
               "![accuracy vs speed](accuracy_vs_speed.png)", ""]
     return "\n".join(lines)
@@ -213,9 +215,21 @@ def write_plots(out_dir: Path, report: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: a non-finite figure (a variant that overflowed) is null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_report(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
     js, md = out_dir / "report.json", out_dir / "report.md"
-    js.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    js.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n",
+                  encoding="utf-8")
     md.write_text(render_markdown(report), encoding="utf-8")
     write_plots(out_dir, report)
     return js, md

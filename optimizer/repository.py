@@ -76,7 +76,8 @@ def model_config(manifest: Manifest, options: ServingOptions, precision: str,
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=options.instances)
         trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(
             name="tensorrt")
-        trt.parameters["precision_mode"] = "INT8" if precision == "int8" else "FP16"
+        # the precision that was verified: an FP32 selection is not silently run in FP16
+        trt.parameters["precision_mode"] = precision.upper()
         trt.parameters["max_workspace_size_bytes"] = str(2 << 30)
         trt.parameters["trt_engine_cache_enable"] = "1"
         trt.parameters["trt_engine_cache_path"] = "/tmp/bedside-trt-cache"
@@ -87,9 +88,11 @@ def model_config(manifest: Manifest, options: ServingOptions, precision: str,
 
 def _write_engine_script(model_dir: Path, manifest: Manifest, options: ServingOptions,
                          precision: str) -> None:
-    """trtexec commands that build TensorRT plans from this version's ONNX on the target GPU
-    node (engines are specific to the TensorRT version and GPU model, so they are built there,
-    by the chart's engine-build job). Not run here: no TensorRT on these machines."""
+    """The trtexec command that builds a TensorRT plan from a version's ONNX on the target GPU
+    node (engines are specific to the TensorRT version and GPU model, so they are built there).
+    With the plan built, config.tensorrt_plan.pbtxt replaces config.pbtxt to serve it through
+    Triton's tensorrt_plan platform instead of ONNX Runtime's TensorRT accelerator. Not run
+    here: no TensorRT on these machines."""
     shape = "x".join(str(d) for d in manifest.input.shape)
     name = manifest.input.name
     shapes = (f"--minShapes={name}:1x{shape} --optShapes={name}:"
@@ -133,6 +136,13 @@ def write_repository(
     cfg = model_config(manifest, options, precision, target, io_type(onnx_path))
     if target == "gpu":
         _write_engine_script(model_dir, manifest, options, precision)
+        plan = model_config(manifest, options, precision, "gpu", io_type(onnx_path))
+        plan.ClearField("backend")
+        plan.ClearField("optimization")
+        plan.platform = "tensorrt_plan"
+        plan.default_model_filename = "model.plan"
+        (model_dir / "config.tensorrt_plan.pbtxt").write_text(
+            text_format.MessageToString(plan), encoding="utf-8")
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg), encoding="utf-8")
     dataclasses.replace(manifest, version=version).save(model_dir / MANIFEST_FILE)
     return model_dir, version

@@ -75,34 +75,52 @@ def apply(base: mc.ModelConfig, cand: Candidate) -> mc.ModelConfig:
 
 def load(url: str, model: str, input_name: str, sample: np.ndarray, concurrency: int,
          duration_s: float) -> Measurement:
-    """``concurrency`` clients, each sending batch-1 requests back to back for the duration."""
+    """``concurrency`` clients, each sending batch-1 requests back to back for the duration,
+    after one untimed warm-up request each (connection set-up is not serving latency)."""
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
-    start_gate = threading.Barrier(concurrency + 1)
+    first_error: list[str] = []
+    start_gate = threading.Barrier(concurrency + 1, timeout=60)
+    datatype = "FP16" if sample.dtype == np.float16 else "FP32"
 
     def client(i: int) -> None:
         c = grpcclient.InferenceServerClient(url)
-        tensor = grpcclient.InferInput(input_name, list(sample.shape), "FP32")
-        tensor.set_data_from_numpy(sample)
-        start_gate.wait()
-        end = time.perf_counter() + duration_s
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
+        try:
+            tensor = grpcclient.InferInput(input_name, list(sample.shape), datatype)
+            tensor.set_data_from_numpy(sample)
             try:
                 c.infer(model, [tensor], client_timeout=30)
-                latencies[i].append((time.perf_counter() - t0) * 1000.0)
-            except InferenceServerException:
-                errors[i] += 1
-        c.close()
+            except InferenceServerException as exc:
+                first_error.append(exc.message())
+            start_gate.wait()
+            end = time.perf_counter() + duration_s
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                try:
+                    c.infer(model, [tensor], client_timeout=30)
+                    latencies[i].append((time.perf_counter() - t0) * 1000.0)
+                except InferenceServerException as exc:
+                    errors[i] += 1
+                    first_error.append(exc.message())
+        except threading.BrokenBarrierError:
+            pass
+        finally:
+            c.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
-    start_gate.wait()
+    try:
+        start_gate.wait()
+    except threading.BrokenBarrierError as exc:
+        raise TuneError("load clients did not start within 60 s") from exc
     began = time.perf_counter()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - began
+    if not any(latencies):
+        raise TuneError(f"every request failed at concurrency {concurrency}: "
+                        f"{first_error[0] if first_error else 'no answer'}")
     flat = np.asarray([x for lat in latencies for x in lat]) if any(latencies) else np.zeros(1)
     return Measurement(
         concurrency=concurrency, requests=int(sum(len(x) for x in latencies)),
@@ -118,10 +136,15 @@ def tune(url: str, repository: Path, model: str, grid: Grid, duration_s: float,
     model_dir = repository / model
     manifest = Manifest.load(model_dir / MANIFEST_FILE)
     budget = budget_ms if budget_ms is not None else manifest.latency_slo_ms
-    base = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
-    sample = np.zeros((1, *manifest.input.shape), dtype=np.float32)
+    try:
+        base = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    except (OSError, text_format.ParseError) as exc:
+        raise TuneError(f"cannot read {model_dir / 'config.pbtxt'}: {exc}") from exc
+    half = base.input[0].data_type == mc.TYPE_FP16
+    sample = np.zeros((1, *manifest.input.shape), dtype=np.float16 if half else np.float32)
     admin = grpcclient.InferenceServerClient(url)
     rows: list[dict[str, Any]] = []
+    chosen: Candidate | None = None
     try:
         for cand in grid.candidates():
             cfg = apply(base, cand)
@@ -136,16 +159,21 @@ def tune(url: str, repository: Path, model: str, grid: Grid, duration_s: float,
                              "within_budget": m.errors == 0 and m.p95_ms <= budget})
                 LOG.info("%s c=%d: %.1f/s p95 %.1f ms", cand, concurrency, m.throughput,
                          m.p95_ms)
+        fitting = [r for r in rows if r["within_budget"]]
+        if not fitting:
+            raise TuneError(f"no configuration kept p95 within {budget:g} ms")
+        best = max(fitting, key=lambda r: r["throughput"])
+        chosen = Candidate(best["max_queue_delay_us"], tuple(best["preferred_batch_sizes"]),
+                           best["instances"])
+        (model_dir / "config.pbtxt").write_text(
+            text_format.MessageToString(apply(base, chosen)), encoding="utf-8")
     finally:
+        # leave the server on what is on disk: the chosen configuration, or the original one
+        try:
+            admin.load_model(model)
+        except InferenceServerException as exc:
+            LOG.warning("could not reload %s from its config.pbtxt: %s", model, exc.message())
         admin.close()
-    fitting = [r for r in rows if r["within_budget"]]
-    if not fitting:
-        raise TuneError(f"no configuration kept p95 within {budget:g} ms")
-    best = max(fitting, key=lambda r: r["throughput"])
-    chosen = Candidate(best["max_queue_delay_us"], tuple(best["preferred_batch_sizes"]),
-                       best["instances"])
-    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(apply(base, chosen)),
-                                            encoding="utf-8")
     result = {"model": model, "latency_budget_ms": budget, "duration_s": duration_s,
               "chosen": asdict(chosen), "best": best, "sweep": rows}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -81,8 +81,13 @@ def _task_metrics(
     decisions, ref_decisions = scores >= thr, ref_scores >= thr
     agreement = float(min((decisions[:, i] == ref_decisions[:, i]).mean() for i in range(k)))
     if manifest.task == "classification":
-        values = [roc_auc(labels, scores[:, i]) for i in range(k)]
-        refs = [roc_auc(labels, ref_scores[:, i]) for i in range(k)]
+        if k > 1 and out.activation != "softmax":
+            raise ValueError("multi-label (sigmoid) classification needs one label column per "
+                             "output; labels.csv has one: use softmax with class indices")
+        # one-vs-rest per class: class i positive where the label is i (binary: i == 1)
+        truth = [labels == i for i in range(k)] if k > 1 else [labels == 1]
+        values = [roc_auc(truth[i], scores[:, i]) for i in range(k)]
+        refs = [roc_auc(truth[i], ref_scores[:, i]) for i in range(k)]
         return "auc", values, refs, agreement, manifest.accuracy_budget.max_auc_drop
     values = [dice(decisions[:, i], labels[:, i] > 0) for i in range(k)]
     refs = [dice(ref_decisions[:, i], labels[:, i] > 0) for i in range(k)]

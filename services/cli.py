@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                      choices=["latency", "throughput", "throughput-within-slo"])
     opt.add_argument("--target", default="cpu", choices=["cpu", "gpu"],
                      help="cpu: python backend + ONNX Runtime; gpu: onnxruntime + TensorRT")
+    opt.add_argument("--calibration-limit", type=int, default=64,
+                     help="calibration inputs used at most")
+    opt.add_argument("--recovery-max-fraction", type=float, default=0.5,
+                     help="share of the graph INT8 recovery may keep in FP32")
     opt.add_argument("--fp16-io", default="fp32", choices=["fp32", "fp16"],
                      help="I/O of the FP16 variant (fp32 keeps callers unchanged)")
     opt.add_argument("--no-recovery", action="store_true",
@@ -230,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                     calibration_methods=tuple(args.calibration_methods.split(",")),
                     objective=args.objective, target=args.target,
                     recovery=not args.no_recovery, mae_tolerances=tolerances,
-                    fp16_io=args.fp16_io,
+                    fp16_io=args.fp16_io, calibration_limit=args.calibration_limit,
+                    recovery_max_fraction=args.recovery_max_fraction,
                 )
             except ValueError as exc:
                 print(f"bedside: error: {exc}", file=sys.stderr)

@@ -52,6 +52,16 @@ def test_tune_sweeps_and_writes_the_best_config(explicit_triton: tuple[Path, str
     saved = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert saved["chosen"]["max_queue_delay_us"] == best["max_queue_delay_us"]
     assert "| 2000 |" in (tmp_path / "tune" / "tune.md").read_text()
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:  # the server itself now runs the chosen configuration
+        live = client.get_model_config(TINY_MANIFEST.name, as_json=True)["config"]
+        assert client.is_model_ready(TINY_MANIFEST.name)
+    finally:
+        client.close()
+    delay = int(live.get("dynamic_batching", {}).get("max_queue_delay_microseconds", 0))
+    assert delay == best["max_queue_delay_us"]
     png = (tmp_path / "tune" / "throughput_vs_concurrency.png").read_bytes()
     assert png[:4] == b"\x89PNG"
 

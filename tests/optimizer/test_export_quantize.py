@@ -12,8 +12,13 @@ from optimizer import checkpoint
 from optimizer.benchmark import onnx_session, run_onnx, run_torch
 from optimizer.errors import CheckpointError, ExportError, QuantizationError
 from optimizer.export import export_onnx
-from optimizer.quantize import quantize_int8
+from optimizer.quantize import Int8Quantizer
 from tests.conftest import TINY_MANIFEST
+
+
+def quantize_int8(fp32: Path, out: Path, name: str, calib: np.ndarray,
+                  method: str = "minmax") -> Path:
+    return Int8Quantizer(fp32, out.parent / "work", name, calib).quantize(out, method)
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +104,15 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
         checkpoint.load(tmp_path / "junk.pt")
+
+
+def test_sweep_stops_when_throughput_stops_improving() -> None:
+    import time
+
+    from optimizer.benchmark import BenchOptions, sweep
+
+    def make(batch: int):  # type: ignore[no-untyped-def]
+        return lambda: time.sleep(0.002 * batch)  # latency grows with the batch: no gain
+
+    points = sweep(make, BenchOptions(warmup=1, min_runs=3, min_seconds=0.0, max_batch=32))
+    assert [p.batch for p in points] == [1, 2]

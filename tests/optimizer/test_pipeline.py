@@ -31,7 +31,11 @@ def test_report_has_stable_keys_and_both_variants(optimized: Path) -> None:
     fp32 = report["variants"][0]
     assert fp32["verdict"] == "pass" and fp32["mae"] < 1e-5
     assert report["variants"][1]["mae"] < 1e-3  # FP16 within its rung of the ladder
-    assert report["selected"] in names
+    passing = [v for v in report["variants"] if v["verdict"] == "pass"]
+    fastest = min(passing, key=lambda v: v["latency_ms"]["p50"])
+    assert report["selected"] == fastest["name"]  # objective "latency"
+    served = optimized / "repository" / TINY_MANIFEST.name / "1" / "model.onnx"
+    assert served.read_bytes() == (optimized / fastest["file"]).read_bytes()
     assert set(report["inputs_sha256"]) == {"checkpoint", "manifest", "calibration",
                                             "validation"}
     md = (optimized / "report.md").read_text()
@@ -90,3 +94,28 @@ def test_nothing_passing_is_a_selection_error(tiny_model: Path, tiny_data: Path,
     assert steps[-1]["step"] == "select" and steps[-1]["status"] == "failed"
     assert steps[-1]["detail"].startswith("SelectionError")
     assert not (tmp_path / "repository").exists()
+
+
+def test_output_shape_must_match_the_manifest(tiny_model: Path, tiny_data: Path,
+                                              tmp_path: Path) -> None:
+    import dataclasses
+
+    from optimizer.errors import ManifestError
+
+    three = dataclasses.replace(TINY_MANIFEST, output=dataclasses.replace(
+        TINY_MANIFEST.output, labels=("a", "b", "c"), activation="softmax",
+        thresholds=(0.5, 0.5, 0.5)))
+    three.save(tmp_path / "manifest.json")
+    with pytest.raises(ManifestError, match=r"outputs \(1,\) per item"):
+        optimize(OptimizeRequest(
+            checkpoint=tiny_model / "model.pt", manifest=tmp_path / "manifest.json",
+            calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
+            out_dir=tmp_path / "out", threads=1, bench=QUICK_BENCH))
+
+
+def test_request_validation() -> None:
+    for bad in ({"mae_tolerances": {"int4": 0.1}}, {"threads": 0},
+                {"recovery_max_fraction": 0.0}, {"precisions": ("fp16",)}):
+        with pytest.raises(ValueError):
+            OptimizeRequest(checkpoint=Path("m"), manifest=Path("m"), calibration_dir=Path("c"),
+                            validation_dir=Path("v"), out_dir=Path("o"), **bad)  # type: ignore[arg-type]

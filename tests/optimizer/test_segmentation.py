@@ -60,7 +60,11 @@ def test_reference_unets_go_through_optimize(name: str, side: int, tmp_path: Pat
     report = json.loads(result.report_json.read_text())
     assert report["task"] == "segmentation" and report["validation"]["metric"] == "dice"
     assert report["variants"][0]["verdict"] == "pass"
-    config = (result.repository / name / "config.pbtxt").read_text()
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config = text_format.Parse((result.repository / name / "config.pbtxt").read_text(),
+                               mc.ModelConfig())
     spatial = [side] * (3 if name == "unet3d" else 2)
-    for dim in (1, *spatial):
-        assert f"dims: {dim}" in config
+    assert list(config.input[0].dims) == [1, *spatial]
+    assert list(config.output[0].dims) == [1, *spatial]

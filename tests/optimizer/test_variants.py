@@ -149,6 +149,10 @@ def test_gpu_target_config_and_new_versions(fp32: Path, tmp_path: Path) -> None:
     assert parsed.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     trt = parsed.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "INT8"
+    for precision in ("fp32", "fp16"):  # run in the precision that was verified
+        cfg = model_config(TINY_MANIFEST, ServingOptions(), precision, target="gpu")
+        accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
+        assert accel.parameters["precision_mode"] == precision.upper()
     _, v1 = write_repository(tmp_path, TINY_MANIFEST, fp32, "fp32", ServingOptions())
     _, v2 = write_repository(tmp_path, TINY_MANIFEST, fp32, "fp32", ServingOptions(), "gpu")
     model_dir = tmp_path / TINY_MANIFEST.name
@@ -156,4 +160,49 @@ def test_gpu_target_config_and_new_versions(fp32: Path, tmp_path: Path) -> None:
     assert not (model_dir / "2" / "model.py").exists()  # gpu: onnxruntime backend, no python
     assert json.loads((model_dir / "manifest.json").read_text())["version"] == 2
     script = (model_dir / "build_tensorrt_engines.sh").read_text()
-    assert "trtexec" in script and "--fp16" in script and "--maxShapes=image:8x1x64x64" in script
+    assert "trtexec" in script and "--maxShapes=image:8x1x64x64" in script
+    assert "--int8" not in script  # an fp32 selection builds an FP16 plan, not INT8
+    plan = text_format.Parse((model_dir / "config.tensorrt_plan.pbtxt").read_text(),
+                             mc.ModelConfig())
+    assert plan.platform == "tensorrt_plan" and plan.default_model_filename == "model.plan"
+    write_repository(tmp_path, TINY_MANIFEST, fp32, "int8", ServingOptions(), "gpu")
+    assert "--int8" in (model_dir / "build_tensorrt_engines.sh").read_text()
+
+
+def test_calibration_cache_is_never_reused(fp32: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    small = rng.normal(0, 1, (4, 1, 64, 64)).astype(np.float32)
+    first = Int8Quantizer(fp32, tmp_path / "w", "image", small).quantize(tmp_path / "a.onnx")
+    second = Int8Quantizer(fp32, tmp_path / "w", "image", small * 50).quantize(
+        tmp_path / "b.onnx")
+    assert first.read_bytes() != second.read_bytes()
+
+
+def test_recovery_schedule_doubles_then_tries_the_bound() -> None:
+    from optimizer.pipeline import _schedule
+    from optimizer.quantize import NodeSensitivity
+
+    groups = [NodeSensitivity(nodes=("a", "b"), op_types=("Conv", "Relu"), mae=1.0)] * 20
+    assert _schedule(groups, limit=21) == [1, 2, 4, 8, 10]  # 10 groups of 2 fit 21 nodes
+    assert _schedule(groups, limit=1) == []  # not even one group fits
+    assert _schedule(groups, limit=100) == [1, 2, 4, 8, 16, 20]
+
+
+def test_a_variant_that_cannot_be_built_is_left_out(tiny_model: Path, tiny_data: Path,
+                                                    tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimizer import pipeline
+    from optimizer.errors import QuantizationError
+
+    def broken(*args: object, **kwargs: object) -> Path:
+        raise QuantizationError("simulated converter failure")
+
+    monkeypatch.setattr(pipeline, "convert_fp16", broken)
+    result = optimize(OptimizeRequest(
+        checkpoint=tiny_model / "model.pt", manifest=tiny_model / "manifest.json",
+        calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
+        out_dir=tmp_path, threads=1, precisions=("fp32", "fp16"), bench=QUICK_BENCH))
+    assert [v["name"] for v in result.report["variants"]] == ["onnx-fp32"]
+    [fp16] = [s for s in result.report["not_built"] if s["name"] == "fp16"]
+    assert fp16["status"] == "failed" and "simulated converter failure" in fp16["reason"]
+    assert "Not built: " in result.report_md.read_text()

@@ -69,3 +69,27 @@ def test_non_finite_outputs_fail() -> None:
     broken[3, 0] = np.nan
     result = verify("int8", broken, golden, labels, TINY_MANIFEST, mae_tolerance=10.0)
     assert not result.passed and "non-finite" in result.reasons[0]
+
+
+def test_softmax_auc_is_one_vs_rest() -> None:
+    labels = np.tile([0, 1], 50)
+    rng = np.random.default_rng(5)
+    logit1 = rng.normal(0, 1, 100) + 1.5 * labels
+    golden = np.stack([-logit1, logit1], axis=1).astype(np.float32)
+    better = golden.copy()
+    better[:, 1] += 0.5 * labels  # the variant separates the classes slightly better
+    better[:, 0] -= 0.5 * labels
+    softmax = dataclasses.replace(TINY_MANIFEST, output=dataclasses.replace(
+        TINY_MANIFEST.output, labels=("normal", "lesion"), activation="softmax",
+        thresholds=(0.5, 0.5)))
+    result = verify("int8", better, golden, labels, softmax, mae_tolerance=10.0)
+    assert result.metric_delta >= 0.0  # an improvement is never reported as a loss
+
+
+def test_multi_label_sigmoid_with_one_label_column_is_refused() -> None:
+    labels, golden = _case()
+    two = np.concatenate([golden, golden], axis=1)
+    multi = dataclasses.replace(TINY_MANIFEST, output=dataclasses.replace(
+        TINY_MANIFEST.output, labels=("a", "b"), thresholds=(0.5, 0.5)))
+    with pytest.raises(ValueError, match="one label column per"):
+        verify("fp32", two, two, labels, multi)
