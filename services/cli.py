@@ -42,7 +42,11 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _default_triton_env() -> Path:
-    return Path(os.environ.get("BEDSIDE_TRITON_ENV", ".venv-triton")).absolute()
+    """$BEDSIDE_TRITON_ENV, else .venv-triton beside this environment (scripts/dev.sh's layout:
+    .venv and .venv-triton side by side in the checkout), wherever the command runs from."""
+    if "BEDSIDE_TRITON_ENV" in os.environ:
+        return Path(os.environ["BEDSIDE_TRITON_ENV"]).absolute()
+    return Path(sys.prefix).parent / ".venv-triton"
 
 
 def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -59,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="tiny data (smoke test)")
     demo.add_argument("--threads", type=int, default=2)
     demo.add_argument("--triton-env", type=Path, default=None,
-                      help="Triton's Python environment (default $BEDSIDE_TRITON_ENV or "
-                           "./.venv-triton)")
+                      help="Triton's Python environment (default $BEDSIDE_TRITON_ENV, else "
+                           ".venv-triton beside Bedside's own environment)")
 
     opt = sub.add_parser("optimize", help="checkpoint + manifest -> verified Triton repository")
     opt.add_argument("--checkpoint", type=Path, required=True)

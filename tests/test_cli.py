@@ -82,3 +82,15 @@ def test_serve_becomes_ready_and_stops_everything_on_ctrl_c(optimized: Path,
     assert "tritonserver stopped" in out and "gateway stopped" in out
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     assert str(spool) not in ps.stdout  # tritonserver's backend dir lives under the spool
+
+
+def test_triton_env_defaults_to_the_sibling_of_this_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.cli import _default_triton_env
+
+    monkeypatch.delenv("BEDSIDE_TRITON_ENV", raising=False)
+    monkeypatch.chdir("/")  # independent of where the command runs
+    assert _default_triton_env() == Path(sys.prefix).parent / ".venv-triton"
+    monkeypatch.setenv("BEDSIDE_TRITON_ENV", "/opt/triton-env")
+    assert _default_triton_env() == Path("/opt/triton-env")
