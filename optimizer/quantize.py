@@ -140,7 +140,7 @@ class Int8Quantizer:
 
     def rank_nodes(self, method: str, samples: np.ndarray, golden: np.ndarray,
                    run: Callable[[Path, np.ndarray], np.ndarray],
-                   max_probes: int = 64) -> list[NodeSensitivity]:
+                   max_probes: int = 128) -> list[NodeSensitivity]:
         """Quantize one group of consecutive nodes at a time (one node per group on graphs of
         up to ``max_probes`` nodes) and measure the output error each group alone causes.
 
