@@ -112,7 +112,7 @@ def test_sweep_stops_when_throughput_stops_improving() -> None:
     from optimizer.benchmark import BenchOptions, sweep
 
     def make(batch: int):  # type: ignore[no-untyped-def]
-        return lambda: time.sleep(0.002 * batch)  # latency grows with the batch: no gain
+        return lambda: time.sleep(0.002 * batch**2)  # batch 2 halves the throughput
 
     points = sweep(make, BenchOptions(warmup=1, min_runs=3, min_seconds=0.0, max_batch=32))
     assert [p.batch for p in points] == [1, 2]

@@ -111,8 +111,9 @@ def test_int8_recovery_bound_is_respected(tiny_model: Path, tiny_data: Path,
         recovery_max_fraction=0.02, bench=QUICK_BENCH))
     int8 = result.report["variants"][1]
     assert int8["verdict"] == "fail"
-    # bound: 2% of ~70 nodes is one node, less than the smallest probe group of two
-    assert int8["details"]["recovery"] == [] and int8["details"]["fp32_nodes"] == []
+    # bound: 2% of ~70 nodes is one node
+    assert all(a["fp32_nodes"] <= 1 for a in int8["details"]["recovery"])
+    assert len(int8["details"]["recovery"]) <= 1 and len(int8["details"]["fp32_nodes"]) <= 1
     assert "MAE" in int8["reasons"][0]
     assert result.report["selected"] == "onnx-fp32"
 
