@@ -101,9 +101,12 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
-def preprocess(ds: Dataset, spec: InputSpec) -> np.ndarray:
-    """One instance -> float32 array of shape ``spec.shape``."""
+def preprocess(ds: Dataset, spec: InputSpec, header_checked: bool = False) -> np.ndarray:
+    """One instance -> float32 array of shape ``spec.shape``; ``header_checked`` skips the
+    header checks a caller (the gateway, before its acknowledgement) has already run."""
     try:
+        if not header_checked:
+            check_image_header(ds, spec)
         return _preprocess(ds, spec)
     except PreprocessError:
         raise
@@ -114,7 +117,6 @@ def preprocess(ds: Dataset, spec: InputSpec) -> np.ndarray:
 
 
 def _preprocess(ds: Dataset, spec: InputSpec) -> np.ndarray:
-    check_image_header(ds, spec)
     stored = decode_pixels(ds)
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
     low, high = voi_window(ds, spec, values)

@@ -159,7 +159,7 @@ class InferenceCore:
         self.check(ds)
         t0 = time.perf_counter()
         try:
-            x = preprocess(ds, self.manifest.input)
+            x = preprocess(ds, self.manifest.input, header_checked=True)
         except PreprocessError as exc:
             raise InvalidInstance(str(exc), "bad_pixels") from exc
         t1 = time.perf_counter()
