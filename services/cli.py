@@ -132,6 +132,27 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--triton-grpc-port", type=int, default=8001)
     srv.add_argument("--triton-env", type=Path, default=None)
     gw.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton gRPC host:port")
+
+    dep = sub.add_parser("deploy", help="install or upgrade the Helm release for a model, wait "
+                         "for the rollout and the model, roll back on failure")
+    dep.add_argument("--repository", type=Path, required=True,
+                     help="the optimizer's --out folder or its repository/ folder")
+    dep.add_argument("--model", default=None, help="needed when the repository has several")
+    dep.add_argument("--release", default="bedside")
+    dep.add_argument("--namespace", default="bedside")
+    dep.add_argument("--chart", type=Path, default=None, help="default: the bundled "
+                     "charts/bedside")
+    dep.add_argument("-f", "--values", type=Path, action="append", default=[],
+                     help="a values file (repeatable; later files win)")
+    dep.add_argument("--set", dest="set_values", action="append", default=[],
+                     metavar="KEY=VALUE", help="a value, Helm --set syntax (repeatable)")
+    dep.add_argument("--timeout", type=float, default=900.0, help="seconds, rollout included")
+    dep.add_argument("--kubeconfig", type=Path, default=None)
+    dep.add_argument("--context", default=None)
+    dep.add_argument("--dry-run", action="store_true",
+                     help="render every object (hooks included) without a cluster")
+    dep.add_argument("--out", type=Path, default=None,
+                     help="with --dry-run: write one file per template here, not to stdout")
     return p
 
 
@@ -258,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{o}/model.pt --manifest {o}/manifest.json --calibration {o}/calibration "
                   f"--validation {o}/validation --out {o}/optimized")
             return 0
+        if args.command == "deploy":
+            from services.deploy.command import run_deploy
+
+            return run_deploy(args)
         if args.command == "gateway":
             _run_until_interrupted(args, args.triton_url)
             return 0

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from services.deploy.errors import DeployError
 
 
-def _helm() -> Any:
+def helm_sdk() -> Any:
     try:
         import helm_python
     except ImportError as exc:  # the deploy extra is not installed
@@ -35,7 +35,7 @@ class Releaser(Protocol):
 def render(chart: Path, values: dict[str, Any], name: str, namespace: str) -> dict[str, str]:
     """Every template of the chart (hooks included) rendered offline, keyed by template path;
     the chart's values.schema.json is enforced."""
-    helm = _helm()
+    helm = helm_sdk()
     try:
         with helm.Chart.load(str(chart)) as loaded:
             rendered: dict[str, str] = loaded.render(values, name=name, namespace=namespace)
@@ -49,7 +49,7 @@ class HelmReleaser:
 
     def __init__(self, chart: Path, namespace: str, timeout_s: int,
                  kubeconfig: Path | None = None, context: str | None = None) -> None:
-        self._helm = _helm()
+        self._helm = helm_sdk()
         self._chart = str(chart)
         self._timeout_s = timeout_s
         self._config = self._helm.Config(
