@@ -1,21 +1,27 @@
-"""The gateway process: wires config, core, spool, worker and the DIMSE and REST edges."""
+"""The gateway process: wires config, core, spool, worker and the edges (DIMSE, DICOMweb
+STOW-RS, REST, Open Inference Protocol v2 over REST and gRPC)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from typing import Protocol
 
 import numpy as np
 import uvicorn
 
 from optimizer.manifest import Manifest
 from services.errors import ConfigError, ServiceError
+from services.gateway import dicomweb, oip_rest
 from services.gateway.config import GatewayConfig
-from services.gateway.core import InferenceCore, read_leniently
+from services.gateway.core import InferenceCore, Inferer, read_leniently
 from services.gateway.dimse import DicomServer
 from services.gateway.errors import Unavailable
+from services.gateway.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.oip import Dataplane
+from services.gateway.oip_grpc import OipGrpcServer
 from services.gateway.rest import create_app
 from services.gateway.spool import ResultStore, Spool
 from services.gateway.triton import TritonInferer
@@ -24,10 +30,20 @@ from services.gateway.worker import SpoolWorker
 LOG = logging.getLogger(__name__)
 
 
+class ServingInferer(Inferer, Protocol):
+    """What the gateway needs from its Triton edge (TritonInferer; a fake in unit tests)."""
+
+    def ready(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class Gateway:
     """Start with ``start()``; ``stop()`` closes listeners first, then drains the worker."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, inferer: ServingInferer | None = None) -> None:
+        """``inferer`` replaces the Triton gRPC client (tests, embedding); by default the
+        gateway talks to ``config.triton_grpc_url``."""
         self.config = config
         self.manifest = Manifest.load(config.manifest_path)
         if self.manifest.name != config.model_name:
@@ -35,7 +51,7 @@ class Gateway:
                               f"configured model is {config.model_name!r}")
         read_leniently()
         self.metrics = GatewayMetrics()
-        self.inferer = TritonInferer(
+        self.inferer: ServingInferer = inferer or TritonInferer(
             config.triton_grpc_url, config.model_name, self.manifest.input.name,
             self.manifest.output.name, config.triton_timeout_s,
         )
@@ -44,9 +60,21 @@ class Gateway:
         self.results = ResultStore(config.spool_dir)
         self.worker = SpoolWorker(self.core, self.spool, self.results, self.metrics,
                                   config.triton_retry_backoff_s)
-        self.dimse = DicomServer(config, self.core, self.spool, self.worker, self.metrics)
-        app = create_app(self.core, self.results, self.metrics, self.ready,
-                         config.max_request_bytes)
+        self.ingestor = Ingestor(self.core, self.spool, self.worker, self.metrics,
+                                 config.max_spool_depth, config.max_request_bytes)
+        self.dimse = DicomServer(config, self.ingestor, self.metrics)
+        self.oip = Dataplane(self.core, self.results, self.metrics, self.ready)
+        self.grpc = (OipGrpcServer(self.oip, self.metrics, config.http_host, config.grpc_port,
+                                   config.max_request_bytes)
+                     if config.grpc_port else None)
+        app = create_app(
+            self.core, self.results, self.metrics, self.ready, config.max_request_bytes,
+            self.ingestor,
+            extra_routes=[*dicomweb.create_routes(self.ingestor, self.metrics,
+                                                  config.max_request_bytes),
+                          *oip_rest.create_routes(self.oip, self.metrics,
+                                                  config.max_request_bytes)],
+        )
         self._http = uvicorn.Server(uvicorn.Config(
             app, host=config.http_host, port=config.http_port, log_level="warning",
             access_log=False, lifespan="off",
@@ -55,7 +83,7 @@ class Gateway:
 
     def ready(self) -> bool:
         return (self.dimse.listening and self._http.started and self.worker.alive
-                and self.inferer.ready())
+                and (self.grpc is None or self.grpc.listening) and self.inferer.ready())
 
     def _warm_up(self) -> None:
         """One zero-image inference: opens the gRPC channel and checks that Triton takes the
@@ -69,6 +97,12 @@ class Gateway:
         self._warm_up()
         self.worker.start()
         self.dimse.start()
+        if self.grpc is not None:
+            try:
+                self.grpc.start()
+            except ServiceError:
+                self.stop()
+                raise
         self._http_thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._http.started:
@@ -76,11 +110,14 @@ class Gateway:
                 self.stop()
                 raise ServiceError(f"HTTP listener did not start on port {self.config.http_port}")
             time.sleep(0.02)
-        LOG.info("gateway ready: http %s:%d, dicom %s:%d", self.config.http_host,
-                 self.config.http_port, self.config.dicom_host, self.config.dicom_port)
+        LOG.info("gateway ready: http %s:%d, grpc %s, dicom %s:%d", self.config.http_host,
+                 self.config.http_port, self.config.grpc_port or "off",
+                 self.config.dicom_host, self.config.dicom_port)
 
     def stop(self) -> None:
         self.dimse.stop()
+        if self.grpc is not None:
+            self.grpc.stop()
         self._http.should_exit = True
         if self._http_thread.is_alive():
             self._http_thread.join(timeout=10)

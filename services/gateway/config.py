@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,18 @@ class GatewayConfig:
     dicom_host: str = "127.0.0.1"
     dicom_port: int = 11112
     ae_title: str = "BEDSIDE"
+    # Calling AE titles allowed to associate; empty allows every calling AE title.
+    allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 8
+    # Largest P-DATA PDU we accept (told to the peer at association); 0 means no limit.
+    max_pdu_bytes: int = 16382
+    # DICOM TLS (PS3.15 B.1): certificate and key enable it; a CA file also requires and
+    # verifies client certificates (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    # Open Inference Protocol v2 over gRPC, on http_host; 0 disables it.
+    grpc_port: int = 8081
     max_request_bytes: int = 64 * 1024 * 1024
     # Acknowledged-but-unfinished instances above which C-STORE answers 0xA700 (back-pressure).
     max_spool_depth: int = 1000
@@ -38,6 +50,23 @@ class GatewayConfig:
             port = getattr(self, name)
             if not 0 < port < 65536:
                 raise ConfigError(f"{name} {port} is not a TCP port")
+        if not 0 <= self.grpc_port < 65536:
+            raise ConfigError(f"grpc_port {self.grpc_port} is not a TCP port (0 disables gRPC)")
+        for aet in self.allowed_calling_aets:
+            if not _AE_RE.match(aet) or aet != aet.strip():
+                raise ConfigError(f"allowed calling AE title {aet!r}: 1-16 printable "
+                                  "characters, no '\\', no surrounding spaces")
+        if self.max_pdu_bytes != 0 and not 4096 <= self.max_pdu_bytes < 2**32:
+            raise ConfigError(f"max_pdu_bytes {self.max_pdu_bytes}: 0 (no limit) or "
+                              "4096..4294967295")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("DICOM TLS needs both tls_cert and tls_key")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_ca (client certificate check) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name} {path} is not a file")
         if self.max_associations < 1:
             raise ConfigError("max_associations must be >= 1")
         if self.max_spool_depth < 1:
@@ -54,3 +83,18 @@ class GatewayConfig:
     @property
     def manifest_path(self) -> Path:
         return self.model_repository / self.model_name / "manifest.json"
+
+    def dicom_tls_context(self) -> ssl.SSLContext | None:
+        """The server-side TLS context for the DIMSE listener, or None without DICOM TLS."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            if self.tls_ca is not None:
+                ctx.load_verify_locations(cafile=self.tls_ca)
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"DICOM TLS certificate, key or CA unusable: {exc}") from exc
+        return ctx

@@ -1,7 +1,10 @@
-"""DIMSE edge: C-ECHO and C-STORE SCP (pynetdicom).
+"""DIMSE edge: C-ECHO and C-STORE SCP (pynetdicom), optionally over DICOM TLS.
 
 A C-STORE success is returned only once the instance is durably spooled; inference happens
-afterwards, in the worker. Gateway errors map to DIMSE statuses in one table.
+afterwards, in the worker. Gateway errors map to DIMSE statuses in one table. Associations
+from calling AE titles outside the configured allowlist are rejected (A-ASSOCIATE-RJ,
+"calling AE title not recognized"); every rejection and every refused store is logged with its
+reason, never with patient data.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from services.errors import ServiceError
 from services.gateway.config import GatewayConfig
-from services.gateway.core import InferenceCore, read_leniently, uid_hash
+from services.gateway.core import read_leniently, uid_hash
 from services.gateway.errors import (
     GatewayError,
     InferenceFailed,
@@ -29,9 +32,8 @@ from services.gateway.errors import (
     UnsupportedInstance,
     UnsupportedSOPClass,
 )
+from services.gateway.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.spool import Spool
-from services.gateway.worker import Job, SpoolWorker
 
 LOG = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
@@ -65,15 +67,19 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     return ds
 
 
+def _printable(aet: str) -> str:
+    """A peer-chosen AE title made safe for a log line (no control characters)."""
+    return ascii(aet.strip())[1:-1][:32]
+
+
 class DicomServer:
-    def __init__(self, config: GatewayConfig, core: InferenceCore, spool: Spool,
-                 worker: SpoolWorker, metrics: GatewayMetrics) -> None:
+    def __init__(self, config: GatewayConfig, ingestor: Ingestor,
+                 metrics: GatewayMetrics) -> None:
         self._config = config
-        self._core = core
-        self._spool = spool
-        self._worker = worker
+        self._ingestor = ingestor
         self._metrics = metrics
         self._server: ThreadedAssociationServer | None = None
+        self._tls = config.dicom_tls_context()  # built once, at construction: fails early
 
     def start(self) -> None:
         # pynetdicom's INFO/DEBUG output dumps DIMSE messages, UIDs included: never below WARNING.
@@ -81,6 +87,8 @@ class DicomServer:
         read_leniently()
         ae = AE(ae_title=self._config.ae_title)
         ae.maximum_associations = self._config.max_associations
+        ae.maximum_pdu_size = self._config.max_pdu_bytes
+        ae.require_calling_aet = list(self._config.allowed_calling_aets)
         ae.supported_contexts = StoragePresentationContexts
         ae.add_supported_context(VERIFICATION)  # not in the storage list; needed for C-ECHO
         handlers: list[Any] = [
@@ -88,17 +96,22 @@ class DicomServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_REJECTED, self._on_rejected),
         ]
         try:
             self._server = ae.start_server(
                 (self._config.dicom_host, self._config.dicom_port), block=False,
-                evt_handlers=handlers,
+                evt_handlers=handlers, ssl_context=self._tls,
             )
         except OSError as exc:
             raise ServiceError(f"cannot listen for DICOM on {self._config.dicom_host}:"
                                f"{self._config.dicom_port}: {exc.strerror}") from exc
-        LOG.info("DIMSE SCP %s listening on %s:%d", self._config.ae_title,
-                 self._config.dicom_host, self._config.dicom_port)
+        LOG.info("DIMSE SCP %s listening on %s:%d (%s, max PDU %d, %s)", self._config.ae_title,
+                 self._config.dicom_host, self._config.dicom_port,
+                 "DICOM TLS" if self._tls is not None else "no TLS",
+                 self._config.max_pdu_bytes,
+                 f"{len(self._config.allowed_calling_aets)} allowed calling AE titles"
+                 if self._config.allowed_calling_aets else "any calling AE title")
 
     def stop(self) -> None:
         if self._server is not None:
@@ -115,49 +128,46 @@ class DicomServer:
     def _on_close(self, event: Event) -> None:
         self._metrics.open_associations.dec()
 
+    def _on_rejected(self, event: Event) -> None:
+        calling = str(event.assoc.requestor.ae_title)
+        allowed = self._config.allowed_calling_aets
+        if allowed and calling.strip() not in allowed:
+            reason = "calling_ae_not_allowed"
+        elif len(event.assoc.ae.active_associations) > self._config.max_associations:
+            reason = "association_limit"
+        else:
+            reason = "negotiation"
+        LOG.warning("association from calling AE %r at %s rejected: %s", _printable(calling),
+                    event.assoc.requestor.address, reason)
+        self._metrics.requests.labels("dimse", "rejected", reason).inc()
+
     def _on_echo(self, event: Event) -> int:
         self._metrics.requests.labels("dimse", "echo", "ok").inc()
         return SUCCESS
 
     def _on_store(self, event: Event) -> Dataset:
         arrival = time.perf_counter()
-        if self._worker.depth >= self._config.max_spool_depth:
-            return self._refuse(Unavailable(
-                "too many instances waiting for inference; retry later", "spool_full"))
-        encoded = getattr(event.request, "DataSet", None)  # C-STORE-RQ: BytesIO of the data set
-        size = encoded.getbuffer().nbytes if encoded is not None else 0
-        if size > self._config.max_request_bytes:
-            return self._refuse(PayloadTooLarge(
-                f"data set of {size} bytes exceeds {self._config.max_request_bytes}",
-                "too_large"))
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-        except Exception as exc:  # pynetdicom decodes lazily; any decode error lands here
-            return self._refuse(InvalidInstance(f"cannot decode data set: {exc}", "unreadable"))
-        try:
-            self._core.check(ds)
+            self._ingestor.check_capacity()
+            encoded = getattr(event.request, "DataSet", None)  # C-STORE-RQ: BytesIO of the set
+            self._ingestor.check_size(encoded.getbuffer().nbytes if encoded is not None else 0)
+            try:
+                ds = event.dataset
+                ds.file_meta = event.file_meta
+            except Exception as exc:  # pynetdicom decodes lazily; any decode error lands here
+                raise InvalidInstance(f"cannot decode data set: {exc}", "unreadable") from exc
+            self._ingestor.core.check(ds)
+            self._ingestor.accept(event.encoded_dataset(), ds, "dimse", arrival,
+                                  time.perf_counter())
         except GatewayError as exc:
-            return self._refuse(exc)
-        received = time.perf_counter()
-        try:
-            path = self._spool.put(event.encoded_dataset())
-        except OSError as exc:
-            LOG.error("spool write failed: %s", exc.strerror)
-            return self._refuse(Unavailable("cannot spool the instance", "spool_error"))
-        acked = time.perf_counter()
-        self._worker.submit(Job(
-            path=path, protocol="dimse", arrival=arrival, acked=acked,
-            timings_ms={"receive": (received - arrival) * 1000.0,
-                        "spool": (acked - received) * 1000.0},
-        ))
-        self._metrics.requests.labels("dimse", "accepted", "ok").inc()
-        LOG.info("spooled instance %s (association %s)", uid_hash(str(ds.SOPInstanceUID)),
-                 event.assoc.name)
+            return self._refuse(exc, event)
+        LOG.debug("C-STORE of %s acknowledged (association %s)",
+                  uid_hash(str(ds.SOPInstanceUID)), event.assoc.name)
         return _status(SUCCESS)
 
-    def _refuse(self, exc: GatewayError) -> Dataset:
+    def _refuse(self, exc: GatewayError, event: Event) -> Dataset:
         code = status_for(exc)
-        LOG.warning("C-STORE refused with 0x%04X: %s", code, exc.reason)
+        LOG.warning("C-STORE refused with 0x%04X: %s (association %s)", code, exc.reason,
+                    event.assoc.name)
         self._metrics.requests.labels("dimse", "refused", exc.reason).inc()
         return _status(code, str(exc))

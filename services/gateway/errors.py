@@ -1,4 +1,5 @@
-"""Errors of the gateway core. Each edge (dimse.py, rest.py) maps them in one table.
+"""Errors of the gateway core. Each edge (dimse, dicomweb, rest, oip_rest,
+oip_grpc) maps them to its own codes in one table.
 
 ``reason`` is a short, bounded token used as a metric label and in logs; ``str(error)`` is the
 message for the caller and never contains patient data.
@@ -47,3 +48,15 @@ class InferenceFailed(GatewayError):
 
 class NotFound(GatewayError):
     """No result is known for what was asked."""
+
+
+class BadRequest(GatewayError):
+    """The request itself is malformed (bad multipart framing, bad tensor, wrong shape)."""
+
+
+class UnsupportedMediaType(GatewayError):
+    """The request's Content-Type is not one this edge takes."""
+
+
+class WrongStudy(GatewayError):
+    """An instance posted to a study-specific target belongs to another study."""

@@ -1,24 +1,37 @@
-"""REST edge: infer on a DICOM file, fetch a study's results, health, readiness, metrics.
+"""REST edge: infer on a DICOM file, submit a study (JSON API), fetch a study's results and
+status, health, readiness, metrics. The DICOMweb and Open Inference Protocol routes live in their
+own modules (dicomweb.py, oip_rest.py) and are mounted on the same app.
 
 Gateway errors map to HTTP statuses in one table; error bodies are
 ``{"error": {"reason": ..., "message": ...}}`` and never carry patient data.
+
+JSON study API: ``POST /v1/studies`` with ``{"instances": ["<base64 DICOM Part-10>", ...]}``
+(one study). Every instance is checked first; if any is refused nothing is spooled and the
+answer says which one (by index) and why. Otherwise all are durably spooled and the answer is
+``202 {"study_instance_uid", "accepted", "results_url"}``. ``GET /v1/studies/{uid}/results``
+answers ``status`` ``pending`` (instances still queued) or ``done``, with the results so far.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydicom.dataset import Dataset
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from services.gateway.core import InferenceCore, Result, complete_timings, parse
 from services.gateway.errors import (
+    BadRequest,
     GatewayError,
     InferenceFailed,
     InvalidInstance,
@@ -27,14 +40,19 @@ from services.gateway.errors import (
     PayloadTooLarge,
     Unavailable,
     UnsupportedInstance,
+    UnsupportedMediaType,
 )
+from services.gateway.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.spool import ResultStore
 
 LOG = logging.getLogger(__name__)
 DICOM_MEDIA_TYPE = "application/dicom"
+MAX_STUDY_INSTANCES = 1000
 
 HTTP_STATUS: tuple[tuple[type[GatewayError], int], ...] = (
+    (UnsupportedMediaType, 415),
+    (BadRequest, 400),
     (InvalidInstance, 400),
     (MissingPixelData, 400),
     (UnsupportedInstance, 400),
@@ -53,8 +71,47 @@ def error_response(exc: GatewayError) -> JSONResponse:
                         status_code=status, headers=headers)
 
 
+async def read_body(request: Request, max_request_bytes: int) -> bytes:
+    """The request body, refused with PayloadTooLarge as soon as it exceeds the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
+        raise PayloadTooLarge(f"request of {declared} bytes exceeds {max_request_bytes}",
+                              "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_request_bytes:
+            raise PayloadTooLarge(f"request exceeds {max_request_bytes} bytes", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode_study_request(body: bytes) -> list[bytes]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not JSON: {exc}", "bad_json") from exc
+    instances = doc.get("instances") if isinstance(doc, dict) else None
+    if not isinstance(instances, list) or not instances:
+        raise BadRequest('expected {"instances": ["<base64 DICOM>", ...]} with at least one',
+                         "bad_json")
+    if len(instances) > MAX_STUDY_INSTANCES:
+        raise PayloadTooLarge(f"more than {MAX_STUDY_INSTANCES} instances in one request",
+                              "too_many_instances")
+    decoded = []
+    for k, item in enumerate(instances):
+        if not isinstance(item, str):
+            raise BadRequest(f"instances[{k}] is not a base64 string", "bad_json")
+        try:
+            decoded.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise BadRequest(f"instances[{k}] is not valid base64", "bad_base64") from exc
+    return decoded
+
+
 def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetrics,
-               ready: Callable[[], bool], max_request_bytes: int) -> Starlette:
+               ready: Callable[[], bool], max_request_bytes: int, ingestor: Ingestor,
+               extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
     model = core.manifest.name
 
     def infer_bytes(data: bytes, arrival: float) -> Result:
@@ -64,19 +121,6 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
         complete_timings(result.timings_ms, arrival, time.perf_counter())
         results.save(result.study_instance_uid, result.sop_instance_uid, result.to_dict())
         return result
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
-            raise PayloadTooLarge(f"request of {declared} bytes exceeds {max_request_bytes}",
-                                  "too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_request_bytes:
-                raise PayloadTooLarge(f"request exceeds {max_request_bytes} bytes", "too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     async def infer(request: Request) -> Response:
         arrival = time.perf_counter()
@@ -88,7 +132,7 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
                            "message": f"Content-Type must be {DICOM_MEDIA_TYPE}"}},
                 status_code=415)
         try:
-            body = await read_body(request)
+            body = await read_body(request, max_request_bytes)
             if not body:
                 raise InvalidInstance("empty request body", "empty")
             result = await run_in_threadpool(infer_bytes, body, arrival)
@@ -101,12 +145,53 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
         metrics.requests.labels("rest", "inferred", "ok").inc()
         return JSONResponse(payload)
 
+    def check_study(blobs: list[bytes]) -> list[tuple[bytes, Dataset]]:
+        checked = []
+        for k, data in enumerate(blobs):
+            try:
+                checked.append(ingestor.parse_and_check(data))
+            except GatewayError as exc:
+                raise type(exc)(f"instances[{k}]: {exc}", exc.reason) from exc
+        studies = {str(ds.StudyInstanceUID) for _, ds in checked}
+        if len(studies) > 1:
+            raise BadRequest(f"instances of {len(studies)} studies; send one study per request",
+                             "several_studies")
+        return checked
+
+    def spool_study(checked: list[tuple[bytes, Dataset]], arrival: float) -> None:
+        received = time.perf_counter()
+        for data, ds in checked:
+            ingestor.accept(data, ds, "rest", arrival, received)
+
+    async def submit_study(request: Request) -> Response:
+        arrival = time.perf_counter()
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if media != "application/json":
+                raise UnsupportedMediaType("Content-Type must be application/json",
+                                           "media_type")
+            ingestor.check_capacity()
+            blobs = _decode_study_request(await read_body(request, max_request_bytes))
+            checked = await run_in_threadpool(check_study, blobs)
+            await run_in_threadpool(spool_study, checked, arrival)
+        except GatewayError as exc:
+            LOG.warning("study submission refused: %s", exc.reason)
+            metrics.requests.labels("rest", "refused", exc.reason).inc()
+            return error_response(exc)
+        study_uid = str(checked[0][1].StudyInstanceUID)
+        url = f"/v1/studies/{study_uid}/results"
+        return JSONResponse({"study_instance_uid": study_uid, "accepted": len(checked),
+                             "results_url": url}, status_code=202, headers={"Location": url})
+
     async def study_results(request: Request) -> Response:
         study_uid = request.path_params["study_uid"]
+        pending = await run_in_threadpool(ingestor.pending, study_uid)
         found = await run_in_threadpool(results.for_study, study_uid)
-        if not found:
+        if not found and not pending:
             return error_response(NotFound("no results for that study (yet)", "not_found"))
-        return JSONResponse({"study_instance_uid": study_uid, "instances": found})
+        return JSONResponse({"study_instance_uid": study_uid,
+                             "status": "pending" if pending else "done",
+                             "pending": pending, "instances": found})
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -126,8 +211,10 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
 
     return Starlette(exception_handlers={Exception: internal_error}, routes=[
         Route("/v1/infer", infer, methods=["POST"]),
+        Route("/v1/studies", submit_study, methods=["POST"]),
         Route("/v1/studies/{study_uid:str}/results", study_results, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *extra_routes,
     ])

@@ -17,6 +17,13 @@ class FakeInferer:
         self.fail_permanently = False
         self.crash_next = False
         self.calls = 0
+        self.is_ready = True
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def close(self) -> None:
+        pass
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self.calls += 1

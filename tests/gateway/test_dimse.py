@@ -16,6 +16,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from services.gateway.config import GatewayConfig
 from services.gateway.core import InferenceCore
 from services.gateway.dimse import DicomServer
+from services.gateway.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.spool import ResultStore, Spool
 from services.gateway.worker import SpoolWorker
@@ -40,7 +41,9 @@ class _Stack:
         core = InferenceCore(TINY_MANIFEST, self.fake)
         self.spool, self.results = Spool(tmp / "spool"), ResultStore(tmp / "spool")
         self.worker = SpoolWorker(core, self.spool, self.results, self.metrics, 0.01)
-        self.server = DicomServer(self.config, core, self.spool, self.worker, self.metrics)
+        ingestor = Ingestor(core, self.spool, self.worker, self.metrics,
+                            self.config.max_spool_depth, self.config.max_request_bytes)
+        self.server = DicomServer(self.config, ingestor, self.metrics)
 
     def send(self, *datasets):  # type: ignore[no-untyped-def]
         ae = AE(ae_title="UNITSCU")

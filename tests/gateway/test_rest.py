@@ -9,9 +9,11 @@ import pytest
 from starlette.testclient import TestClient
 
 from services.gateway.core import InferenceCore
+from services.gateway.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.rest import create_app
-from services.gateway.spool import ResultStore
+from services.gateway.spool import ResultStore, Spool
+from services.gateway.worker import SpoolWorker
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.util import bad_window_center, dicom_bytes, make_instance
@@ -27,8 +29,12 @@ def fake_triton() -> FakeInferer:
 @pytest.fixture()
 def client(tmp_path: Path, fake_triton: FakeInferer) -> Iterator[TestClient]:
     core = InferenceCore(TINY_MANIFEST, fake_triton)
-    app = create_app(core, ResultStore(tmp_path), GatewayMetrics(), lambda: True,
-                     max_request_bytes=512 * 1024)
+    metrics, spool, results = GatewayMetrics(), Spool(tmp_path), ResultStore(tmp_path)
+    worker = SpoolWorker(core, spool, results, metrics, backoff_s=0.01)
+    ingestor = Ingestor(core, spool, worker, metrics, max_spool_depth=1000,
+                        max_instance_bytes=512 * 1024)
+    app = create_app(core, results, metrics, lambda: True, max_request_bytes=512 * 1024,
+                     ingestor=ingestor)
     with TestClient(app) as c:
         yield c
 

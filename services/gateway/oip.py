@@ -1,0 +1,154 @@
+"""The Open Inference Protocol v2 dataplane, shared by the REST (oip_rest.py) and gRPC
+(oip_grpc.py) edges, so that a stock tritonclient or KServe client can call the gateway.
+
+The gateway serves one model, named as in its manifest, with this signature:
+
+- input ``DICOM``, datatype ``BYTES``, shape ``[N]``: each element one DICOM Part-10 file;
+- output ``SCORES``, ``FP32``, shape ``[N, L]``: per label, the activated score
+  (classification) or the highest pixel score (segmentation);
+- output ``FINDINGS_JSON``, ``BYTES``, shape ``[N]``: the gateway's JSON result per instance
+  (findings, thresholds, decisions, timings), as ``/v1/infer`` returns it.
+
+Inference is synchronous: the answer carries the findings. Results are also stored, so
+``/v1/studies/{uid}/results`` lists them. Errors are GatewayErrors; each edge maps them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.gateway.core import InferenceCore, Result, complete_timings, parse
+from services.gateway.errors import BadRequest, NotFound, PayloadTooLarge
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.spool import ResultStore
+
+INPUT = "DICOM"
+SCORES = "SCORES"
+FINDINGS = "FINDINGS_JSON"
+MAX_BATCH = 64
+PLATFORM = "bedside_gateway"
+
+
+def decode_bytes_tensor(raw: bytes, count: int) -> list[bytes]:
+    """Triton's binary BYTES layout: per element a little-endian uint32 length, then bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise BadRequest("BYTES tensor data truncated inside an element length",
+                             "bad_tensor")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise BadRequest("BYTES tensor data shorter than its element length", "bad_tensor")
+        out.append(raw[pos:pos + n])
+        pos += n
+    if len(out) != count:
+        raise BadRequest(f"BYTES tensor holds {len(out)} elements, its shape says {count}",
+                         "bad_tensor")
+    return out
+
+
+def encode_bytes_tensor(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+@dataclass(frozen=True)
+class InferOutput:
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes  # Triton's binary layout (FP32 little-endian; BYTES length-prefixed)
+    json_data: list[Any]  # the same values for the JSON form
+
+
+class Dataplane:
+    def __init__(self, core: InferenceCore, results: ResultStore, metrics: GatewayMetrics,
+                 ready: Callable[[], bool]) -> None:
+        self.core = core
+        self._results = results
+        self._metrics = metrics
+        self._ready = ready
+        self.model = core.manifest.name
+        self.version = str(core.manifest.version)
+        self._labels = list(core.manifest.output.labels)
+
+    def server_live(self) -> bool:
+        return True
+
+    def server_ready(self) -> bool:
+        return bool(self._ready())
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "bedside-gateway", "version": "1", "extensions": ["binary_tensor_data"]}
+
+    def _check_model(self, name: str, version: str = "") -> None:
+        if name != self.model:
+            raise NotFound(f"unknown model {name!r}; this gateway serves {self.model!r}",
+                           "unknown_model")
+        if version not in ("", self.version):
+            raise NotFound(f"model {name!r} has no version {version!r}", "unknown_version")
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        self._check_model(name, version)
+        return self.server_ready()
+
+    def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        self._check_model(name, version)
+        return {
+            "name": self.model, "versions": [self.version], "platform": PLATFORM,
+            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": SCORES, "datatype": "FP32", "shape": [-1, len(self._labels)]},
+                        {"name": FINDINGS, "datatype": "BYTES", "shape": [-1]}],
+        }
+
+    def check_input(self, name: str, datatype: str, shape: list[int]) -> int:
+        """The batch size N of a valid ``DICOM`` input; BadRequest saying what is wrong."""
+        if name != INPUT:
+            raise BadRequest(f"unknown input {name!r}; the input is {INPUT!r}", "bad_tensor")
+        if datatype != "BYTES":
+            raise BadRequest(f"input {INPUT} must be BYTES, got {datatype}", "bad_tensor")
+        if len(shape) == 2 and shape[1] == 1:  # [N, 1] is a common client habit
+            shape = shape[:1]
+        if len(shape) != 1 or shape[0] < 1:
+            raise BadRequest(f"input {INPUT} must have shape [N] with N >= 1, got {shape}",
+                             "bad_tensor")
+        if shape[0] > MAX_BATCH:
+            raise PayloadTooLarge(f"batch of {shape[0]} exceeds {MAX_BATCH}", "batch_too_large")
+        return shape[0]
+
+    def infer(self, name: str, version: str, files: list[bytes], protocol: str,
+              arrival: float, requested: list[str] | None = None) -> list[InferOutput]:
+        """Run every file through the core; all-or-nothing (OIP has no per-element errors)."""
+        self._check_model(name, version)
+        wanted = requested or [SCORES, FINDINGS]
+        for out in wanted:
+            if out not in (SCORES, FINDINGS):
+                raise BadRequest(f"unknown output {out!r}; outputs are {SCORES}, {FINDINGS}",
+                                 "bad_output")
+        results: list[Result] = []
+        for data in files:
+            ds = parse(data)
+            result = self.core.analyze(ds, {"receive": (time.perf_counter() - arrival) * 1000.0})
+            complete_timings(result.timings_ms, arrival, time.perf_counter())
+            results.append(result)
+        for result in results:
+            self._results.save(result.study_instance_uid, result.sop_instance_uid,
+                               result.to_dict())
+            self._metrics.observe(self.model, protocol, result.timings_ms)
+        key = "score" if self.core.manifest.task == "classification" else "max_score"
+        scores = np.array([[f[key] for f in r.findings] for r in results], dtype="<f4")
+        docs = [json.dumps(r.to_dict(), sort_keys=True).encode("utf-8") for r in results]
+        outputs = {
+            SCORES: InferOutput(SCORES, "FP32", list(scores.shape), scores.tobytes(),
+                                scores.ravel().tolist()),
+            FINDINGS: InferOutput(FINDINGS, "BYTES", [len(docs)], encode_bytes_tensor(docs),
+                                  [d.decode("utf-8") for d in docs]),
+        }
+        return [outputs[n] for n in wanted]
