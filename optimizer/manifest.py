@@ -19,6 +19,13 @@ from optimizer.errors import ManifestError
 SCHEMA_VERSION = 1
 Task = Literal["classification", "segmentation"]
 Activation = Literal["sigmoid", "softmax", "none"]
+# Which of the instance's own VOI transforms to use when the manifest fixes no window:
+# "window" = Window Center/Width first, then a VOI LUT Sequence; "lut" = the other way round;
+# "minmax" = neither, the modality values are scaled from their minimum to their maximum.
+VoiSource = Literal["window", "lut", "minmax"]
+# 2-D models and multi-frame instances: "middle" infers the middle frame (index frames // 2);
+# "all" infers every frame (the gateway reports the highest score over the frames).
+FrameChoice = Literal["middle", "all"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAX_SIDE = 4096
 
@@ -53,6 +60,8 @@ class InputSpec:
     normalize: Normalize
     # 3-D models (patches of a volume): depth in slices; None for 2-D images.
     depth: int | None = None
+    voi: VoiSource = "window"
+    frames: FrameChoice = "middle"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -118,6 +127,8 @@ class Manifest:
                 else {"center": self.input.window.center, "width": self.input.window.width},
                 "normalize": {"mean": self.input.normalize.mean, "std": self.input.normalize.std},
                 "depth": self.input.depth,
+                "voi": self.input.voi,
+                "frames": self.input.frames,
             },
             "output": {
                 "name": self.output.name,
@@ -170,6 +181,8 @@ class Manifest:
             window=window,
             normalize=Normalize(mean=rn.number("mean"), std=rn.number("std", positive=True)),
             depth=ri.side("depth") if ri.get_optional("depth", int) is not None else None,
+            voi=ri.choice("voi", ("window", "lut", "minmax"), "window"),
+            frames=ri.choice("frames", ("middle", "all"), "middle"),
         )
         if spec.channels not in (1, 3):
             raise ManifestError("manifest.input.channels: must be 1 or 3")
@@ -255,6 +268,16 @@ class _Reader:
         if self._data.get(key) is None:
             return None
         return self.get(key, kind)
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> Any:
+        """An optional string field limited to ``allowed`` (absent in older manifests)."""
+        value = self.get_optional(key, str)
+        if value is None:
+            return default
+        if value not in allowed:
+            raise ManifestError(f"{self._where}.{key}: {value!r} is not one of "
+                                f"{', '.join(allowed)}")
+        return value
 
     def number(self, key: str, positive: bool = False) -> float:
         value = self._data.get(key)

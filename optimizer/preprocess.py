@@ -1,16 +1,32 @@
 """Manifest-driven preprocessing: a DICOM instance becomes the model's input tensor.
 
-This one function is used for training, calibration, validation and serving, so the optimizer
+This one module is used for training, calibration, validation and serving, so the optimizer
 calibrates and verifies on exactly what the gateway will feed the model.
-Order (PS3.3 C.11): modality LUT -> VOI window -> MONOCHROME1 inversion -> resize -> normalise.
+
+Order for greyscale images (PS3.3 C.11): modality LUT (Rescale Slope/Intercept or a Modality
+LUT Sequence, per frame from the functional groups of enhanced objects) -> VOI (the manifest's
+fixed window, else the instance's window or VOI LUT Sequence per ``InputSpec.voi``, else the
+modality values' min..max) -> MONOCHROME1 inversion -> resize -> normalise. Colour images (RGB,
+and YBR_* as the decoders hand them back, converted to RGB) have no modality or VOI transform:
+they are scaled by their bit depth, then made grey (ITU-R BT.601 luma) for one-channel models.
+
+Multi-frame instances: a 2-D model takes the middle frame (``frames: "middle"``, frame index
+``frames // 2``) or every frame (``frames: "all"``, one model input per frame, see
+``preprocess_frames``); for a 3-D model the frames are the volume, resampled to its depth.
+
+Everything that can be refused from the header alone (transfer syntax, photometric
+interpretation, bit depths, sizes) is refused by ``check_image_header`` before any decoding.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, pixel_array
 
 from optimizer.errors import PreprocessError
 from optimizer.manifest import InputSpec
@@ -18,8 +34,68 @@ from optimizer.manifest import InputSpec
 # Refuse absurd images before decoding anything: 64 Mpixel per frame is beyond any radiograph.
 MAX_PIXELS_PER_FRAME = 8192 * 8192
 
+# What the project's environment decodes (pydicom alone: native and RLE; pillow: JPEG
+# baseline; pyjpegls: JPEG-LS; pylibjpeg-openjpeg: JPEG 2000). JPEG extended (12-bit) and JPEG
+# lossless (process 14) would need GPL-licensed libjpeg or GDCM, so they are refused by name.
+SUPPORTED_TRANSFER_SYNTAXES: dict[str, str] = {
+    uid.ImplicitVRLittleEndian: "Implicit VR Little Endian",
+    uid.ExplicitVRLittleEndian: "Explicit VR Little Endian",
+    uid.DeflatedExplicitVRLittleEndian: "Deflated Explicit VR Little Endian",
+    uid.ExplicitVRBigEndian: "Explicit VR Big Endian",
+    uid.RLELossless: "RLE Lossless",
+    uid.JPEGBaseline8Bit: "JPEG Baseline (Process 1)",
+    uid.JPEGLSLossless: "JPEG-LS Lossless",
+    uid.JPEGLSNearLossless: "JPEG-LS Near-Lossless",
+    uid.JPEG2000Lossless: "JPEG 2000 Lossless",
+    uid.JPEG2000: "JPEG 2000",
+}
+GREY = ("MONOCHROME1", "MONOCHROME2")
+# YBR_* are converted to RGB by pydicom (native data) or by the JPEG decoders.
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
 
-def check_image_header(ds: Dataset, spec: InputSpec) -> None:
+
+@dataclass(frozen=True)
+class PixelLimits:
+    """Upper bounds checked on the header before decoding (a deployment setting, not the
+    model's): decoded size of the whole instance, and pixels in one frame."""
+
+    max_decoded_bytes: int = 1 << 30
+    max_pixels_per_frame: int = MAX_PIXELS_PER_FRAME
+
+    def __post_init__(self) -> None:
+        if self.max_decoded_bytes < 1 or self.max_pixels_per_frame < 1:
+            raise ValueError("pixel limits must be positive")
+
+
+DEFAULT_LIMITS = PixelLimits()
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        if default is None:
+            raise PreprocessError(f"the instance has no {keyword}")
+        return default
+    return int(value)
+
+
+def transfer_syntax(ds: Dataset) -> uid.UID:
+    """The instance's transfer syntax, or a PreprocessError naming the one we cannot decode."""
+    meta = getattr(ds, "file_meta", None)
+    ts = None if meta is None else meta.get("TransferSyntaxUID")
+    if not ts:
+        raise PreprocessError("the instance has no Transfer Syntax UID (0002,0010)")
+    ts = uid.UID(str(ts))
+    if ts not in SUPPORTED_TRANSFER_SYNTAXES:
+        name = ts.name if ts.is_transfer_syntax else "unknown"
+        raise PreprocessError(f"transfer syntax {ts} ({name}) is not supported; supported: "
+                              + ", ".join(SUPPORTED_TRANSFER_SYNTAXES.values()))
+    return ts
+
+
+def check_image_header(ds: Dataset, spec: InputSpec,
+                       limits: PixelLimits = DEFAULT_LIMITS) -> None:
     """Reject what cannot become a model input, using the header alone (cheap, before decode)."""
     if "PixelData" not in ds:
         raise PreprocessError("the instance has no Pixel Data (7FE0,0010)")
@@ -27,50 +103,217 @@ def check_image_header(ds: Dataset, spec: InputSpec) -> None:
     if modality not in spec.modalities:
         allowed = ", ".join(spec.modalities)
         raise PreprocessError(f"modality {modality or '(none)'} is not one of {allowed}")
-    rows = int(ds.get("Rows", 0) or 0)
-    cols = int(ds.get("Columns", 0) or 0)
+    ts = transfer_syntax(ds)
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
     if rows <= 0 or cols <= 0:
         raise PreprocessError("Rows and Columns must be positive")
-    if rows * cols > MAX_PIXELS_PER_FRAME:
-        raise PreprocessError(f"image of {rows}x{cols} pixels exceeds the limit")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        raise PreprocessError(f"multi-frame instances ({frames} frames) are not supported")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1:
-        raise PreprocessError(f"{samples} samples per pixel: only greyscale images are supported")
+    if rows * cols > limits.max_pixels_per_frame:
+        raise PreprocessError(f"image of {rows}x{cols} pixels exceeds the limit "
+                              f"({limits.max_pixels_per_frame} pixels per frame)")
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames < 1:
+        raise PreprocessError(f"NumberOfFrames must be >= 1, got {frames}")
+    samples = _int(ds, "SamplesPerPixel", 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric in GREY:
+        if samples != 1:
+            raise PreprocessError(f"{photometric} with {samples} samples per pixel (needs 1)")
+    elif photometric in COLOUR:
+        if samples != 3:
+            raise PreprocessError(f"{photometric} with {samples} samples per pixel (needs 3)")
+    else:
+        raise PreprocessError(
+            f"photometric interpretation {photometric or '(none)'} is not supported; "
+            "supported: " + ", ".join(GREY + COLOUR))
+    allocated = _int(ds, "BitsAllocated")
+    stored = _int(ds, "BitsStored", allocated)
+    if allocated not in (8, 16):
+        raise PreprocessError(f"BitsAllocated {allocated} is not supported (8 or 16)")
+    if not 1 <= stored <= allocated:
+        raise PreprocessError(f"BitsStored {stored} must lie in [1, BitsAllocated={allocated}]")
+    if _int(ds, "PixelRepresentation", 0) not in (0, 1):
+        raise PreprocessError("PixelRepresentation must be 0 (unsigned) or 1 (signed)")
+    if ts == uid.JPEGBaseline8Bit and allocated != 8:
+        raise PreprocessError(f"JPEG Baseline holds 8-bit samples, BitsAllocated is {allocated}")
+    decoded = rows * cols * frames * samples * (allocated // 8)
+    if decoded > limits.max_decoded_bytes:
+        raise PreprocessError(
+            f"decoded pixel data would be {decoded} bytes ({frames} frame(s) of {rows}x{cols}"
+            f"x{samples} at {allocated} bits), which exceeds the limit of "
+            f"{limits.max_decoded_bytes} bytes")
+    if spec.depth is not None and frames < 2:
+        raise PreprocessError("a 3-D model needs a multi-frame instance (the frames form the "
+                              "volume); this instance has one frame")
+
+
+def frame_indices(ds: Dataset, spec: InputSpec) -> list[int]:
+    """The 0-based frames that become model input: all of them for 3-D models and for
+    ``frames: "all"``, else the middle one (``frames // 2``)."""
+    frames = _int(ds, "NumberOfFrames", 1)
+    if spec.depth is not None or spec.frames == "all":
+        return list(range(frames))
+    return [frames // 2]
+
+
+def decode_frames(ds: Dataset, indices: list[int]) -> np.ndarray:
+    """The stored values of the given frames: (n, rows, cols) or (n, rows, cols, 3) for colour
+    (YBR converted to RGB), or a PreprocessError that says why not."""
+    ts = transfer_syntax(ds)
+    frames = _int(ds, "NumberOfFrames", 1)
+    try:
+        if len(indices) == frames:
+            arr = pixel_array(ds, as_rgb=True)
+            if frames == 1:
+                arr = arr[None]
+        else:
+            arr = np.stack([pixel_array(ds, index=i, as_rgb=True) for i in indices])
+    except PreprocessError:
+        raise
+    except Exception as exc:  # decoders raise many types for bad pixel data
+        raise PreprocessError(
+            f"cannot decode pixel data ({SUPPORTED_TRANSFER_SYNTAXES.get(ts, ts)}): {exc}"
+        ) from exc
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    samples = _int(ds, "SamplesPerPixel", 1)
+    expected = (len(indices), rows, cols) + ((3,) if samples == 3 else ())
+    if arr.shape != expected:
+        raise PreprocessError(f"decoded pixel data has shape {arr.shape}, header says "
+                              f"{expected}")
+    return arr
 
 
 def decode_pixels(ds: Dataset) -> np.ndarray:
-    """The stored pixel values as a 2-D array, or a PreprocessError that says why not."""
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for bad pixel data
-        raise PreprocessError(f"cannot decode pixel data: {exc}") from exc
-    if pixels.ndim != 2:
-        raise PreprocessError(f"expected a 2-D image, got shape {pixels.shape}")
-    return pixels
+    """The stored pixel values of a single-frame greyscale instance as a 2-D array."""
+    arr = decode_frames(ds, [0])
+    if arr.ndim != 3:
+        raise PreprocessError(f"expected a greyscale image, got shape {arr.shape[1:]}")
+    return arr[0]
 
 
-def voi_window(ds: Dataset, spec: InputSpec, values: np.ndarray) -> tuple[float, float]:
-    """(low, high) in modality units: the manifest's window, else the instance's, else min/max."""
-    if spec.window is not None:
-        center, width = spec.window.center, spec.window.width
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        center = _first(ds.WindowCenter)
-        width = _first(ds.WindowWidth)
-        if width <= 0:
-            raise PreprocessError("WindowWidth must be positive")
-    else:
-        low, high = float(values.min()), float(values.max())
-        return low, high if high > low else low + 1.0
-    return center - width / 2.0, center + width / 2.0
+def _group_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
+    """An enhanced multi-frame object's functional group macro for one frame: the per-frame
+    item if it has one, else the shared one."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
+                          ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq is not None and len(seq) > index:
+            inner = seq[index].get(keyword)
+            if inner:
+                return inner[0]
+    return None
+
+
+def modality_values(ds: Dataset, stored: np.ndarray, frame: int = 0) -> np.ndarray:
+    """Stored values -> modality values (e.g. Hounsfield units) for one frame."""
+    item = _group_item(ds, frame, "PixelValueTransformationSequence")
+    if item is not None and "RescaleSlope" in item:
+        slope = float(item.RescaleSlope)
+        intercept = float(item.get("RescaleIntercept", 0.0))
+        return stored.astype(np.float64) * slope + intercept
+    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
 
 
 def _first(value: object) -> float:
     if isinstance(value, list | tuple | MultiValue):
         value = next(iter(value))
     return float(value)  # type: ignore[arg-type]
+
+
+def _window(source: Dataset, values: np.ndarray) -> np.ndarray | None:
+    """The instance's Window Center/Width applied, in [0, 1]; None if it has none.
+
+    LINEAR is taken as c +/- w/2 (LINEAR_EXACT): the DICOM LINEAR form differs by under one
+    part in the width and would shift every model trained before this module existed."""
+    if "WindowCenter" not in source or "WindowWidth" not in source:
+        return None
+    center, width = _first(source.WindowCenter), _first(source.WindowWidth)
+    if width <= 0:
+        raise PreprocessError("WindowWidth must be positive")
+    function = str(source.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if function in ("LINEAR", "LINEAR_EXACT"):
+        return np.clip((values - (center - width / 2.0)) / width, 0.0, 1.0)
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    raise PreprocessError(f"VOILUTFunction {function} is not supported")
+
+
+def _voi_lut(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
+    """The first item of the instance's VOI LUT Sequence applied, scaled to [0, 1] by the
+    LUT's declared bit depth (PS3.3 C.11.2.1.1); None if it has none."""
+    seq = ds.get("VOILUTSequence")
+    if not seq:
+        return None
+    item = seq[0]
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    if len(descriptor) != 3:
+        raise PreprocessError("VOI LUT Descriptor must have 3 values")
+    entries, first, bits = descriptor[0] or 65536, descriptor[1], descriptor[2]
+    if not 8 <= bits <= 16:
+        raise PreprocessError(f"VOI LUT entries of {bits} bits are not supported")
+    if first >= 32768 and int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        first -= 65536  # the descriptor's US/SS ambiguity: signed data maps from a negative
+    raw = item.LUTData
+    if isinstance(raw, bytes):
+        big = ds.file_meta.get("TransferSyntaxUID") == uid.ExplicitVRBigEndian
+        lut = np.frombuffer(raw, dtype=">u2" if big else "<u2")
+    else:
+        lut = np.asarray(list(raw) if isinstance(raw, MultiValue | list) else [raw])
+    if lut.size < entries:
+        raise PreprocessError(f"VOI LUT Data has {lut.size} entries, descriptor says {entries}")
+    index = np.clip(np.round(values).astype(np.int64) - first, 0, entries - 1)
+    return lut[:entries].astype(np.float64)[index] / float(2**bits - 1)
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low if high > low else 1.0)
+
+
+def voi_window(ds: Dataset, spec: InputSpec, values: np.ndarray) -> tuple[float, float]:
+    """(low, high) in modality units of a linear window: the manifest's, else the instance's,
+    else min/max. Kept for callers that want the bounds; ``to_unit`` applies the full VOI."""
+    if spec.window is not None:
+        return (spec.window.center - spec.window.width / 2.0,
+                spec.window.center + spec.window.width / 2.0)
+    if spec.voi != "minmax" and "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        if width <= 0:
+            raise PreprocessError("WindowWidth must be positive")
+        return center - width / 2.0, center + width / 2.0
+    low, high = float(values.min()), float(values.max())
+    return low, high if high > low else low + 1.0
+
+
+def grey_to_unit(ds: Dataset, spec: InputSpec, stored: np.ndarray,
+                 indices: list[int]) -> np.ndarray:
+    """Greyscale stored frames (n, rows, cols) -> displayed values in [0, 1] (1 = bright):
+    modality LUT, VOI, MONOCHROME1 inversion. Min/max scaling spans all n frames."""
+    values = np.stack([modality_values(ds, stored[i], f) for i, f in enumerate(indices)])
+    if spec.window is not None:
+        low = spec.window.center - spec.window.width / 2.0
+        unit = np.clip((values - low) / spec.window.width, 0.0, 1.0)
+    elif spec.voi == "minmax":
+        unit = _minmax(values)
+    else:
+        out: list[np.ndarray] = []
+        for i, f in enumerate(indices):
+            source = _group_item(ds, f, "FrameVOILUTSequence") or ds
+            if spec.voi == "window":
+                mapped = _window(source, values[i])
+                if mapped is None:
+                    mapped = _voi_lut(ds, values[i])
+            else:
+                mapped = _voi_lut(ds, values[i])
+                if mapped is None:
+                    mapped = _window(source, values[i])
+            if mapped is None:
+                out = []
+                break
+            out.append(mapped)
+        unit = np.stack(out) if out else _minmax(values)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit.astype(np.float32)
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -101,28 +344,61 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
-def preprocess(ds: Dataset, spec: InputSpec, header_checked: bool = False) -> np.ndarray:
-    """One instance -> float32 array of shape ``spec.shape``; ``header_checked`` skips the
-    header checks a caller (the gateway, before its acknowledgement) has already run."""
+def _channels(unit: np.ndarray, colour: bool, channels: int) -> np.ndarray:
+    """(n, rows, cols[, 3]) in [0, 1] -> (n, channels, rows, cols)."""
+    if colour:
+        if channels == 1:
+            return np.tensordot(unit, LUMA, axes=([3], [0]))[:, None].astype(np.float32)
+        return np.ascontiguousarray(unit.transpose(0, 3, 1, 2))
+    return np.repeat(unit[:, None], channels, axis=1)
+
+
+def preprocess_frames(ds: Dataset, spec: InputSpec, header_checked: bool = False,
+                      limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """One instance -> float32 model inputs of shape ``(n, *spec.shape)``: n = 1, except for a
+    2-D model with ``frames: "all"``, where n is the instance's number of frames."""
     try:
         if not header_checked:
-            check_image_header(ds, spec)
+            check_image_header(ds, spec, limits)
         return _preprocess(ds, spec)
     except PreprocessError:
         raise
-    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+    except (ValueError, TypeError, AttributeError, OverflowError, KeyError) as exc:
         # pydicom converts raw values lazily: a malformed number (WindowCenter "abc",
         # RescaleSlope "x") surfaces here, not at read time.
         raise PreprocessError(f"malformed header value: {exc}") from exc
 
 
+def preprocess(ds: Dataset, spec: InputSpec, header_checked: bool = False,
+               limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """One instance -> float32 array of shape ``spec.shape``; ``header_checked`` skips the
+    header checks a caller (the gateway, before its acknowledgement) has already run."""
+    batch = preprocess_frames(ds, spec, header_checked, limits)
+    if batch.shape[0] != 1:
+        raise PreprocessError(f"{batch.shape[0]} frames make {batch.shape[0]} model inputs "
+                              "(frames: all); use preprocess_frames")
+    return batch[0]
+
+
 def _preprocess(ds: Dataset, spec: InputSpec) -> np.ndarray:
-    stored = decode_pixels(ds)
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    low, high = voi_window(ds, spec, values)
-    image = np.clip((values - low) / (high - low), 0.0, 1.0)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        image = 1.0 - image
-    image = resize(image, spec.height, spec.width)
-    image = (image - spec.normalize.mean) / spec.normalize.std
-    return np.broadcast_to(image, spec.shape).astype(np.float32)
+    indices = frame_indices(ds, spec)
+    stored = decode_frames(ds, indices)
+    colour = stored.ndim == 4
+    if colour:
+        bits = _int(ds, "BitsStored", _int(ds, "BitsAllocated"))
+        unit = stored.astype(np.float32) / float(2**bits - 1)
+    else:
+        unit = grey_to_unit(ds, spec, stored, indices)
+    planes = _channels(unit, colour, spec.channels)  # (n, C, rows, cols)
+    n, c = planes.shape[:2]
+    out = np.empty((n, c, spec.height, spec.width), dtype=np.float32)
+    for i in range(n):
+        for k in range(c):
+            out[i, k] = resize(planes[i, k], spec.height, spec.width)
+    out = (out - spec.normalize.mean) / spec.normalize.std
+    if spec.depth is not None:  # the frames are the volume: resample along the slices
+        flat = out.reshape(n, -1)
+        volume = resize(flat, spec.depth, flat.shape[1]).reshape(spec.depth, c, spec.height,
+                                                                  spec.width)
+        return np.ascontiguousarray(volume.transpose(1, 0, 2, 3))[None].astype(np.float32)
+    return out.astype(np.float32)

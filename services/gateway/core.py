@@ -21,7 +21,12 @@ from pydicom.errors import InvalidDicomError
 
 from optimizer.errors import PreprocessError
 from optimizer.manifest import Manifest
-from optimizer.preprocess import check_image_header, preprocess
+from optimizer.preprocess import (
+    DEFAULT_LIMITS,
+    PixelLimits,
+    check_image_header,
+    preprocess_frames,
+)
 from optimizer.verify import activate
 from services.gateway.errors import (
     GatewayError,
@@ -34,7 +39,8 @@ from services.gateway.errors import (
 
 LOG = logging.getLogger(__name__)
 
-# Storage SOP classes of single-frame greyscale projection and cross-sectional images.
+# Image storage SOP classes the gateway takes; the manifest's modalities narrow them further and
+# optimizer.preprocess decides, from the header, whether the pixels can become model input.
 IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
     "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
@@ -42,6 +48,12 @@ IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
 }
 
 
@@ -74,6 +86,9 @@ class Result:
     sop_instance_uid: str
     findings: list[dict[str, Any]]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Segmentation only, not serialised: the activated class maps (frames, classes, ...) at the
+    # model's resolution, for services.gateway.dicom_results.build_seg.
+    maps: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,9 +122,11 @@ def parse(data: bytes) -> Dataset:
 class InferenceCore:
     """Checks, preprocesses and infers one instance per the model manifest."""
 
-    def __init__(self, manifest: Manifest, inferer: Inferer) -> None:
+    def __init__(self, manifest: Manifest, inferer: Inferer,
+                 limits: PixelLimits = DEFAULT_LIMITS) -> None:
         self.manifest = manifest
         self._inferer = inferer
+        self._limits = limits
 
     def check(self, ds: Dataset) -> None:
         """Header-only checks, cheap enough to run before a DIMSE acknowledgement."""
@@ -134,22 +151,30 @@ class InferenceCore:
             if not str(ds.get(uid, "")):
                 raise InvalidInstance(f"missing {uid}", "missing_uid")
         try:
-            check_image_header(ds, self.manifest.input)
+            check_image_header(ds, self.manifest.input, self._limits)
         except PreprocessError as exc:
             raise UnsupportedInstance(str(exc), "not_for_model") from exc
 
     def _findings(self, scores: np.ndarray) -> list[dict[str, Any]]:
+        """``scores``: (frames, ...) activated outputs; one frame unless the manifest infers
+        every frame of a multi-frame instance, where a label's score is its highest."""
         out = self.manifest.output
         pairs = zip(out.labels, out.thresholds, strict=True)
         if self.manifest.task == "classification":
-            return [{"label": label, "score": round(float(scores[k]), 6), "threshold": thr,
-                     "positive": bool(scores[k] >= thr)} for k, (label, thr) in enumerate(pairs)]
+            best = scores.max(axis=0)
+            findings = [{"label": label, "score": round(float(best[k]), 6), "threshold": thr,
+                         "positive": bool(best[k] >= thr)}
+                        for k, (label, thr) in enumerate(pairs)]
+            if scores.shape[0] > 1:
+                for k, finding in enumerate(findings):
+                    finding["frame"] = int(scores[:, k].argmax()) + 1  # 1-based, as in DICOM
+            return findings
         findings = []
         for k, (label, thr) in enumerate(pairs):  # segmentation: a summary per class map
-            mask = scores[k] >= thr
+            mask = scores[:, k] >= thr
             findings.append({"label": label, "threshold": thr, "pixels": int(mask.sum()),
                              "fraction": round(float(mask.mean()), 6),
-                             "max_score": round(float(scores[k].max()), 6),
+                             "max_score": round(float(scores[:, k].max()), 6),
                              "positive": bool(mask.any())})
         return findings
 
@@ -159,17 +184,22 @@ class InferenceCore:
         self.check(ds)
         t0 = time.perf_counter()
         try:
-            x = preprocess(ds, self.manifest.input, header_checked=True)
+            x = preprocess_frames(ds, self.manifest.input, header_checked=True,
+                                  limits=self._limits)
         except PreprocessError as exc:
             raise InvalidInstance(str(exc), "bad_pixels") from exc
         t1 = time.perf_counter()
-        raw = self._inferer.infer(x[None])
+        # One call per frame: any Triton max_batch_size takes it; the dynamic batcher merges.
+        raws = [self._inferer.infer(x[i : i + 1]) for i in range(x.shape[0])]
         t2 = time.perf_counter()
         expected = (1, *self.manifest.output_shape)
-        if raw.shape != expected:
-            raise InferenceFailed(
-                f"model returned shape {raw.shape}, manifest expects {expected}", "output_shape")
-        findings = self._findings(activate(raw, self.manifest.output.activation)[0])
+        for raw in raws:
+            if raw.shape != expected:
+                raise InferenceFailed(
+                    f"model returned shape {raw.shape}, manifest expects {expected}",
+                    "output_shape")
+        scores = activate(np.concatenate(raws), self.manifest.output.activation)
+        findings = self._findings(scores)
         t3 = time.perf_counter()
         timings["preprocess"] = (t1 - t0) * 1000.0
         timings["inference"] = (t2 - t1) * 1000.0
@@ -181,4 +211,5 @@ class InferenceCore:
             study_instance_uid=str(ds.StudyInstanceUID),
             series_instance_uid=str(ds.SeriesInstanceUID),
             sop_instance_uid=str(ds.SOPInstanceUID), findings=findings, timings_ms=timings,
+            maps=scores if self.manifest.task == "segmentation" else None,
         )
