@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from pydicom.uid import generate_uid
 from starlette.testclient import TestClient
 
 from services.gateway.core import InferenceCore
@@ -16,6 +19,7 @@ from services.gateway.spool import ResultStore, Spool
 from services.gateway.worker import SpoolWorker
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
+from tests.gateway.harness import base_url, fake_gateway, wait_for
 from tests.gateway.util import bad_window_center, dicom_bytes, make_instance
 
 DICOM = {"Content-Type": "application/dicom"}
@@ -130,3 +134,92 @@ def test_rest_results_are_stored_for_the_study(client: TestClient) -> None:
     r = client.get(f"/v1/studies/{ds.StudyInstanceUID}/results")
     assert r.status_code == 200
     assert [i["sop_instance_uid"] for i in r.json()["instances"]] == [ds.SOPInstanceUID]
+
+
+# --- JSON study API against a running gateway (fake Triton) -------------------------------
+
+
+def _b64(ds) -> str:  # type: ignore[no-untyped-def]
+    return base64.b64encode(dicom_bytes(ds)).decode("ascii")
+
+
+def _one_study(n: int, seed: int = 0) -> list:  # type: ignore[type-arg]
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for k in range(n):
+        ds = make_instance(seed + k)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        out.append(ds)
+    return out
+
+
+def test_submit_study_then_poll_until_done_with_fake_triton(tmp_path: Path) -> None:
+    fake = FakeInferer(unavailable_calls=10**6)  # Triton down at first: results must wait
+    gw = fake_gateway(tmp_path, fake)
+    try:
+        url = base_url(gw)
+        instances = _one_study(3)
+        r = httpx.post(f"{url}/v1/studies", json={"instances": [_b64(d) for d in instances]})
+        assert r.status_code == 202, r.text
+        body = r.json()
+        study = instances[0].StudyInstanceUID
+        assert body == {"study_instance_uid": study, "accepted": 3,
+                        "results_url": f"/v1/studies/{study}/results"}
+        assert r.headers["location"] == body["results_url"]
+        assert len(gw.spool.pending()) == 3  # durably spooled before the 202
+        status = httpx.get(url + body["results_url"]).json()
+        assert status["status"] == "pending" and status["pending"] == 3
+        fake.unavailable_calls = 0
+        assert wait_for(lambda: httpx.get(url + body["results_url"]).json()["status"] == "done")
+        done = httpx.get(url + body["results_url"]).json()
+        assert sorted(i["sop_instance_uid"] for i in done["instances"]) == sorted(
+            d.SOPInstanceUID for d in instances)
+    finally:
+        gw.stop()
+
+
+def test_pending_status_survives_a_restart_with_fake_triton(tmp_path: Path) -> None:
+    instances = _one_study(2)
+    gw = fake_gateway(tmp_path, FakeInferer(unavailable_calls=10**6))
+    try:
+        r = httpx.post(f"{base_url(gw)}/v1/studies",
+                       json={"instances": [_b64(d) for d in instances]})
+        assert r.status_code == 202
+    finally:
+        gw.stop()
+    gw = fake_gateway(tmp_path, FakeInferer(unavailable_calls=10**6))  # same spool
+    try:
+        status = httpx.get(f"{base_url(gw)}/v1/studies/{instances[0].StudyInstanceUID}"
+                           "/results").json()
+        assert status["status"] == "pending" and status["pending"] == 2
+    finally:
+        gw.stop()
+
+
+def test_submit_study_refuses_bad_requests_and_spools_nothing(tmp_path: Path) -> None:
+    gw = fake_gateway(tmp_path, FakeInferer(), max_request_bytes=1024 * 1024)
+    try:
+        url = f"{base_url(gw)}/v1/studies"
+        no_pixels = make_instance(2)
+        del no_pixels.PixelData
+        good = _one_study(1)[0]
+        cases = [
+            (dict(content=b"{}", headers={"Content-Type": "text/plain"}), 415, "media_type"),
+            (dict(content=b"{nope", headers={"Content-Type": "application/json"}), 400,
+             "bad_json"),
+            (dict(json={"instances": []}), 400, "bad_json"),
+            (dict(json={"instances": ["@@not base64@@"]}), 400, "bad_base64"),
+            (dict(json={"instances": [_b64(good), _b64(no_pixels)]}), 400, "no_pixel_data"),
+            (dict(json={"instances": [_b64(good), _b64(make_instance(7))]}), 400,
+             "several_studies"),
+            (dict(json={"instances": ["A" * (2 * 1024 * 1024)]}), 413, "too_large"),
+        ]
+        for kwargs, status, reason in cases:
+            r = httpx.post(url, **kwargs)  # type: ignore[arg-type]
+            assert (r.status_code, r.json()["error"]["reason"]) == (status, reason), r.text
+        assert "instances[1]" in httpx.post(
+            url, json={"instances": [_b64(good), _b64(no_pixels)]}).json()["error"]["message"]
+        assert gw.spool.pending() == [] and gw.worker.depth == 0
+        assert httpx.post(url, json={"instances": [_b64(good)]}).status_code == 202
+    finally:
+        gw.stop()
