@@ -129,6 +129,21 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--dicom-host", default="127.0.0.1")
         cmd.add_argument("--dicom-port", type=int, default=11112)
         cmd.add_argument("--ae-title", default="BEDSIDE")
+        cmd.add_argument("--allowed-ae", action="append", default=[], metavar="AE_TITLE",
+                         help="calling AE title allowed to associate (repeatable; none given: "
+                              "any calling AE title)")
+        cmd.add_argument("--max-pdu", type=int, default=16382,
+                         help="largest DIMSE PDU accepted, bytes (0: no limit)")
+        cmd.add_argument("--max-associations", type=int, default=8)
+        cmd.add_argument("--grpc-port", type=int, default=8081,
+                         help="Open Inference Protocol v2 gRPC port on --http-host (0: off)")
+        cmd.add_argument("--tls-cert", type=Path, default=None,
+                         help="DICOM TLS: server certificate (PEM); with --tls-key enables TLS")
+        cmd.add_argument("--tls-key", type=Path, default=None,
+                         help="DICOM TLS: private key of --tls-cert (PEM)")
+        cmd.add_argument("--tls-ca", type=Path, default=None,
+                         help="DICOM TLS: CA bundle; clients must present a certificate it "
+                              "signed")
     srv.add_argument("--triton-grpc-port", type=int, default=8001)
     srv.add_argument("--triton-env", type=Path, default=None)
     gw.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton gRPC host:port")
@@ -163,7 +178,12 @@ def _gateway_config(args: argparse.Namespace, triton_url: str) -> GatewayConfig:
         model_repository=args.repository.absolute(), model_name=args.model,
         triton_grpc_url=triton_url, spool_dir=args.spool.absolute(), http_host=args.http_host,
         http_port=args.http_port, dicom_host=args.dicom_host, dicom_port=args.dicom_port,
-        ae_title=args.ae_title,
+        ae_title=args.ae_title, allowed_calling_aets=tuple(args.allowed_ae),
+        max_pdu_bytes=args.max_pdu, max_associations=args.max_associations,
+        grpc_port=args.grpc_port,
+        tls_cert=args.tls_cert.absolute() if args.tls_cert else None,
+        tls_key=args.tls_key.absolute() if args.tls_key else None,
+        tls_ca=args.tls_ca.absolute() if args.tls_ca else None,
     )
 
 

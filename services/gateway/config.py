@@ -35,8 +35,9 @@ class GatewayConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
-    # Open Inference Protocol v2 over gRPC, on http_host; 0 disables it.
-    grpc_port: int = 8081
+    # Open Inference Protocol v2 over gRPC, on http_host; 0 (the default here) leaves it off.
+    # The CLI turns it on at 8081 unless told otherwise.
+    grpc_port: int = 0
     max_request_bytes: int = 64 * 1024 * 1024
     # Acknowledged-but-unfinished instances above which C-STORE answers 0xA700 (back-pressure).
     max_spool_depth: int = 1000

@@ -110,8 +110,11 @@ def _decode_study_request(body: bytes) -> list[bytes]:
 
 
 def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetrics,
-               ready: Callable[[], bool], max_request_bytes: int, ingestor: Ingestor,
+               ready: Callable[[], bool], max_request_bytes: int,
+               ingestor: Ingestor | None = None,
                extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """Without an ``ingestor`` the app only infers synchronously (``/v1/infer``): there is no
+    ``POST /v1/studies``, and a study's status is ``done`` as soon as it has results."""
     model = core.manifest.name
 
     def infer_bytes(data: bytes, arrival: float) -> Result:
@@ -146,6 +149,7 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
         return JSONResponse(payload)
 
     def check_study(blobs: list[bytes]) -> list[tuple[bytes, Dataset]]:
+        assert ingestor is not None  # the route exists only with an ingestor
         checked = []
         for k, data in enumerate(blobs):
             try:
@@ -159,6 +163,7 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
         return checked
 
     def spool_study(checked: list[tuple[bytes, Dataset]], arrival: float) -> None:
+        assert ingestor is not None
         received = time.perf_counter()
         for data, ds in checked:
             ingestor.accept(data, ds, "rest", arrival, received)
@@ -166,6 +171,7 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
     async def submit_study(request: Request) -> Response:
         arrival = time.perf_counter()
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        assert ingestor is not None
         try:
             if media != "application/json":
                 raise UnsupportedMediaType("Content-Type must be application/json",
@@ -185,7 +191,8 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
 
     async def study_results(request: Request) -> Response:
         study_uid = request.path_params["study_uid"]
-        pending = await run_in_threadpool(ingestor.pending, study_uid)
+        pending = (await run_in_threadpool(ingestor.pending, study_uid)
+                   if ingestor is not None else 0)
         found = await run_in_threadpool(results.for_study, study_uid)
         if not found and not pending:
             return error_response(NotFound("no results for that study (yet)", "not_found"))
@@ -209,9 +216,10 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
         return JSONResponse({"error": {"reason": "internal", "message": "internal error"}},
                             status_code=500)
 
+    submit = [Route("/v1/studies", submit_study, methods=["POST"])] if ingestor is not None else []
     return Starlette(exception_handlers={Exception: internal_error}, routes=[
         Route("/v1/infer", infer, methods=["POST"]),
-        Route("/v1/studies", submit_study, methods=["POST"]),
+        *submit,
         Route("/v1/studies/{study_uid:str}/results", study_results, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
