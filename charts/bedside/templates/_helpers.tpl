@@ -67,8 +67,10 @@ seccompProfile:
 {{- end -}}
 {{- end -}}
 
-{{/* GPU scheduling (nodeSelector, tolerations, affinity) for Triton and the engine-build Job. */}}
+{{/* GPU-pool scheduling for Triton and the engine-build Job: nodeSelector and tolerations
+apply while gpu.enabled (they describe the GPU pool); affinity always. */}}
 {{- define "bedside.gpuScheduling" -}}
+{{- if .gpu.enabled }}
 {{- with .nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -76,6 +78,7 @@ nodeSelector:
 {{- with .tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 {{- with .affinity }}
 affinity:

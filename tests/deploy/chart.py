@@ -1,0 +1,73 @@
+"""Rendering helpers for the chart tests: the chart rendered through the Helm SDK, split into
+Kubernetes objects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import yaml
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "bedside"
+KUBE_VERSION = "1.35.0"  # a current Kubernetes release, in kubernetes-validate's schemas
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ServingRuntime",
+             "InferenceService"}
+
+# Value permutations the chart is tested with (name -> values).
+PERMUTATIONS: dict[str, dict[str, Any]] = {
+    "defaults (gpu, pvc)": {},
+    "cpu, object store": {
+        "triton": {"gpu": {"enabled": False}, "nodeSelector": {}, "tolerations": []},
+        "model": {"repository": {"source": "objectStore", "objectStore": {
+            "uri": ":s3,provider=AWS,env_auth=true:models/bedside",
+            "credentialsSecret": "s3-credentials"}}},
+    },
+    "gpu, oci, tensorrt engines, autoscaling": {
+        "model": {"repository": {"source": "oci", "oci": {
+            "image": {"repository": "registry.example.org/models/cxr", "tag": "1.0.0"}}}},
+        "tensorrt": {"engineBuild": {"enabled": True}},
+        "triton": {"autoscaling": {"enabled": True}, "modelControlMode": "explicit"},
+        "gateway": {"autoscaling": {"enabled": True}},
+    },
+    "kserve on, tls on": {
+        "kserve": {"enabled": True},
+        "gateway": {"ingress": {"enabled": True, "tls": {"enabled": True}},
+                    "dicomTls": {"enabled": True},
+                    "allowedAETitles": ["MODALITY1", "PACS"],
+                    "service": {"dicomType": "LoadBalancer"}},
+    },
+    "tls off, ingress without tls": {
+        "gateway": {"ingress": {"enabled": True, "tls": {"enabled": False}},
+                    "dicomTls": {"enabled": False}},
+    },
+}
+
+
+def render(values: dict[str, Any], release: str = "demo",
+           namespace: str = "bedside") -> dict[str, str]:
+    with helm.Chart.load(str(CHART)) as chart:
+        rendered: dict[str, str] = chart.render(values, name=release, namespace=namespace)
+    return rendered
+
+
+def objects(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith(".yaml"):
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(object name, pod spec) for every object that runs containers."""
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
+        elif d["kind"] == "ServingRuntime":
+            yield f"ServingRuntime/{d['metadata']['name']}", d["spec"]
