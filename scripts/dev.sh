@@ -21,7 +21,8 @@ as_root_or_explain() {  # $1: why; rest: Debian packages
   if [ "$(id -u)" = 0 ]; then
     log "installing Debian packages ($why): $*"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
+      --no-install-recommends "$@" >/dev/null
   else
     log "missing Debian packages ($why). As root, run: apt-get install $*"
     exit 1
@@ -50,7 +51,7 @@ setup_venv() {
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned: an unpinned torch pulls gigabytes of CUDA packages.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[optimizer,dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[optimizer,deploy,dev]"
   echo "$stamp" > "$VENV/.bedside-stamp"
 }
 
@@ -67,8 +68,13 @@ setup_triton_venv() {
 }
 
 setup_test_peers() {
-  # Real DICOM peers for the integration tests: dcmtk (storescu, echoscu).
-  [ -x /usr/bin/storescu ] && [ -x /usr/bin/echoscu ] || as_root_or_explain "test peers" dcmtk
+  # Real peers for the tests: dcmtk (storescu, echoscu), dicom3tools (dciodvfy validates the
+  # SR/SEG we write), prometheus (promtool checks the chart's alert rules).
+  local missing=()
+  [ -x /usr/bin/storescu ] && [ -x /usr/bin/echoscu ] || missing+=(dcmtk)
+  [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
+  [ -x /usr/bin/promtool ] || missing+=(prometheus)
+  [ ${#missing[@]} = 0 ] || as_root_or_explain "test peers" "${missing[@]}"
 }
 
 setup() {
