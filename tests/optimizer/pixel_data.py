@@ -20,6 +20,9 @@ from pydicom.uid import generate_uid
 
 SC_IMAGE_STORAGE = uid.UID("1.2.840.10008.5.1.4.1.1.7")
 CR_IMAGE_STORAGE = uid.UID("1.2.840.10008.5.1.4.1.1.1")
+MULTIFRAME_SC = {8: uid.UID("1.2.840.10008.5.1.4.1.1.7.2"),
+                 16: uid.UID("1.2.840.10008.5.1.4.1.1.7.3"),
+                 3: uid.UID("1.2.840.10008.5.1.4.1.1.7.4")}
 DCMCJPEG = "/usr/bin/dcmcjpeg"
 
 
@@ -54,7 +57,10 @@ def make_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
     arr = np.asarray(pixels).astype(kind)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    sop_class = CR_IMAGE_STORAGE if frames == 1 and not colour else SC_IMAGE_STORAGE
+    if frames > 1:  # the multi-frame SC classes: byte, word, true colour
+        sop_class = MULTIFRAME_SC[(3 if colour else bits_allocated)]
+    else:
+        sop_class = SC_IMAGE_STORAGE if colour else CR_IMAGE_STORAGE
     ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
@@ -69,7 +75,7 @@ def make_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
     ds.Modality = modality
     ds.SeriesNumber, ds.InstanceNumber = 1, 1
     ds.PatientOrientation = ["L", "F"]
-    if sop_class == SC_IMAGE_STORAGE:
+    if sop_class != CR_IMAGE_STORAGE:
         ds.ConversionType = "WSD"
     ds.SamplesPerPixel = 3 if colour else 1
     if colour:
