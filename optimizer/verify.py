@@ -17,9 +17,11 @@ def activate(outputs: np.ndarray, activation: str) -> np.ndarray:
     if activation == "sigmoid":
         return np.asarray(1.0 / (1.0 + np.exp(-outputs.astype(np.float64))))
     if activation == "softmax":
-        shifted = outputs - outputs.max(axis=-1, keepdims=True)
+        # over the class axis: (N, C) scores, or (N, C, ...) maps for segmentation
+        axis = 1 if outputs.ndim >= 2 else 0
+        shifted = outputs - outputs.max(axis=axis, keepdims=True)
         e = np.exp(shifted.astype(np.float64))
-        return np.asarray(e / e.sum(axis=-1, keepdims=True))
+        return np.asarray(e / e.sum(axis=axis, keepdims=True))
     return outputs.astype(np.float64)
 
 

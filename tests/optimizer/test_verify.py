@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from optimizer.manifest import AccuracyBudget
-from optimizer.verify import roc_auc, verify
+from optimizer.verify import activate, roc_auc, verify
 from tests.conftest import TINY_MANIFEST
 
 
@@ -93,3 +93,13 @@ def test_multi_label_sigmoid_with_one_label_column_is_refused() -> None:
         TINY_MANIFEST.output, labels=("a", "b"), thresholds=(0.5, 0.5)))
     with pytest.raises(ValueError, match="one label column per"):
         verify("fp32", two, two, labels, multi)
+
+
+def test_softmax_normalises_over_the_class_axis_of_segmentation_maps() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(2, 3, 4, 5))  # (batch, classes, height, width)
+    probs = activate(maps, "softmax")
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    assert not np.allclose(probs.sum(axis=-1), 1.0)
+    scores = activate(maps[:, :, 0, 0], "softmax")  # classification (batch, classes)
+    np.testing.assert_allclose(scores, probs[:, :, 0, 0])
