@@ -26,6 +26,15 @@ from services.gateway.worker import Job, SpoolWorker
 LOG = logging.getLogger(__name__)
 
 
+def with_preamble(data: bytes) -> bytes:
+    """A Part-10 file whose preamble was left out (it starts right at the File Meta group, as
+    ``pydicom.dcmwrite`` writes by default and dicomweb-client sends) gets the standard empty
+    preamble and "DICM" prefix; nothing else about it changes. Other bytes pass unchanged."""
+    if data[128:132] != b"DICM" and data[:2] == b"\x02\x00":
+        return b"\x00" * 128 + b"DICM" + data
+    return data
+
+
 class Ingestor:
     def __init__(self, core: InferenceCore, spool: Spool, worker: SpoolWorker,
                  metrics: GatewayMetrics, max_spool_depth: int, max_instance_bytes: int) -> None:
@@ -50,13 +59,10 @@ class Ingestor:
                                   "too_large")
 
     def read(self, data: bytes) -> tuple[bytes, Dataset]:
-        """Part-10 bytes -> (bytes to spool, dataset); raises GatewayError. A file whose
-        preamble was left out (it starts right at the File Meta group, as ``pydicom.dcmwrite``
-        writes by default and dicomweb-client sends) gets the standard empty preamble:
-        nothing else about it changes."""
+        """Part-10 bytes -> (bytes to spool, dataset); raises GatewayError. See
+        ``with_preamble`` for the one repair made."""
         self.check_size(len(data))
-        if data[128:132] != b"DICM" and data[:2] == b"\x02\x00":
-            data = b"\x00" * 128 + b"DICM" + data
+        data = with_preamble(data)
         return data, parse(data)
 
     def parse_and_check(self, data: bytes) -> tuple[bytes, Dataset]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from services.gateway.core import InferenceCore, Result, complete_timings, parse
 from services.gateway.errors import BadRequest, NotFound, PayloadTooLarge
+from services.gateway.ingest import with_preamble
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.spool import ResultStore
 
@@ -134,7 +135,7 @@ class Dataplane:
                                  "bad_output")
         results: list[Result] = []
         for data in files:
-            ds = parse(data)
+            ds = parse(with_preamble(data))
             result = self.core.analyze(ds, {"receive": (time.perf_counter() - arrival) * 1000.0})
             complete_timings(result.timings_ms, arrival, time.perf_counter())
             results.append(result)

@@ -42,7 +42,7 @@ from services.gateway.errors import (
     UnsupportedInstance,
     UnsupportedMediaType,
 )
-from services.gateway.ingest import Ingestor
+from services.gateway.ingest import Ingestor, with_preamble
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.spool import ResultStore
 
@@ -118,7 +118,7 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
     model = core.manifest.name
 
     def infer_bytes(data: bytes, arrival: float) -> Result:
-        ds = parse(data)
+        ds = parse(with_preamble(data))
         received = time.perf_counter()
         result = core.analyze(ds, {"receive": (received - arrival) * 1000.0})
         complete_timings(result.timings_ms, arrival, time.perf_counter())

@@ -298,6 +298,7 @@ def test_tls_configuration_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unusable"):
         swapped.dicom_tls_context()
     with pytest.raises(ConfigError, match="allowed calling AE title"):
-        GatewayConfig(**base, allowed_calling_aets=("WAY_TOO_LONG_AE_TITLE",))  # type: ignore[arg-type]
+        GatewayConfig(**base,  # type: ignore[arg-type]
+                      allowed_calling_aets=("WAY_TOO_LONG_AE_TITLE",))
     with pytest.raises(ConfigError, match="max_pdu_bytes"):
         GatewayConfig(**base, max_pdu_bytes=100)  # type: ignore[arg-type]

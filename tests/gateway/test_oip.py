@@ -54,7 +54,9 @@ def _input(module, files: list[bytes], binary: bool = True):  # type: ignore[no-
 
 
 @pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
-def test_health_and_metadata_with_fake_triton(gateway: Gateway, module) -> None:  # type: ignore[no-untyped-def]
+def test_health_and_metadata_with_fake_triton(
+    gateway: Gateway, module  # type: ignore[no-untyped-def]
+) -> None:
     client = _http(gateway) if module is httpclient else _grpc(gateway)
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL)
@@ -70,7 +72,9 @@ def test_health_and_metadata_with_fake_triton(gateway: Gateway, module) -> None:
 
 
 @pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
-def test_infer_returns_scores_and_findings_with_fake_triton(gateway: Gateway, module) -> None:  # type: ignore[no-untyped-def]
+def test_infer_returns_scores_and_findings_with_fake_triton(
+    gateway: Gateway, module  # type: ignore[no-untyped-def]
+) -> None:
     client = _http(gateway) if module is httpclient else _grpc(gateway)
     instances = [make_instance(1), make_instance(2)]
     files = [dicom_bytes(ds) for ds in instances]
@@ -94,9 +98,6 @@ def test_http_json_outputs_when_not_asked_for_binary_with_fake_triton(gateway: G
     assert result.get_output("SCORES")["data"]  # JSON form
     assert result.as_numpy("SCORES").shape == (1, 1)
     assert result.as_numpy("FINDINGS_JSON") is None  # only what was asked for
-
-
-GRPC, HTTP = "grpc", "http"
 
 
 @pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
@@ -163,3 +164,16 @@ def test_oip_metrics_have_protocol_labels(gateway: Gateway) -> None:
     for protocol in ("oip_rest", "oip_grpc"):
         assert (f'bedside_gateway_requests_total{{outcome="inferred",protocol="{protocol}",'
                 f'reason="ok"}} 1.0') in text
+
+
+def test_files_written_without_preamble_are_accepted_with_fake_triton(gateway: Gateway) -> None:
+    import io
+
+    import pydicom
+
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, make_instance(8))  # starts at the File Meta group, no "DICM"
+    data = buf.getvalue()
+    assert data[128:132] != b"DICM"
+    result = _grpc(gateway).infer(MODEL, [_input(grpcclient, [data])])
+    assert result.as_numpy("SCORES").shape == (1, 1)
