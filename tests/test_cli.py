@@ -60,7 +60,8 @@ def test_serve_becomes_ready_and_stops_everything_on_ctrl_c(optimized: Path,
     proc = subprocess.Popen(
         [*BEDSIDE, "serve", "--repository", str(optimized / "repository"), "--model",
          "tiny-cxr", "--spool", str(spool), "--http-port", str(http_port), "--dicom-port",
-         str(free_port()), "--triton-grpc-port", str(free_port()), "--triton-env",
+         str(free_port()), "--grpc-port", str(free_port()), "--triton-grpc-port",
+         str(free_port()), "--triton-env",
          str(triton_env())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -91,7 +91,9 @@ def test_worker_survives_a_bug_and_quarantines_with_fake_triton(tmp_path: Path) 
         worker.submit(Job(path=spool.put(dicom_bytes(first)), protocol="dimse"))
         worker.submit(Job(path=spool.put(dicom_bytes(second)), protocol="dimse"))
         assert _wait(lambda: len(results.for_study(second.StudyInstanceUID)) == 1)
-        assert worker.alive and worker.depth == 0
+        # the depth drops just after the result is stored: wait for it, do not race it
+        assert _wait(lambda: worker.depth == 0)
+        assert worker.alive
         assert len(list(spool.failed.glob("*.dcm"))) == 1  # kept, not deleted
         assert results.for_study(first.StudyInstanceUID) == []
     finally:
