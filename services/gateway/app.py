@@ -61,7 +61,8 @@ class Gateway:
         self.worker = SpoolWorker(self.core, self.spool, self.results, self.metrics,
                                   config.triton_retry_backoff_s)
         self.ingestor = Ingestor(self.core, self.spool, self.worker, self.metrics,
-                                 config.max_spool_depth, config.max_request_bytes)
+                                 config.max_spool_depth, config.max_request_bytes,
+                                 config.min_free_bytes)
         self.dimse = DicomServer(config, self.ingestor, self.metrics)
         self.oip = Dataplane(self.core, self.results, self.metrics, self.ready)
         self.grpc = (OipGrpcServer(self.oip, self.metrics, config.http_host, config.grpc_port,
@@ -122,5 +123,6 @@ class Gateway:
         if self._http_thread.is_alive():
             self._http_thread.join(timeout=10)
         self.worker.stop()
+        self.worker.jobs.close()
         self.inferer.close()
         LOG.info("gateway stopped")

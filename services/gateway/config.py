@@ -41,8 +41,15 @@ class GatewayConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     # Acknowledged-but-unfinished instances above which C-STORE answers 0xA700 (back-pressure).
     max_spool_depth: int = 1000
+    # New work (C-STORE, STOW-RS, POST /v1/studies) is refused (0xA700 / 503 + Retry-After,
+    # reason disk_full) while the spool's filesystem has less free space than this.
+    min_free_bytes: int = 1024**3
     triton_timeout_s: float = 10.0
     triton_retry_backoff_s: float = 0.5
+    # Circuit breaker on the Triton client: open after this many consecutive "unavailable"
+    # failures; while open, calls fail fast; after the cool-down one probe call is let through.
+    triton_breaker_failures: int = 5
+    triton_breaker_cooldown_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not _AE_RE.match(self.ae_title) or self.ae_title != self.ae_title.strip():
@@ -76,6 +83,11 @@ class GatewayConfig:
             raise ConfigError("max_request_bytes must be >= 1024")
         if self.triton_timeout_s <= 0 or self.triton_retry_backoff_s <= 0:
             raise ConfigError("triton timeouts must be > 0")
+        if self.min_free_bytes < 0:
+            raise ConfigError("min_free_bytes must be >= 0 (0 disables the disk watermark)")
+        if self.triton_breaker_failures < 1 or self.triton_breaker_cooldown_s <= 0:
+            raise ConfigError("triton_breaker_failures must be >= 1 and "
+                              "triton_breaker_cooldown_s > 0")
         if not (self.model_repository / self.model_name / "manifest.json").is_file():
             raise ConfigError(
                 f"no manifest.json for model {self.model_name!r} in {self.model_repository}"

@@ -1,20 +1,21 @@
 """Durable acceptance of instances, shared by every edge that acknowledges before inferring
 (DIMSE C-STORE, DICOMweb STOW-RS, the JSON study API).
 
-An edge calls ``check`` (capacity, size, header checks), then ``accept``: the bytes are
-spooled with ``Spool.put`` (fsynced) and only then queued for the worker, so whatever the edge
-acknowledges afterwards survives a crash. ``pending`` answers "is this study still being
-processed?" from the spool itself, so it stays right across restarts.
+An edge calls ``check`` (capacity, free disk, size, header checks), then ``accept``: the bytes
+are spooled with ``Spool.put`` (fsynced), a ``received`` row is committed to the job table, and
+only then is the instance queued for the worker, so whatever the edge acknowledges afterwards
+survives a crash (see jobs.py for the crash-consistency argument). ``pending`` answers "is this
+study still being processed?" from the job table, so it stays right across restarts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
+import shutil
 import time
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from services.gateway.core import InferenceCore, parse, uid_hash
@@ -37,21 +38,27 @@ def with_preamble(data: bytes) -> bytes:
 
 class Ingestor:
     def __init__(self, core: InferenceCore, spool: Spool, worker: SpoolWorker,
-                 metrics: GatewayMetrics, max_spool_depth: int, max_instance_bytes: int) -> None:
+                 metrics: GatewayMetrics, max_spool_depth: int, max_instance_bytes: int,
+                 min_free_bytes: int = 0) -> None:
         self.core = core
         self._spool = spool
         self._worker = worker
         self._metrics = metrics
         self._max_depth = max_spool_depth
         self._max_bytes = max_instance_bytes
-        self._study_of: dict[str, str] = {}  # spooled file name -> Study Instance UID
-        self._lock = threading.Lock()
+        self._min_free = min_free_bytes
 
     def check_capacity(self) -> None:
-        """Back-pressure: refuse new work while too much acknowledged work is unfinished."""
+        """Back-pressure: refuse new work while too much acknowledged work is unfinished, or
+        while the spool's filesystem is below its free-space watermark (checked before any
+        byte is written, so a full disk never turns into a half-written, acknowledged file)."""
         if self._worker.depth >= self._max_depth:
             raise Unavailable("too many instances waiting for inference; retry later",
                               "spool_full")
+        if self._min_free and shutil.disk_usage(self._spool.root).free < self._min_free:
+            LOG.error("spool filesystem below %d free bytes: refusing new work",
+                      self._min_free)
+            raise Unavailable("gateway storage is nearly full; retry later", "disk_full")
 
     def check_size(self, size: int) -> None:
         if size > self._max_bytes:
@@ -81,9 +88,17 @@ class Ingestor:
         except OSError as exc:
             LOG.error("spool write failed: %s", exc.strerror)
             raise Unavailable("cannot spool the instance", "spool_error") from exc
+        try:
+            self._worker.jobs.insert(path.name, str(ds.get("StudyInstanceUID", "")),
+                                     str(ds.get("SeriesInstanceUID", "")),
+                                     str(ds.get("SOPInstanceUID", "")), protocol)
+        except Exception as exc:  # sqlite3.Error, OSError: not acknowledged, so take it back
+            LOG.error("job table insert failed: %s", type(exc).__name__)
+            # if even that fails, start-up reconciliation processes the file once
+            with contextlib.suppress(OSError):
+                self._spool.remove(path)
+            raise Unavailable("cannot record the instance", "spool_error") from exc
         acked = time.perf_counter()
-        with self._lock:
-            self._study_of[path.name] = str(ds.StudyInstanceUID)
         self._worker.submit(Job(
             path=path, protocol=protocol, arrival=arrival, acked=acked,
             timings_ms={"receive": (received - arrival) * 1000.0,
@@ -94,25 +109,7 @@ class Ingestor:
         return path
 
     def pending(self, study_uid: str) -> int:
-        """Instances of the study acknowledged and not finished yet (still in the spool).
-
-        The worker stores a result before it removes the spool file, so an instance is always
-        in the spool, in the result store, or briefly in both: never in neither."""
-        names = {p.name: p for p in self._spool.pending()}
-        with self._lock:
-            for gone in set(self._study_of) - set(names):
-                del self._study_of[gone]
-            unknown = [p for name, p in names.items() if name not in self._study_of]
-        for path in unknown:  # left from before a restart: read just the header once
-            try:
-                header = pydicom.dcmread(path, stop_before_pixels=True,
-                                         specific_tags=["StudyInstanceUID"])
-                study = str(header.get("StudyInstanceUID", ""))
-            except FileNotFoundError:
-                continue  # finished meanwhile
-            except Exception:  # a damaged file the worker will quarantine
-                study = ""
-            with self._lock:
-                self._study_of[path.name] = study
-        with self._lock:
-            return sum(1 for name in names if self._study_of.get(name) == study_uid)
+        """Instances of the study acknowledged and not finished yet (job table rows still
+        ``received``). The worker stores a result before it finishes the row, so an instance
+        is always pending, or has a result, or briefly both: never neither."""
+        return self._worker.jobs.pending(study_uid)

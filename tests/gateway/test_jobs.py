@@ -1,0 +1,214 @@
+"""The job table and the crash-recovery paths of the worker (fake Triton, unit level).
+
+Each "crash" is simulated by leaving the spool, result store and table exactly as a process
+killed between two durable steps would, then starting a fresh worker on the same folder."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+from pynetdicom import AE
+from pynetdicom.presentation import StoragePresentationContexts
+
+from services.errors import ConfigError
+from services.gateway.config import GatewayConfig
+from services.gateway.core import InferenceCore, uid_hash
+from services.gateway.jobs import FAILED, INFERRED, RECEIVED, JobTable
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.spool import ResultStore, Spool
+from services.gateway.worker import SpoolWorker
+from tests.conftest import TINY_MANIFEST
+from tests.gateway.fakes import FakeInferer
+from tests.gateway.harness import base_url, fake_gateway, model_repository, wait_for
+from tests.gateway.util import dicom_bytes, make_instance
+
+
+def _worker(tmp: Path, fake: FakeInferer) -> SpoolWorker:
+    return SpoolWorker(InferenceCore(TINY_MANIFEST, fake), Spool(tmp), ResultStore(tmp),
+                       GatewayMetrics(), backoff_s=0.01)
+
+
+def _acked(tmp: Path, seed: int = 0) -> tuple[str, str, str]:
+    """An instance spooled and recorded as the ingest path does; (job name, study, sop)."""
+    ds = make_instance(seed)
+    path = Spool(tmp).put(dicom_bytes(ds))
+    table = JobTable(tmp)
+    table.insert(path.name, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                 "dimse")
+    table.close()
+    return path.name, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+
+
+def _run_until_idle(worker: SpoolWorker) -> None:
+    worker.start()
+    try:
+        assert wait_for(lambda: worker.depth == 0)
+    finally:
+        worker.stop()
+
+
+def test_table_is_wal_and_holds_hashed_uids_only(tmp_path: Path) -> None:
+    name, study, sop = _acked(tmp_path)
+    db = sqlite3.connect(tmp_path / JobTable.FILE)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    row = db.execute("SELECT study_hash, sop_hash, state FROM jobs").fetchone()
+    db.close()
+    assert row == (uid_hash(study), uid_hash(sop), RECEIVED)
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob(JobTable.FILE + "*"))
+    assert study.encode() not in raw and sop.encode() not in raw
+    assert name.encode() in raw  # the table really was read: the job name is there
+
+
+def test_finish_happens_once(tmp_path: Path) -> None:
+    table = JobTable(tmp_path)
+    table.insert("a.dcm", "1.2.3", "1.2.3.4", "1.2.3.4.5", "rest")
+    assert table.finish("a.dcm", INFERRED)
+    assert not table.finish("a.dcm", FAILED)  # already final: no second transition
+    assert not table.finish("unknown.dcm", INFERRED)
+    row = table.get("a.dcm")
+    assert row is not None and row.state == INFERRED
+    with pytest.raises(ValueError):
+        table.finish("a.dcm", RECEIVED)
+
+
+def test_acknowledged_work_is_inferred_once_with_attempts_counted_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    name, study, _ = _acked(tmp_path)
+    fake = FakeInferer(unavailable_calls=2)
+    worker = _worker(tmp_path, fake)
+    _run_until_idle(worker)
+    row = worker.jobs.get(name)
+    assert row is not None and (row.state, row.attempts) == (INFERRED, 3)
+    assert fake.calls == 3 and len(ResultStore(tmp_path).for_study(study)) == 1
+    assert "_job" not in ResultStore(tmp_path).for_study(study)[0]  # internal key stays inside
+    assert Spool(tmp_path).pending() == []
+
+
+def test_crash_after_result_write_is_not_inferred_again_with_fake_triton(tmp_path: Path) -> None:
+    name, study, sop = _acked(tmp_path)
+    ResultStore(tmp_path).save(study, sop, {"study_instance_uid": study,
+                                            "sop_instance_uid": sop, "findings": []}, job=name)
+    fake = FakeInferer()
+    worker = _worker(tmp_path, fake)
+    _run_until_idle(worker)
+    assert fake.calls == 0
+    row = worker.jobs.get(name)
+    assert row is not None and row.state == INFERRED and row.attempts == 0
+    assert Spool(tmp_path).pending() == []
+
+
+def test_crash_after_finish_only_removes_the_spool_file_with_fake_triton(tmp_path: Path) -> None:
+    name, _, _ = _acked(tmp_path)
+    table = JobTable(tmp_path)
+    table.finish(name, INFERRED)
+    table.close()
+    fake = FakeInferer()
+    _run_until_idle(_worker(tmp_path, fake))
+    assert fake.calls == 0 and Spool(tmp_path).pending() == []
+
+
+def test_spool_file_without_row_is_reconciled_and_inferred_once_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    ds = make_instance(3)
+    path = Spool(tmp_path).put(dicom_bytes(ds))  # crash before the row insert
+    fake = FakeInferer()
+    worker = _worker(tmp_path, fake)
+    _run_until_idle(worker)
+    row = worker.jobs.get(path.name)
+    assert row is not None and (row.state, row.protocol, row.attempts) == (
+        INFERRED, "recovered", 1)
+    assert row.sop_hash == uid_hash(ds.SOPInstanceUID) and fake.calls == 1
+
+
+def test_row_whose_spool_file_vanished_is_failed_not_pending(tmp_path: Path) -> None:
+    name, study, _ = _acked(tmp_path)
+    (Spool(tmp_path).incoming / name).unlink()
+    worker = _worker(tmp_path, FakeInferer())
+    _run_until_idle(worker)
+    row = worker.jobs.get(name)
+    assert row is not None and (row.state, row.error) == (FAILED, "spool_missing")
+    assert worker.jobs.pending(study) == 0
+
+
+def test_resent_instance_is_inferred_again_with_fake_triton(tmp_path: Path) -> None:
+    name, study, sop = _acked(tmp_path)
+    ResultStore(tmp_path).save(study, sop, {"study_instance_uid": study,
+                                            "sop_instance_uid": sop}, job="earlier.dcm")
+    fake = FakeInferer()
+    worker = _worker(tmp_path, fake)
+    _run_until_idle(worker)
+    assert fake.calls == 1
+    assert ResultStore(tmp_path).stored(uid_hash(study), uid_hash(sop))["_job"] == name  # type: ignore[index]
+
+
+def test_unreadable_spool_file_is_quarantined_and_failed(tmp_path: Path) -> None:
+    path = Spool(tmp_path).put(b"not dicom at all")
+    worker = _worker(tmp_path, FakeInferer())
+    _run_until_idle(worker)
+    row = worker.jobs.get(path.name)
+    assert row is not None and row.state == FAILED and row.error
+    assert (Spool(tmp_path).failed / path.name).exists()
+
+
+def test_disk_watermark_refuses_new_work_on_every_edge_with_fake_triton(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    gw = fake_gateway(tmp_path, min_free_bytes=free + 2**40)  # more than the disk has
+    try:
+        ae = AE(ae_title="SCU")
+        ae.requested_contexts = StoragePresentationContexts[:20]
+        assoc = ae.associate("127.0.0.1", gw.config.dicom_port, ae_title="BEDSIDE")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(make_instance(1))
+            assert status.Status == 0xA700
+        finally:
+            assoc.release()
+        r = httpx.post(f"{base_url(gw)}/v1/studies", json={"instances": ["AAAA"]})
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert r.json()["error"]["reason"] == "disk_full"
+        body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n" + dicom_bytes(make_instance(2))
+                + b"\r\n--b--\r\n")
+        r = httpx.post(f"{base_url(gw)}/dicomweb/studies", content=body, headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert Spool(gw.config.spool_dir).pending() == []  # nothing written
+        metrics = httpx.get(f"{base_url(gw)}/metrics").text
+        for protocol in ("dimse", "rest", "stow"):
+            assert (f'bedside_gateway_requests_total{{outcome="refused",protocol="{protocol}",'
+                    f'reason="disk_full"}} 1.0') in metrics
+    finally:
+        gw.stop()
+
+
+def test_disk_watermark_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="min_free_bytes"):
+        GatewayConfig(model_repository=model_repository(tmp_path), model_name=TINY_MANIFEST.name,
+                      triton_grpc_url="x:1", spool_dir=tmp_path / "s", min_free_bytes=-1)
+
+
+def test_study_status_comes_from_the_table_across_restart_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    fake = FakeInferer(unavailable_calls=10**6)  # Triton down: stays pending
+    gw = fake_gateway(tmp_path, fake)
+    ds = make_instance(4)
+    try:
+        gw.ingestor.accept(dicom_bytes(ds), ds, "rest", 0.0, 0.0)
+        r = httpx.get(f"{base_url(gw)}/v1/studies/{ds.StudyInstanceUID}/results")
+        assert r.json()["status"] == "pending" and r.json()["pending"] == 1
+    finally:
+        gw.stop()
+    gw = fake_gateway(tmp_path)  # Triton back
+    try:
+        assert wait_for(lambda: httpx.get(
+            f"{base_url(gw)}/v1/studies/{ds.StudyInstanceUID}/results").json()["status"]
+            == "done")
+        assert [r.state for r in gw.worker.jobs.all()] == [INFERRED]
+    finally:
+        gw.stop()
