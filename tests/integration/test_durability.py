@@ -1,0 +1,259 @@
+"""Durability with real peers: the gateway killed with SIGKILL mid-study, and the real bundled
+Triton stopped and started again mid-run. Nothing faked: dcmtk's storescu sends, Triton infers.
+
+The proof that nothing was processed twice is Triton's own statistics: the restarted Triton
+counts its successful inference requests, and that count must equal the instances that still
+needed inference after the crash plus the gateway's one warm-up call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import tritonclient.grpc as grpcclient
+from pydicom.uid import generate_uid
+
+from services.gateway.core import uid_hash
+from services.gateway.jobs import INFERRED, RECEIVED, JobTable
+from services.net import free_port
+from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
+from tests.conftest import TINY_MANIFEST, triton_env
+from tests.gateway.util import make_instance
+
+pytestmark = pytest.mark.integration
+STORESCU = "/usr/bin/storescu"
+MODEL = TINY_MANIFEST.name
+
+
+class Triton:
+    """The real bundled Triton on fixed ports, so it can be stopped and started again."""
+
+    def __init__(self, repository: Path, work: Path) -> None:
+        self._install = TritonInstall.discover(triton_env())
+        self._repository, self._work = repository, work
+        self.ports = TritonPorts(free_port(), free_port(), free_port())
+        self._server: TritonServer | None = None
+        self._starts = 0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def start(self) -> None:
+        self._starts += 1
+        self._server = TritonServer(self._install, self._repository,
+                                    self._work / f"triton{self._starts}", self.ports)
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def successful_requests(self) -> int:
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            stats = client.get_inference_statistics(MODEL, as_json=True)
+        finally:
+            client.close()
+        return sum(int(m["inference_stats"]["success"].get("count", 0))
+                   for m in stats["model_stats"])
+
+
+@pytest.fixture
+def triton(optimized: Path, tmp_path: Path) -> Iterator[Triton]:
+    if not os.access(STORESCU, os.X_OK):
+        pytest.fail(f"{STORESCU} missing: install Debian dcmtk (scripts/dev.sh setup as root)")
+    server = Triton(optimized / "repository", tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class GatewayProcess:
+    """``bedside gateway`` as a subprocess, so that it can be killed for real."""
+
+    def __init__(self, repository: Path, spool: Path, triton_url: str, log: Path) -> None:
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.spool = spool
+        bedside = Path(sys.executable).with_name("bedside")
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [str(bedside), "gateway", "--repository", str(repository), "--model", MODEL,
+                 "--spool", str(spool), "--http-port", str(self.http_port),
+                 "--dicom-port", str(self.dicom_port), "--grpc-port", "0",
+                 "--triton-url", triton_url],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.log = log
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError("gateway did not start: " + log.read_text(errors="replace"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def study(self, study_uid: str) -> tuple[int, Any]:
+        r = httpx.get(f"{self.url}/v1/studies/{study_uid}/results", timeout=10)
+        return r.status_code, r.json()
+
+
+def _write_study(folder: Path, n: int, seed: int) -> tuple[str, dict[str, str]]:
+    """n instances of one new study; (study UID, file path -> SOP Instance UID)."""
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    files = {}
+    for k in range(n):
+        ds = make_instance(seed + k, size=64)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, k + 1
+        path = folder / f"{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files[str(path)] = str(ds.SOPInstanceUID)
+    return study, files
+
+
+def _storescu(port: int, files: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [STORESCU, "-v", "-aet", "TESTSCU", "-aec", "BEDSIDE", "127.0.0.1", str(port), *files],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, TCP_NODELAY="1"))
+
+
+def _acknowledged(storescu_output: str) -> list[str]:
+    """Files whose C-STORE got a Success response, from storescu -v's output, in order."""
+    acked, current = [], None
+    for line in storescu_output.splitlines():
+        if "Sending file:" in line:
+            current = line.split("Sending file:", 1)[1].strip()
+        elif "Received Store Response (Success)" in line and current is not None:
+            acked.append(current)
+            current = None
+    return acked
+
+
+def _rows(spool: Path) -> list[tuple[str, str, str, int]]:
+    """(name, sop_hash, state, attempts) per job, read while the gateway may be writing."""
+    db = sqlite3.connect(f"file:{spool / JobTable.FILE}?mode=ro", uri=True, timeout=10)
+    try:
+        return list(db.execute("SELECT name, sop_hash, state, attempts FROM jobs ORDER BY name"))
+    except sqlite3.OperationalError:  # table not created yet
+        return []
+    finally:
+        db.close()
+
+
+def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
+    triton: Triton, optimized: Path, tmp_path: Path,
+) -> None:
+    repository, spool, log = optimized / "repository", tmp_path / "spool", tmp_path / "gw.log"
+    # 1. a first study, fully processed before anything goes wrong
+    study_a, files_a = _write_study(tmp_path / "a", 4, seed=300)
+    gw = GatewayProcess(repository, spool, triton.grpc_url, log)
+    try:
+        proc = _storescu(gw.dicom_port, list(files_a))
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and len(_acknowledged(out)) == 4, out
+        _wait(lambda: gw.study(study_a)[1].get("status") == "done", 60, "study A")
+        # 2. Triton goes away; a large study streams in and the gateway is killed mid-way,
+        #    with some instances acknowledged and none of them inferred yet
+        triton.stop()
+        study_b, files_b = _write_study(tmp_path / "b", 150, seed=400)
+        proc = _storescu(gw.dicom_port, list(files_b))
+        _wait(lambda: sum(r[2] == RECEIVED for r in _rows(spool)) >= 10, 60,
+              "some acknowledged instances")
+        gw.kill()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        gw.kill()
+    acked_b = _acknowledged(out)
+    assert 10 <= len(acked_b) < len(files_b), f"not killed mid-study: {len(acked_b)} acked"
+    assert proc.returncode != 0  # the association broke: storescu saw the kill
+    spooled = [r for r in _rows(spool) if r[2] == RECEIVED]
+    assert len(spooled) >= len(acked_b)  # every ack had its row first (maybe one more)
+
+    # 3. Triton back on the same ports, gateway restarted on the same spool
+    triton.start()
+    baseline = triton.successful_requests()  # the model's own warm-up requests, if any
+    gw = GatewayProcess(repository, spool, triton.grpc_url, log)
+    try:
+        _wait(lambda: not any(r[2] == RECEIVED for r in _rows(spool)), 120,
+              "every acknowledged instance to finish")
+        status, body = gw.study(study_b)
+        assert status == 200 and body["status"] == "done"
+        results_b = {r["sop_instance_uid"]: r for r in body["instances"]}
+        status, body = gw.study(study_a)
+        assert status == 200 and len(body["instances"]) == 4
+        inferred_after_restart = triton.successful_requests()
+    finally:
+        gw.terminate()
+
+    for path in acked_b:  # every acknowledged instance has exactly one, real, result
+        result = results_b[files_b[path]]
+        assert "error" not in result and result["findings"][0]["score"] >= 0
+    rows = _rows(spool)
+    sop_hashes = [r[1] for r in rows]
+    assert len(sop_hashes) == len(set(sop_hashes))  # one row per instance
+    assert {uid_hash(files_b[p]) for p in acked_b} <= set(sop_hashes)
+    assert {uid_hash(s) for s in files_a.values()} <= set(sop_hashes)
+    assert all(r[2] == INFERRED for r in rows), rows
+    assert all(r[3] == 1 for r in rows if r[1] in {uid_hash(s) for s in files_a.values()})
+    assert not list((spool / "incoming").glob("*.dcm"))
+    # nothing inferred twice: the restarted Triton saw each spooled instance once, plus the
+    # restarted gateway's warm-up; study A (finished before the crash) was not re-inferred
+    assert inferred_after_restart - baseline == len(spooled) + 1, (
+        inferred_after_restart, baseline, len(spooled))
+    stored = list((spool / "results").rglob("*.json"))
+    assert len(stored) == len(rows)
+    jobs = {json.loads(p.read_text())["_job"] for p in stored}
+    assert jobs == {r[0] for r in rows}  # each result written by its own job, once
+    text = log.read_text(errors="replace")
+    assert "recovered" in text  # the restart really went through recovery
+    assert not any(uid in text for uid in [study_a, study_b, *files_a.values(),
+                                           *files_b.values()])  # no raw UIDs in the logs
+    print(f"acknowledged before SIGKILL: {len(acked_b)} of {len(files_b)}; "
+          f"spooled: {len(spooled)}; Triton requests after restart: "
+          f"{inferred_after_restart - baseline}")
+
