@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -19,15 +20,20 @@ from services.gateway.core import InferenceCore, Inferer, read_leniently
 from services.gateway.dimse import DicomServer
 from services.gateway.errors import Unavailable
 from services.gateway.ingest import Ingestor
+from services.gateway.jobs import STATES as JOB_STATES
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.oip import Dataplane
 from services.gateway.oip_grpc import OipGrpcServer
 from services.gateway.rest import create_app
 from services.gateway.spool import ResultStore, Spool
-from services.gateway.triton import TritonInferer
+from services.gateway.triton import BREAKER_STATES, CircuitBreaker, TritonInferer
 from services.gateway.worker import SpoolWorker
 
 LOG = logging.getLogger(__name__)
+
+
+def _is_state(breaker: CircuitBreaker, state: str) -> float:
+    return float(breaker.state == state)
 
 
 class ServingInferer(Inferer, Protocol):
@@ -54,12 +60,14 @@ class Gateway:
         self.inferer: ServingInferer = inferer or TritonInferer(
             config.triton_grpc_url, config.model_name, self.manifest.input.name,
             self.manifest.output.name, config.triton_timeout_s,
+            CircuitBreaker(config.triton_breaker_failures, config.triton_breaker_cooldown_s),
         )
         self.core = InferenceCore(self.manifest, self.inferer)
         self.spool = Spool(config.spool_dir)
         self.results = ResultStore(config.spool_dir)
         self.worker = SpoolWorker(self.core, self.spool, self.results, self.metrics,
                                   config.triton_retry_backoff_s)
+        self._export_state_metrics()
         self.ingestor = Ingestor(self.core, self.spool, self.worker, self.metrics,
                                  config.max_spool_depth, config.max_request_bytes,
                                  config.min_free_bytes)
@@ -81,6 +89,17 @@ class Gateway:
             access_log=False, lifespan="off",
         ))
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+
+    def _export_state_metrics(self) -> None:
+        """Job states (read from the job table at scrape time) and the breaker's state."""
+        jobs = self.worker.jobs
+        for state in JOB_STATES:
+            self.metrics.jobs.labels(state).set_function(partial(jobs.count, state))
+        breaker = getattr(self.inferer, "breaker", None)
+        if isinstance(breaker, CircuitBreaker):
+            for state in BREAKER_STATES:
+                self.metrics.triton_breaker.labels(state).set_function(
+                    partial(_is_state, breaker, state))
 
     def ready(self) -> bool:
         return (self.dimse.listening and self._http.started and self.worker.alive

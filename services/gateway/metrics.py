@@ -1,6 +1,6 @@
 """Gateway metrics, defined once, on a registry owned by the gateway instance.
 
-Labels are bounded: model, protocol, stage, outcome, reason. Never UIDs or patient data.
+Labels are bounded: model, protocol, stage, outcome, reason, state. Never UIDs or patient data.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ class GatewayMetrics:
         self.spool_depth = Gauge(
             "bedside_gateway_spool_depth", "Acknowledged instances waiting for inference",
             registry=self.registry,
+        )
+        self.jobs = Gauge(
+            "bedside_gateway_jobs", "Acknowledged instances in the job table, by state "
+            "(received, inferred, failed)", ["state"], registry=self.registry,
+        )
+        self.triton_breaker = Gauge(
+            "bedside_gateway_triton_breaker", "1 for the Triton circuit breaker's current state "
+            "(closed, open, half_open), 0 for the others", ["state"], registry=self.registry,
         )
         self.open_associations = Gauge(
             "bedside_gateway_open_associations", "Open DIMSE associations",

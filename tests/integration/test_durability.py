@@ -257,3 +257,48 @@ def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
           f"spooled: {len(spooled)}; Triton requests after restart: "
           f"{inferred_after_restart - baseline}")
 
+
+
+def test_triton_stopped_and_restarted_mid_run_loses_and_fails_nothing(
+    triton: Triton, optimized: Path, tmp_path: Path,
+) -> None:
+    repository, spool = optimized / "repository", tmp_path / "spool"
+    study_a, files_a = _write_study(tmp_path / "a", 3, seed=500)
+    study_b, files_b = _write_study(tmp_path / "b", 6, seed=510)
+    gw = GatewayProcess(repository, spool, triton.grpc_url, tmp_path / "gw.log")
+    try:
+        proc = _storescu(gw.dicom_port, list(files_a))
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and len(_acknowledged(out)) == 3, out
+        _wait(lambda: gw.study(study_a)[1].get("status") == "done", 60, "study A")
+        triton.stop()
+        # Triton is down: DIMSE still acknowledges to the spool (it has room) ...
+        proc = _storescu(gw.dicom_port, list(files_b))
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and len(_acknowledged(out)) == 6, out
+        # ... synchronous inference answers 503 + Retry-After, soon without even trying
+        one = Path(next(iter(files_a))).read_bytes()
+        reasons = []
+        for _ in range(6):
+            r = httpx.post(f"{gw.url}/v1/infer", content=one, timeout=30,
+                           headers={"Content-Type": "application/dicom"})
+            assert r.status_code == 503 and r.headers["Retry-After"], r.text
+            reasons.append(r.json()["error"]["reason"])
+        assert reasons[-1] == "triton_circuit_open", reasons
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert 'bedside_gateway_triton_breaker{state="open"} 1.0' in metrics
+        assert gw.study(study_b)[1]["status"] == "pending"
+        # Triton back on the same ports: everything acknowledged gets its result
+        triton.start()
+        _wait(lambda: gw.study(study_b)[1].get("status") == "done", 90, "study B after restart")
+        status, body = gw.study(study_b)
+        metrics = httpx.get(f"{gw.url}/metrics").text
+    finally:
+        gw.terminate()
+    assert status == 200 and len(body["instances"]) == 6
+    assert all("error" not in r and r["findings"] for r in body["instances"])
+    assert 'bedside_gateway_triton_breaker{state="closed"} 1.0' in metrics
+    assert 'bedside_gateway_jobs{state="failed"} 0.0' in metrics
+    rows = _rows(spool)
+    assert len(rows) == 9 and all(r[2] == INFERRED for r in rows)
+    assert not list((spool / "incoming").glob("*.dcm"))
