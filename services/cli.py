@@ -144,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--tls-ca", type=Path, default=None,
                          help="DICOM TLS: CA bundle; clients must present a certificate it "
                               "signed")
+        cmd.add_argument("--min-free-bytes", type=int, default=1024**3,
+                         help="refuse new work below this much free spool disk (0 = off)")
+        cmd.add_argument("--triton-breaker-failures", type=int, default=5,
+                         help="consecutive Triton-unavailable failures that open the breaker")
+        cmd.add_argument("--triton-breaker-cooldown", type=float, default=5.0,
+                         help="seconds before an open breaker lets one probe through")
     srv.add_argument("--triton-grpc-port", type=int, default=8001)
     srv.add_argument("--triton-env", type=Path, default=None)
     gw.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton gRPC host:port")
@@ -184,6 +190,8 @@ def _gateway_config(args: argparse.Namespace, triton_url: str) -> GatewayConfig:
         tls_cert=args.tls_cert.absolute() if args.tls_cert else None,
         tls_key=args.tls_key.absolute() if args.tls_key else None,
         tls_ca=args.tls_ca.absolute() if args.tls_ca else None,
+        min_free_bytes=args.min_free_bytes, triton_breaker_failures=args.triton_breaker_failures,
+        triton_breaker_cooldown_s=args.triton_breaker_cooldown,
     )
 
 

@@ -20,11 +20,15 @@ def test_gateway_flags_build_the_config(tmp_path: Path) -> None:
         "--spool", str(tmp_path / "spool"), "--allowed-ae", "CT1", "--allowed-ae", "PACS",
         "--max-pdu", "65536", "--grpc-port", "9001", "--tls-cert", str(tmp_path / "c.pem"),
         "--tls-key", str(tmp_path / "k.pem"), "--tls-ca", str(tmp_path / "ca.pem"),
+        "--min-free-bytes", "0", "--triton-breaker-failures", "3",
+        "--triton-breaker-cooldown", "2.5",
     ])
     config = _gateway_config(args, args.triton_url)
     assert config.allowed_calling_aets == ("CT1", "PACS")
     assert (config.max_pdu_bytes, config.grpc_port) == (65536, 9001)
     assert config.tls_ca == tmp_path / "ca.pem"
+    assert config.min_free_bytes == 0
+    assert (config.triton_breaker_failures, config.triton_breaker_cooldown_s) == (3, 2.5)
     defaults = _gateway_config(_parser().parse_args([
         "gateway", "--repository", str(repo), "--model", TINY_MANIFEST.name]), "x:1")
     assert defaults.allowed_calling_aets == () and defaults.tls_cert is None
