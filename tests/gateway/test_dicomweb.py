@@ -10,12 +10,11 @@ import httpx
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom.uid import generate_uid
 
 from services.gateway.app import Gateway
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.harness import base_url, fake_gateway, wait_for
-from tests.gateway.util import dicom_bytes, make_instance
+from tests.gateway.util import dicom_bytes, make_instance, make_study
 
 REFERENCED, FAILED, REASON = 0x00081199, 0x00081198, 0x00081197
 CLASS_UID, INSTANCE_UID = 0x00081150, 0x00081155
@@ -37,18 +36,8 @@ def _client(gw: Gateway) -> DICOMwebClient:
     return DICOMwebClient(url=f"{base_url(gw)}/dicomweb")
 
 
-def _study(n: int, first_seed: int = 0) -> list:  # type: ignore[type-arg]
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for k in range(n):
-        ds = make_instance(first_seed + k)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        out.append(ds)
-    return out
-
-
 def test_stow_stores_a_study_and_results_follow_with_fake_triton(gateway: Gateway) -> None:
-    instances = _study(3)
+    instances = make_study(3)
     response = _client(gateway).store_instances(instances)
     refs = response[REFERENCED].value
     assert sorted(r[INSTANCE_UID].value for r in refs) == sorted(
@@ -66,7 +55,7 @@ def test_stow_acknowledges_only_what_is_spooled_with_fake_triton(
     gateway: Gateway, fake_triton: FakeInferer
 ) -> None:
     fake_triton.unavailable_calls = 10**6  # Triton down: nothing leaves the spool
-    instances = _study(2)
+    instances = make_study(2)
     response = _client(gateway).store_instances(instances)
     assert len(response[REFERENCED].value) == 2
     assert len(gateway.spool.pending()) == 2  # on disk when the 200 came back
@@ -99,8 +88,8 @@ def test_mixed_parts_give_202_with_failure_reasons(gateway: Gateway) -> None:
 
 
 def test_study_route_refuses_instances_of_another_study(gateway: Gateway) -> None:
-    target = _study(1)
-    other = _study(1, first_seed=5)
+    target = make_study(1)
+    other = make_study(1, seed=5)
     client = _client(gateway)
     response = client.store_instances(target + other,
                                       study_instance_uid=target[0].StudyInstanceUID)
@@ -172,7 +161,7 @@ def test_full_spool_gives_503_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_stow_metrics_carry_the_protocol_label(gateway: Gateway) -> None:
-    _client(gateway).store_instances(_study(1))
+    _client(gateway).store_instances(make_study(1))
     text = httpx.get(f"{base_url(gateway)}/metrics").text
     assert 'bedside_gateway_requests_total{outcome="accepted",protocol="stow",reason="ok"} 1.0' \
         in text

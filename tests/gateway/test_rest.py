@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydicom.uid import generate_uid
 from starlette.testclient import TestClient
 
 from services.gateway.core import InferenceCore
@@ -20,7 +19,7 @@ from services.gateway.worker import SpoolWorker
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.harness import base_url, fake_gateway, wait_for
-from tests.gateway.util import bad_window_center, dicom_bytes, make_instance
+from tests.gateway.util import bad_window_center, dicom_bytes, make_instance, make_study
 
 DICOM = {"Content-Type": "application/dicom"}
 
@@ -143,22 +142,12 @@ def _b64(ds) -> str:  # type: ignore[no-untyped-def]
     return base64.b64encode(dicom_bytes(ds)).decode("ascii")
 
 
-def _one_study(n: int, seed: int = 0) -> list:  # type: ignore[type-arg]
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for k in range(n):
-        ds = make_instance(seed + k)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        out.append(ds)
-    return out
-
-
 def test_submit_study_then_poll_until_done_with_fake_triton(tmp_path: Path) -> None:
     fake = FakeInferer(unavailable_calls=10**6)  # Triton down at first: results must wait
     gw = fake_gateway(tmp_path, fake)
     try:
         url = base_url(gw)
-        instances = _one_study(3)
+        instances = make_study(3)
         r = httpx.post(f"{url}/v1/studies", json={"instances": [_b64(d) for d in instances]})
         assert r.status_code == 202, r.text
         body = r.json()
@@ -179,7 +168,7 @@ def test_submit_study_then_poll_until_done_with_fake_triton(tmp_path: Path) -> N
 
 
 def test_pending_status_survives_a_restart_with_fake_triton(tmp_path: Path) -> None:
-    instances = _one_study(2)
+    instances = make_study(2)
     gw = fake_gateway(tmp_path, FakeInferer(unavailable_calls=10**6))
     try:
         r = httpx.post(f"{base_url(gw)}/v1/studies",
@@ -202,7 +191,7 @@ def test_submit_study_refuses_bad_requests_and_spools_nothing(tmp_path: Path) ->
         url = f"{base_url(gw)}/v1/studies"
         no_pixels = make_instance(2)
         del no_pixels.PixelData
-        good = _one_study(1)[0]
+        good = make_study(1)[0]
         cases = [
             (dict(content=b"{}", headers={"Content-Type": "text/plain"}), 415, "media_type"),
             (dict(content=b"{nope", headers={"Content-Type": "application/json"}), 400,

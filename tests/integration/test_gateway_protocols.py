@@ -20,14 +20,13 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import TINY_MANIFEST, triton_env
-from tests.gateway.util import make_instance
+from tests.gateway.util import make_instance, make_study
 from tests.integration.test_end_to_end import _expected_score
 
 pytestmark = pytest.mark.integration
@@ -62,16 +61,6 @@ def _bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _study(n: int, seed: int) -> list[Dataset]:
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for k in range(n):
-        ds = make_instance(seed + k)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        out.append(ds)
-    return out
-
-
 def _results(gw: Gateway, study_uid: str) -> list[dict]:  # type: ignore[type-arg]
     url = f"http://{gw.config.http_host}:{gw.config.http_port}/v1/studies/{study_uid}/results"
     deadline = time.monotonic() + 30
@@ -102,7 +91,7 @@ def test_tritonclient_infers_through_the_gateway_and_real_triton(
 
 
 def test_stow_rs_through_real_triton(stack: Gateway, optimized: Path) -> None:
-    instances = _study(2, seed=210)
+    instances = make_study(2, seed=210)
     client = DICOMwebClient(
         url=f"http://{stack.config.http_host}:{stack.config.http_port}/dicomweb")
     response = client.store_instances(instances)
@@ -114,7 +103,7 @@ def test_stow_rs_through_real_triton(stack: Gateway, optimized: Path) -> None:
 
 
 def test_json_study_api_through_real_triton(stack: Gateway) -> None:
-    instances = _study(2, seed=220)
+    instances = make_study(2, seed=220)
     r = httpx.post(f"http://{stack.config.http_host}:{stack.config.http_port}/v1/studies",
                    json={"instances": [base64.b64encode(_bytes(d)).decode() for d in instances]})
     assert r.status_code == 202, r.text
