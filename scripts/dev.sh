@@ -69,11 +69,14 @@ setup_triton_venv() {
 
 setup_test_peers() {
   # Real peers for the tests: dcmtk (storescu, echoscu), dicom3tools (dciodvfy validates the
-  # SR/SEG we write), prometheus (promtool checks the chart's alert rules).
+  # SR/SEG we write), prometheus (promtool checks the chart's alert rules), orthanc and its
+  # DICOMweb plugin (a real PACS that forwards studies and receives results).
   local missing=()
   [ -x /usr/bin/storescu ] && [ -x /usr/bin/echoscu ] || missing+=(dcmtk)
   [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
   [ -x /usr/bin/promtool ] || missing+=(prometheus)
+  [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)  # a real PACS for the DIMSE/DICOMweb tests
+  [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
   [ ${#missing[@]} = 0 ] || as_root_or_explain "test peers" "${missing[@]}"
 }
 
