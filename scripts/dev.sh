@@ -51,7 +51,7 @@ setup_venv() {
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned: an unpinned torch pulls gigabytes of CUDA packages.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[optimizer,deploy,dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[optimizer,deploy,dev,load]"
   echo "$stamp" > "$VENV/.bedside-stamp"
 }
 
