@@ -1,5 +1,11 @@
-"""One long-lived Triton gRPC client: binary tensors, a deadline on every call, and a circuit
-breaker so that a Triton that is down costs callers no time.
+"""One long-lived asynchronous Triton gRPC client: binary tensors, input and output names and
+datatypes from the model's metadata, a deadline on every call, quick retries on UNAVAILABLE
+within that deadline, and a circuit breaker so that a Triton that is down costs callers no time.
+
+The client is ``tritonclient.grpc.aio`` on one event loop that runs in its own thread for the
+life of the gateway: one HTTP/2 channel multiplexes every concurrent call (worker, REST, OIP
+edges), and no caller thread is held by a pending RPC. Synchronous callers (the spool worker,
+starlette's thread pool) use ``infer``; coroutines may await ``infer_async``.
 
 Breaker: ``closed`` (calls go through) -> ``open`` after K consecutive "unavailable" failures
 (refused, deadline exceeded, overloaded): every call fails at once with ``Unavailable``
@@ -12,21 +18,29 @@ answered, the request was wrong) counts as the server being there.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from services.gateway.errors import InferenceFailed, Unavailable
+from services.gateway.errors import GatewayError, InferenceFailed, Unavailable
 
 LOG = logging.getLogger(__name__)
 # gRPC codes worth retrying: the server is down, overloaded or slow, not the request wrong.
 # No status at all means the channel itself failed (connection refused).
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED")
+# Only these are retried inside one call (the server may be restarting or shedding load); a
+# deadline already spent is not.
+_RETRY_IN_CALL = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+_T = TypeVar("_T")
 
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -94,46 +108,114 @@ class CircuitBreaker:
                 self._state, self._opened_at = OPEN, self._clock()
 
 
+@dataclass(frozen=True)
+class ModelIO:
+    """The served model's tensors the gateway uses, as Triton's metadata declares them."""
+
+    input_name: str
+    input_datatype: str
+    output_name: str
+
+
+def resolve_io(meta: dict[str, Any], input_name: str, output_name: str) -> ModelIO:
+    """Match the manifest's tensor names against the model metadata. A model with a single
+    input (or output) is used whatever that tensor is called; with several, the manifest's
+    name must be among them."""
+
+    def pick(kind: str, wanted: str) -> dict[str, Any]:
+        tensors = list(meta.get(kind, []))
+        for tensor in tensors:
+            if tensor.get("name") == wanted:
+                return dict(tensor)
+        if len(tensors) == 1:
+            LOG.info("model %s %r is named %r in Triton; using it", kind[:-1], wanted,
+                     tensors[0].get("name"))
+            return dict(tensors[0])
+        names = ", ".join(str(t.get("name")) for t in tensors) or "none"
+        raise InferenceFailed(f"model has no {kind[:-1]} named {wanted!r} (it has: {names})",
+                              "model_metadata")
+
+    inp = pick("inputs", input_name)
+    out = pick("outputs", output_name)
+    return ModelIO(str(inp["name"]), str(inp.get("datatype", "FP32")), str(out["name"]))
+
+
+def _classify(exc: InferenceServerException) -> GatewayError:
+    status = str(exc.status() or "")
+    if not status or any(code in status for code in RETRYABLE):
+        return Unavailable(f"inference server unavailable: {exc.message()}",
+                           "triton_unavailable")
+    return InferenceFailed(f"inference failed: {exc.message()}", "triton_error")
+
+
 class TritonInferer:
     """Calls one model. Transient failures raise ``Unavailable`` (retry, back-pressure);
-    permanent ones raise ``InferenceFailed`` (the request itself cannot be served)."""
+    permanent ones raise ``InferenceFailed`` (the request itself cannot be served).
+
+    ``retries`` extra attempts are made inside one call on UNAVAILABLE or RESOURCE_EXHAUSTED,
+    with a short doubling pause, as long as the call's deadline (``timeout_s``) allows."""
 
     def __init__(self, url: str, model: str, input_name: str, output_name: str,
-                 timeout_s: float, breaker: CircuitBreaker | None = None) -> None:
+                 timeout_s: float, breaker: CircuitBreaker | None = None,
+                 retries: int = 2, retry_pause_s: float = 0.05) -> None:
         self.breaker = breaker if breaker is not None else CircuitBreaker(5, 5.0)
-        self._client = grpcclient.InferenceServerClient(url)
         self._model = model
-        self._input = input_name
-        self._output = output_name
+        self._wanted = (input_name, output_name)
         self._timeout = timeout_s
-        self._datatype: str | None = None  # from Triton's model metadata, on first use
+        self._retries = max(0, retries)
+        self._pause = retry_pause_s
+        self._io: ModelIO | None = None  # from Triton's model metadata, on first use
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="triton-client",
+                                        daemon=True)
+        self._thread.start()
+        self._client: aioclient.InferenceServerClient = self._run(self._connect(url), 10.0)
+
+    async def _connect(self, url: str) -> aioclient.InferenceServerClient:
+        return aioclient.InferenceServerClient(url)  # its channel binds to this loop
+
+    def _run(self, coro: Coroutine[Any, Any, _T], timeout_s: float) -> _T:
+        """Run ``coro`` on the client's loop and wait for it from this (non-loop) thread."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout=timeout_s)
+        except TimeoutError as exc:
+            future.cancel()
+            raise Unavailable("inference server did not answer in time",
+                              "triton_unavailable") from exc
 
     @property
     def model(self) -> str:
         return self._model
 
+    @property
+    def io(self) -> ModelIO | None:
+        """The tensor names and input datatype, once read from Triton."""
+        return self._io
+
     def ready(self) -> bool:
         try:
-            return bool(self._client.is_model_ready(self._model, client_timeout=2.0))
-        except InferenceServerException:
+            return bool(self._run(self._client.is_model_ready(self._model, client_timeout=2.0),
+                                  3.0))
+        except (InferenceServerException, Unavailable):
             return False
 
-    def _input_datatype(self) -> str:
-        """FP32, or FP16 for FP16-I/O variants: what the served model declares."""
-        if self._datatype is None:
-            meta = self._client.get_model_metadata(self._model, as_json=True,
-                                                   client_timeout=self._timeout)
-            declared = {i["name"]: i["datatype"] for i in meta.get("inputs", [])}
-            if self._input not in declared:
-                raise InferenceFailed(f"model has no input named {self._input!r}",
-                                      "model_metadata")
-            self._datatype = declared[self._input]
-        return self._datatype
+    async def _model_io(self) -> ModelIO:
+        if self._io is None:
+            meta = await self._client.get_model_metadata(self._model, as_json=True,
+                                                         client_timeout=self._timeout)
+            self._io = resolve_io(meta, *self._wanted)
+        return self._io
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        # The loop enforces the deadline; the extra second only covers scheduling.
+        return self._run(self.infer_async(batch), self._timeout + 1.0)
+
+    async def infer_async(self, batch: np.ndarray) -> np.ndarray:
+        """Must run on the client's loop (``infer`` takes care of that from other threads)."""
         self.breaker.before_call()
         try:
-            out = self._infer(batch)
+            out = await self._infer_with_retries(batch)
         except Unavailable:
             self.breaker.failure()
             raise
@@ -143,30 +225,49 @@ class TritonInferer:
         self.breaker.success()
         return out
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        try:
-            datatype = self._input_datatype()
-            dtype = np.float16 if datatype == "FP16" else np.float32
-            tensor = grpcclient.InferInput(self._input, list(batch.shape), datatype)
-            tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=dtype))
-            result = self._client.infer(
-                self._model, [tensor],
-                outputs=[grpcclient.InferRequestedOutput(self._output)],
-                client_timeout=self._timeout,
-            )
-        except InferenceServerException as exc:
-            status = str(exc.status() or "")
-            LOG.warning("triton call failed: %s", status or "no status")
-            if not status or any(code in status for code in RETRYABLE):
-                raise Unavailable(f"inference server unavailable: {exc.message()}",
-                                  "triton_unavailable") from exc
-            raise InferenceFailed(f"inference failed: {exc.message()}",
-                                  "triton_error") from exc
-        out = result.as_numpy(self._output)
+    async def _infer_with_retries(self, batch: np.ndarray) -> np.ndarray:
+        deadline = time.monotonic() + self._timeout
+        pause = self._pause
+        attempt = 0
+        while True:
+            try:
+                return await self._infer(batch, deadline - time.monotonic())
+            except InferenceServerException as exc:
+                status = str(exc.status() or "")
+                left = deadline - time.monotonic()
+                retry = (attempt < self._retries and left > pause
+                         and (not status or any(c in status for c in _RETRY_IN_CALL)))
+                LOG.warning("triton call failed: %s%s", status or "no status",
+                            "; retrying" if retry else "")
+                if not retry:
+                    raise _classify(exc) from exc
+            attempt += 1
+            await asyncio.sleep(pause)
+            pause *= 2
+
+    async def _infer(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        if timeout_s <= 0:
+            raise InferenceServerException("deadline spent", status="StatusCode.DEADLINE_EXCEEDED")
+        io = await self._model_io()
+        dtype = np.float16 if io.input_datatype == "FP16" else np.float32
+        tensor = grpcclient.InferInput(io.input_name, list(batch.shape), io.input_datatype)
+        tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=dtype))
+        result = await self._client.infer(
+            self._model, [tensor], outputs=[grpcclient.InferRequestedOutput(io.output_name)],
+            client_timeout=timeout_s,
+        )
+        out = result.as_numpy(io.output_name)
         if out is None or out.shape[0] != batch.shape[0]:
             raise InferenceFailed("inference server returned no usable output",
                                   "triton_empty_output")
         return np.asarray(out, dtype=np.float32)
 
     def close(self) -> None:
-        self._client.close()
+        if not self._loop.is_running():
+            return
+        try:
+            self._run(self._client.close(), 5.0)
+        except Exception:  # closing a broken channel: nothing left to save
+            LOG.debug("triton client close failed", exc_info=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 from pynetdicom import AE
 from pynetdicom.presentation import StoragePresentationContexts
+from tritonclient.utils import InferenceServerException
 
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import Unavailable
-from services.gateway.triton import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, TritonInferer
+from services.gateway.errors import InferenceFailed, Unavailable
+from services.gateway.triton import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    CircuitBreaker,
+    TritonInferer,
+    resolve_io,
+)
 from services.net import free_port
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.harness import base_url, model_repository
@@ -120,3 +128,81 @@ def test_gateway_with_no_triton_answers_503_and_keeps_acknowledging_to_the_spool
         assert 'bedside_gateway_jobs{state="received"} 3.0' in metrics
     finally:
         gw.stop()
+
+
+def test_tensor_names_come_from_model_metadata() -> None:
+    one = {"inputs": [{"name": "x", "datatype": "FP16"}], "outputs": [{"name": "y"}]}
+    io_ = resolve_io(one, "image", "logits")  # single tensors: Triton's names win
+    assert (io_.input_name, io_.input_datatype, io_.output_name) == ("x", "FP16", "y")
+    two = {"inputs": [{"name": "a", "datatype": "FP32"}, {"name": "image", "datatype": "FP32"}],
+           "outputs": [{"name": "logits"}, {"name": "aux"}]}
+    assert resolve_io(two, "image", "logits").input_name == "image"
+    with pytest.raises(InferenceFailed, match=r"no input named 'img' \(it has: a, image\)"):
+        resolve_io(two, "img", "logits")
+    with pytest.raises(InferenceFailed, match="no output named"):
+        resolve_io(two, "image", "out")
+
+
+class _FakeAioTriton:
+    """Stands in for tritonclient's aio client: UNAVAILABLE ``failures`` times, then answers."""
+
+    def __init__(self, failures: int, status: str = "StatusCode.UNAVAILABLE") -> None:
+        self.failures = failures
+        self.status = status
+        self.calls = 0
+
+    async def get_model_metadata(self, *args: object, **kwargs: object) -> dict[str, object]:
+        return {"inputs": [{"name": "image", "datatype": "FP32"}],
+                "outputs": [{"name": "logits"}]}
+
+    async def infer(self, model: str, inputs: list[object], **kwargs: object) -> object:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise InferenceServerException("down", status=self.status)
+        n = inputs[0].shape()[0]  # type: ignore[attr-defined]
+
+        class _Result:
+            def as_numpy(self, name: str) -> np.ndarray:
+                return np.full((n, 1), 0.5, dtype=np.float32)
+
+        return _Result()
+
+    async def close(self) -> None:
+        return None
+
+
+def _with_fake_aio(fake: _FakeAioTriton, retries: int) -> TritonInferer:
+    inferer = TritonInferer(f"127.0.0.1:{free_port()}", "m", "image", "logits", timeout_s=5.0,
+                            retries=retries, retry_pause_s=0.01)
+    inferer._client = fake  # type: ignore[assignment]
+    return inferer
+
+
+def test_unavailable_is_retried_inside_one_call_with_fake_aio_triton() -> None:
+    fake = _FakeAioTriton(failures=2)
+    inferer = _with_fake_aio(fake, retries=2)
+    try:
+        out = inferer.infer(np.zeros((3, 1, 8, 8), dtype=np.float32))
+        assert out.shape == (3, 1) and fake.calls == 3
+        assert inferer.breaker.state == CLOSED
+    finally:
+        inferer.close()
+
+
+def test_retries_are_bounded_and_permanent_errors_not_retried_with_fake_aio_triton() -> None:
+    fake = _FakeAioTriton(failures=10)
+    inferer = _with_fake_aio(fake, retries=2)
+    try:
+        with pytest.raises(Unavailable):
+            inferer.infer(np.zeros((1, 1, 8, 8), dtype=np.float32))
+        assert fake.calls == 3
+    finally:
+        inferer.close()
+    fake = _FakeAioTriton(failures=10, status="StatusCode.INVALID_ARGUMENT")
+    inferer = _with_fake_aio(fake, retries=2)
+    try:
+        with pytest.raises(InferenceFailed):
+            inferer.infer(np.zeros((1, 1, 8, 8), dtype=np.float32))
+        assert fake.calls == 1
+    finally:
+        inferer.close()

@@ -11,6 +11,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -21,8 +22,11 @@ import tritonclient.http as httpclient
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
+from optimizer.preprocess import preprocess
+from optimizer.verify import activate
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
+from services.gateway.triton import TritonInferer
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import TINY_MANIFEST, triton_env
@@ -119,3 +123,27 @@ def test_allowlist_with_dcmtk(stack: Gateway) -> None:
             capture_output=True, text=True, timeout=60, check=False,
             env=dict(os.environ, TCP_NODELAY="1"))
         assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+
+
+def test_async_client_takes_tensor_names_from_triton_and_serves_threads_concurrently(
+    stack: Gateway, optimized: Path
+) -> None:
+    """The manifest's tensor names are wrong here on purpose: the model has one input and one
+    output, so the client uses the names Triton's metadata declares. Eight threads share the
+    one client (one channel, one event loop) and every answer is the in-process score."""
+    inferer = TritonInferer(stack.config.triton_grpc_url, MODEL, "no_such_input",
+                            "no_such_output", timeout_s=10.0)
+    try:
+        instances = [make_instance(300 + k) for k in range(8)]
+        batches = [preprocess(ds, TINY_MANIFEST.input)[None] for ds in instances]
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(inferer.infer, batches))
+        io_ = inferer.io
+        assert io_ is not None and io_.input_name != "no_such_input"
+        assert io_.output_name != "no_such_output"
+        for ds, out in zip(instances, outs, strict=True):
+            assert out.shape[0] == 1
+            score = activate(out, TINY_MANIFEST.output.activation)[0, 0]
+            assert score == pytest.approx(_expected_score(optimized, ds), abs=1e-4)
+    finally:
+        inferer.close()
