@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 
 from services.gateway.core import InferenceCore, complete_timings, parse, uid_hash
 from services.gateway.errors import GatewayError, Unavailable
+from services.gateway.grouping import GroupSink
 from services.gateway.jobs import FAILED, FINAL, INFERRED, JobTable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.spool import ResultStore, Spool
@@ -44,9 +45,13 @@ class Job:
 
 class SpoolWorker:
     def __init__(self, core: InferenceCore, spool: Spool, results: ResultStore,
-                 metrics: GatewayMetrics, backoff_s: float, jobs: JobTable | None = None) -> None:
-        """``jobs`` defaults to the job table beside the spool."""
+                 metrics: GatewayMetrics, backoff_s: float, jobs: JobTable | None = None,
+                 sink: GroupSink | None = None) -> None:
+        """``jobs`` defaults to the job table beside the spool. ``sink`` receives every
+        completed group (grouping.py) before its spool files are released; None: a closed
+        group just finishes."""
         self.jobs = jobs if jobs is not None else JobTable(spool.root)
+        self.sink = sink
         self._core = core
         self._spool = spool
         self._results = results

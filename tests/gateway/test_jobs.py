@@ -17,7 +17,14 @@ from pynetdicom.presentation import StoragePresentationContexts
 from services.errors import ConfigError
 from services.gateway.config import GatewayConfig
 from services.gateway.core import InferenceCore, uid_hash
-from services.gateway.jobs import FAILED, INFERRED, RECEIVED, JobTable
+from services.gateway.jobs import (
+    DELIVERED,
+    FAILED,
+    INFERRED,
+    RECEIVED,
+    SKIPPED,
+    JobTable,
+)
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.spool import ResultStore, Spool
 from services.gateway.worker import SpoolWorker
@@ -212,3 +219,68 @@ def test_study_status_comes_from_the_table_across_restart_with_fake_triton(
         assert [r.state for r in gw.worker.jobs.all()] == [INFERRED]
     finally:
         gw.stop()
+
+
+_V1_SCHEMA = """
+CREATE TABLE jobs (
+    name TEXT PRIMARY KEY, study_hash TEXT NOT NULL, series_hash TEXT NOT NULL,
+    sop_hash TEXT NOT NULL, protocol TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('received', 'inferred', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL, updated_at REAL NOT NULL,
+    error TEXT);
+INSERT INTO jobs VALUES ('a.dcm', 's', 'se', 'i1', 'dimse', 'received', 0, 1.0, 1.0, NULL);
+INSERT INTO jobs VALUES ('b.dcm', 's', 'se', 'i2', 'rest', 'failed', 2, 1.0, 2.0, 'bad_pixels');
+"""
+
+
+def test_job_table_of_the_first_schema_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / JobTable.FILE)
+    db.executescript(_V1_SCHEMA)
+    db.close()
+    table = JobTable(tmp_path)
+    rows = {r.name: r for r in table.all()}
+    assert (rows["a.dcm"].state, rows["b.dcm"].state, rows["b.dcm"].error) == (
+        RECEIVED, FAILED, "bad_pixels")
+    assert rows["a.dcm"].group_key is None and rows["b.dcm"].attempts == 2
+    assert table.finish("a.dcm", SKIPPED, "not_selected_modality")  # new states are allowed
+    table.mark_delivered(["b.dcm"])
+    table.close()
+    again = JobTable(tmp_path)  # opening the migrated table again changes nothing
+    assert [(r.name, r.state) for r in again.all()] == [("a.dcm", SKIPPED), ("b.dcm", DELIVERED)]
+
+
+def test_mark_delivered_moves_only_inferred_or_failed_rows_once(tmp_path: Path) -> None:
+    table = JobTable(tmp_path)
+    for name in ("a", "b", "c", "d"):
+        table.insert(name, "1.2", "1.2.3", f"1.2.3.{name}", "dimse", "MODALITY")
+    table.finish("a", INFERRED)
+    table.finish("b", FAILED, "bad_pixels")
+    table.finish("c", SKIPPED, "not_selected_modality")
+    table.mark_delivered(["a", "b", "c", "d", "unknown"])
+    table.mark_delivered(["a"])  # idempotent
+    states = {r.name: (r.state, r.error, r.calling_aet) for r in table.all()}
+    assert states == {"a": (DELIVERED, None, "MODALITY"),
+                      "b": (DELIVERED, "bad_pixels", "MODALITY"),
+                      "c": (SKIPPED, "not_selected_modality", "MODALITY"),
+                      "d": (RECEIVED, None, "MODALITY")}
+    assert table.count(DELIVERED) == 2
+
+
+def test_prune_deletes_old_final_rows_but_keeps_pending_open_and_kept_ones(
+    tmp_path: Path,
+) -> None:
+    table = JobTable(tmp_path)
+    for name in ("old", "kept", "grouped", "fresh", "waiting"):
+        table.insert(name, "1.2", "1.2.3", f"1.2.3.{name}", "rest")
+    for name in ("old", "kept", "grouped"):
+        table.finish(name, INFERRED)
+    table.open_group("g1", "series", "h", "hs", ["grouped"])
+    db = sqlite3.connect(tmp_path / JobTable.FILE)
+    db.execute("UPDATE jobs SET updated_at = 0 WHERE name != 'fresh'")
+    db.commit()
+    db.close()
+    table.finish("fresh", INFERRED)
+    assert table.prune(3600, keep={"kept"}) == 1  # "old" only
+    assert sorted(r.name for r in table.all()) == ["fresh", "grouped", "kept", "waiting"]
+    table.close_group("g1")  # closed now, but just updated: kept for the retention
+    assert table.prune(3600) == 2 and sorted(r.name for r in table.all()) == ["fresh", "waiting"]

@@ -1,0 +1,52 @@
+"""Groups of instances (one instance, a series or a study) and what the worker hands on when a
+group closes.
+
+A group collects acknowledged instances of one series (or one study) until no new instance of it
+has arrived for the inactivity timeout; then the series are selected by the manifest's rules and
+inferred (per instance or per series), and the completed group goes to the ``GroupSink`` (the
+delivery outbox). Only after ``GroupSink.accept`` returned is the group closed and are its spool
+files released; an ``accept`` that raises is retried later, never dropped.
+
+The key of a group is stable across restarts and carries no UID: a hash of the level, the
+hashed study/series UIDs and the name of the job that opened the group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+GroupLevel = Literal["instance", "series", "study"]
+LEVELS: tuple[GroupLevel, ...] = ("instance", "series", "study")
+
+
+@dataclass(frozen=True)
+class CompletedGroup:
+    """A closed group, as the delivery side sees it. Raw UIDs live in memory only (never logs)."""
+
+    key: str  # stable idempotency key (see ``group_key``); no raw UID
+    level: str  # "instance" | "series" | "study"
+    study_uid: str
+    series_uids: tuple[str, ...]
+    job_names: tuple[str, ...]  # job-table names of every instance in the group
+    # Part-10 files of the inferred source instances (series order), valid until accept returned.
+    sources: tuple[Path, ...]
+    results: tuple[dict[str, Any], ...]  # result documents of the inferred items, errors included
+    # Segmentation only: .npy activated class maps per inferred item (same order as results).
+    maps: tuple[Path, ...]
+    protocols: tuple[str, ...]  # e.g. ("dimse",), ("stow",), ("rest",)
+    calling_aets: tuple[str, ...]  # DIMSE calling AE titles seen; empty for HTTP
+
+
+class GroupSink(Protocol):
+    def accept(self, group: CompletedGroup) -> None:
+        """Durably record the group (outbox) before returning; raising means "try again later"."""
+        ...
+
+
+def group_key(level: str, study_hash: str, series_hash: str, opened_by: str) -> str:
+    """The group's idempotency key: the same group gets the same key after a restart."""
+    text = "|".join((level, study_hash, series_hash, opened_by))
+    return hashlib.sha256(text.encode("ascii", "replace")).hexdigest()[:24]
