@@ -1,0 +1,166 @@
+"""A local Bedside stack for load tests and benchmarks: the real bundled Triton and the gateway
+as a ``bedside gateway`` subprocess, on free loopback ports, stopped on the way out.
+
+The gateway runs in its own process so that the load generator's CPU is not the gateway's, as
+in a deployment. ``gateway_command`` is the one place that knows the CLI's flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import TracebackType
+
+from services.errors import ServiceError
+from services.net import free_port
+from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
+
+LOG = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a running stack listens (all on 127.0.0.1)."""
+
+    model: str
+    http_port: int
+    dicom_port: int
+    grpc_port: int
+    triton_grpc_port: int
+    triton_metrics_port: int
+    ae_title: str = "BEDSIDE"
+    host: str = "127.0.0.1"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return f"{self.host}:{self.triton_grpc_port}"
+
+
+def bedside_executable() -> Path:
+    exe = Path(sys.executable).with_name("bedside")
+    if not exe.exists():
+        raise ServiceError(f"{exe} missing: install the project (scripts/dev.sh setup)")
+    return exe
+
+
+@cache
+def _gateway_help() -> str:
+    return subprocess.run([str(bedside_executable()), "gateway", "--help"], capture_output=True,
+                          text=True, timeout=60, check=False).stdout
+
+
+def local_security_flags() -> list[str]:
+    """Loopback benchmarks run without API keys and without TLS. Where the CLI asks for that
+    choice to be explicit (``--no-auth``, ``--plaintext``), say it explicitly."""
+    text = _gateway_help()
+    return [flag for flag in ("--no-auth", "--plaintext") if flag in text]
+
+
+def gateway_command(repository: Path, model: str, spool: Path, triton_url: str,
+                    ports: Endpoints) -> list[str]:
+    return [str(bedside_executable()), "gateway", "--repository", str(repository),
+            "--model", model, "--spool", str(spool), "--http-host", ports.host,
+            "--http-port", str(ports.http_port), "--dicom-host", ports.host,
+            "--dicom-port", str(ports.dicom_port), "--grpc-port", str(ports.grpc_port),
+            "--triton-url", triton_url, *local_security_flags()]
+
+
+def triton_env() -> Path:
+    return Path(os.environ.get("BEDSIDE_TRITON_ENV", ROOT / ".venv-triton"))
+
+
+def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
+                 log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise ServiceError(f"process exited with {proc.returncode} before {url}: {tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # loopback only
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise ServiceError(f"{url} not ready after {timeout_s:.0f}s")
+
+
+class Stack:
+    """Triton + gateway on a model repository; ``with Stack(...) as endpoints``."""
+
+    def __init__(self, repository: Path, model: str, workdir: Path,
+                 start_gateway: bool = True) -> None:
+        self.repository = repository.absolute()
+        self.model = model
+        self.workdir = workdir.absolute()
+        self._start_gateway = start_gateway
+        self.triton: TritonServer | None = None
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.endpoints: Endpoints | None = None
+
+    def start(self) -> Endpoints:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        tports = TritonPorts(free_port(), free_port(), free_port())
+        self.triton = TritonServer(TritonInstall.discover(triton_env()), self.repository,
+                                   self.workdir / "triton", tports)
+        self.triton.start()
+        ends = Endpoints(model=self.model, http_port=free_port(), dicom_port=free_port(),
+                         grpc_port=free_port(), triton_grpc_port=tports.grpc,
+                         triton_metrics_port=tports.metrics)
+        self.endpoints = ends
+        if self._start_gateway:
+            self.start_gateway()
+        return ends
+
+    def start_gateway(self) -> None:
+        assert self.triton is not None and self.endpoints is not None
+        spool = self.workdir / "spool"
+        shutil.rmtree(spool, ignore_errors=True)
+        log = self.workdir / "gateway.log"
+        cmd = gateway_command(self.repository, self.model, spool, self.triton.grpc_url,
+                              self.endpoints)
+        with log.open("ab") as out:
+            self.gateway = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        try:
+            wait_http_ok(f"{self.endpoints.http_url}/readyz", 60, self.gateway, log)
+        except ServiceError:
+            self.stop()
+            raise
+        LOG.info("gateway ready on %s", self.endpoints.http_url)
+
+    def stop(self) -> None:
+        proc, self.gateway = self.gateway, None
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton = None
+
+    def __enter__(self) -> Endpoints:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
