@@ -60,3 +60,13 @@ class UnsupportedMediaType(GatewayError):
 
 class WrongStudy(GatewayError):
     """An instance posted to a study-specific target belongs to another study."""
+
+
+class DeliveryFailed(GatewayError):
+    """A destination did not take a result this time (refused or lost association, timeout,
+    out of resources, HTTP 5xx): the outbox retries with backoff."""
+
+
+class DeliveryRejected(GatewayError):
+    """A destination refused a result for good (C-STORE 0xA9xx/0xCxxx, no presentation context
+    for its SOP class, HTTP 400/409 with a FailedSOPSequence): straight to dead-letter."""

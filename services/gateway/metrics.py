@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Clinical latencies: sub-millisecond stages up to multi-second totals under load.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("receive", "spool", "queue", "preprocess", "inference", "postprocess",
-          "gateway_overhead", "total")
+          "gateway_overhead", "total", "deliver")
 
 
 class GatewayMetrics:
@@ -35,6 +35,20 @@ class GatewayMetrics:
         self.triton_breaker = Gauge(
             "bedside_gateway_triton_breaker", "1 for the Triton circuit breaker's current state "
             "(closed, open, half_open), 0 for the others", ["state"], registry=self.registry,
+        )
+        # Results delivery (delivery.py): destination names come from the routes file
+        # (validated, bounded); outcome is delivered, retry or dead.
+        self.deliveries = Counter(
+            "bedside_gateway_deliveries", "Result delivery attempts by destination and outcome "
+            "(delivered, retry, dead)", ["destination", "outcome"], registry=self.registry,
+        )
+        self.outbox_depth = Gauge(
+            "bedside_gateway_outbox_depth", "Outbox rows waiting for delivery, by destination",
+            ["destination"], registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "bedside_gateway_dead_letters", "Outbox rows in the dead-letter state (refused for "
+            "good or retries exhausted), by destination", ["destination"], registry=self.registry,
         )
         self.open_associations = Gauge(
             "bedside_gateway_open_associations", "Open DIMSE associations",

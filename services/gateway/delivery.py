@@ -1,0 +1,513 @@
+"""Results delivery: a durable outbox and one sender thread per destination.
+
+``DeliveryService.accept(group)`` is the worker's sink for completed groups. It picks the route
+(routes.py), builds the DICOM results from the group's sources (an SR per classification result,
+a SEG per segmentation map; dicom_results.py), de-identifies when the route says so, writes the
+objects as fsynced files and then, in one transaction, one outbox row per (group key,
+destination). Only then does it return: a group the sink accepted is never lost, and accepting
+the same group again (the worker retries after a crash) adds nothing, the rows being unique on
+(group key, destination).
+
+Per destination a sender thread takes the due rows oldest first and sends their files (C-STORE
+or STOW-RS, destinations.py). A row is ``pending`` -> ``delivered``, or ``dead`` (dead-letter:
+reason, attempts and files kept) when the destination refuses it for good or keeps failing past
+the destination's retry limits; in between, failed attempts wait with capped exponential
+backoff (an HTTP Retry-After is honoured up to the cap). Files the destination already
+confirmed are not sent again. When every row of a group is delivered, its jobs are marked
+delivered in the job table. A restart resumes pending rows where they were.
+
+Durability: the outbox is SQLite in WAL mode with ``synchronous=FULL``, in its own file beside
+the spool (``outbox.sqlite3``), files under ``outbox/``. It holds the group key (hashed, no
+UID), destination and route names, file names, job names and reasons; no patient data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from optimizer.manifest import Manifest
+from services.gateway.deid import Deidentifier, DeidOptions, UidMap
+from services.gateway.destinations import Sender, make_sender
+from services.gateway.dicom_results import DEFAULT_DEVICE, ResultDevice, build_seg, build_sr
+from services.gateway.errors import DeliveryFailed, DeliveryRejected, GatewayError
+from services.gateway.grouping import CompletedGroup
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.routes import Route, RoutesConfig
+
+LOG = logging.getLogger(__name__)
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+STATES = (PENDING, DELIVERED, DEAD)
+MarkDelivered = Callable[[Sequence[str]], None]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_key   TEXT NOT NULL,          -- hashed idempotency key of the group, no UID
+    destination TEXT NOT NULL,
+    route       TEXT NOT NULL,
+    protocol    TEXT NOT NULL,
+    folder      TEXT NOT NULL,          -- under outbox/, '' when nothing could be built
+    files       TEXT NOT NULL,          -- JSON list of file names in folder
+    stored      TEXT NOT NULL DEFAULT '[]',  -- files the destination confirmed
+    job_names   TEXT NOT NULL,          -- JSON list of job-table names
+    state       TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    next_at     REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    reason      TEXT,
+    message     TEXT,
+    marked      INTEGER NOT NULL DEFAULT 0,  -- jobs marked delivered in the job table
+    UNIQUE (group_key, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (destination, state, next_at);
+"""
+_COLUMNS = ("id, group_key, destination, route, protocol, folder, files, stored, job_names, "
+            "state, attempts, created_at, next_at, updated_at, reason, message")
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    group_key: str
+    destination: str
+    route: str
+    protocol: str
+    folder: str
+    files: tuple[str, ...]
+    stored: tuple[str, ...]
+    job_names: tuple[str, ...]
+    state: str
+    attempts: int
+    created_at: float
+    next_at: float
+    updated_at: float
+    reason: str | None
+    message: str | None
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> OutboxRow:
+        values = list(row)
+        for k in (6, 7, 8):
+            values[k] = tuple(json.loads(values[k]))
+        return cls(*values)
+
+
+@dataclass(frozen=True)
+class NewRow:
+    destination: str
+    files: tuple[Path, ...]  # written and fsynced, all in one folder under outbox/
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Outbox:
+    """Thread-safe (one connection, one lock); every method is one transaction."""
+
+    FILE = "outbox.sqlite3"
+    FOLDER = "outbox"
+
+    def __init__(self, spool_root: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = spool_root / self.FILE
+        self.folder = spool_root / self.FOLDER
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=30.0)
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise OSError(f"outbox {self.path}: WAL mode refused ({mode})")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._remove_orphans()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _remove_orphans(self) -> None:
+        """Folders written by an ``accept`` that crashed before its rows were committed: that
+        group was not accepted, so the worker offers it again and they are rebuilt."""
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT folder FROM outbox")}
+        for entry in self.folder.iterdir():
+            if entry.name not in known:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def folder_for(self, group_key: str, destination: str) -> Path:
+        digest = hashlib.sha256(f"{group_key}|{destination}".encode()).hexdigest()[:24]
+        return self.folder / digest
+
+    def destinations_of(self, group_key: str) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute(
+                "SELECT destination FROM outbox WHERE group_key = ?", (group_key,))}
+
+    def add(self, group_key: str, route: str, protocol: str, job_names: Sequence[str],
+            rows: Sequence[NewRow], dead_reason: tuple[str, str] | None = None) -> None:
+        """Rows of one group, in one transaction; idempotent on (group key, destination).
+        ``dead_reason`` (reason, message) records them straight as dead-letter."""
+        now = self._clock()
+        state = PENDING if dead_reason is None else DEAD
+        reason, message = dead_reason or (None, None)
+        with self._tx() as db:
+            for row in rows:
+                folder = row.files[0].parent.name if row.files else ""
+                db.execute(
+                    "INSERT OR IGNORE INTO outbox (group_key, destination, route, protocol,"
+                    " folder, files, job_names, state, created_at, next_at, updated_at, reason,"
+                    " message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (group_key, row.destination, route, protocol, folder,
+                     json.dumps([f.name for f in row.files]), json.dumps(list(job_names)),
+                     state, now, now, now, reason, message))
+
+    def get(self, row_id: int) -> OutboxRow | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?",
+                                   (row_id,)).fetchone()
+        return OutboxRow.of(row) if row is not None else None
+
+    def rows(self, group_key: str | None = None) -> list[OutboxRow]:
+        with self._lock:
+            if group_key is None:
+                found = self._db.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id")
+            else:
+                found = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE group_key = ?"
+                                         " ORDER BY id", (group_key,))
+            return [OutboxRow.of(r) for r in found.fetchall()]
+
+    def due(self, destination: str, now: float) -> OutboxRow | None:
+        """The pending row of ``destination`` due first, if it is due by ``now``."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE destination = ? AND state = ? AND"
+                " next_at <= ? ORDER BY next_at, id LIMIT 1",
+                (destination, PENDING, now)).fetchone()
+        return OutboxRow.of(row) if row is not None else None
+
+    def next_at(self, destination: str) -> float | None:
+        with self._lock:
+            (when,) = self._db.execute(
+                "SELECT MIN(next_at) FROM outbox WHERE destination = ? AND state = ?",
+                (destination, PENDING)).fetchone()
+        return None if when is None else float(when)
+
+    def mark_stored(self, row_id: int, name: str) -> None:
+        with self._tx() as db:
+            (stored,) = db.execute("SELECT stored FROM outbox WHERE id = ?",
+                                   (row_id,)).fetchone()
+            names = json.loads(stored)
+            if name not in names:
+                db.execute("UPDATE outbox SET stored = ?, updated_at = ? WHERE id = ?",
+                           (json.dumps([*names, name]), self._clock(), row_id))
+
+    def retry(self, row_id: int, attempts: int, next_at: float, reason: str,
+              message: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET attempts = ?, next_at = ?, updated_at = ?,"
+                       " reason = ?, message = ? WHERE id = ? AND state = ?",
+                       (attempts, next_at, self._clock(), reason, message, row_id, PENDING))
+
+    def dead(self, row_id: int, attempts: int, reason: str, message: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET state = ?, attempts = ?, updated_at = ?, reason = ?,"
+                       " message = ? WHERE id = ? AND state = ?",
+                       (DEAD, attempts, self._clock(), reason, message, row_id, PENDING))
+
+    def delivered(self, row_id: int, attempts: int) -> bool:
+        """The row is delivered; True when that made its whole group delivered."""
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET state = ?, attempts = ?, updated_at = ?,"
+                       " next_at = ? WHERE id = ? AND state = ?",
+                       (DELIVERED, attempts, self._clock(), self._clock(), row_id, PENDING))
+            (key,) = db.execute("SELECT group_key FROM outbox WHERE id = ?",
+                                (row_id,)).fetchone()
+            (left,) = db.execute("SELECT COUNT(*) FROM outbox WHERE group_key = ? AND"
+                                 " state != ?", (key, DELIVERED)).fetchone()
+        return int(left) == 0
+
+    def unmarked_groups(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Fully delivered groups whose jobs are not yet marked delivered (group key, jobs)."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT group_key, MIN(job_names) FROM outbox GROUP BY group_key HAVING"
+                " SUM(state != ?) = 0 AND MIN(marked) = 0", (DELIVERED,)).fetchall()
+        return [(str(k), tuple(json.loads(j))) for k, j in found]
+
+    def set_marked(self, group_key: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET marked = 1 WHERE group_key = ?", (group_key,))
+
+    def count(self, state: str, destination: str | None = None) -> int:
+        with self._lock:
+            if destination is None:
+                (n,) = self._db.execute("SELECT COUNT(*) FROM outbox WHERE state = ?",
+                                        (state,)).fetchone()
+            else:
+                (n,) = self._db.execute("SELECT COUNT(*) FROM outbox WHERE state = ? AND"
+                                        " destination = ?", (state, destination)).fetchone()
+        return int(n)
+
+
+def write_durably(ds: Dataset, path: Path) -> None:
+    """Part-10 file, fsynced, renamed into place (a crash never leaves half a file)."""
+    tmp = path.with_suffix(".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    with tmp.open("rb+") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+class DeliveryService:
+    """The worker's ``GroupSink`` and the sender threads; ``start()`` / ``stop()``."""
+
+    def __init__(self, routes: RoutesConfig, spool_root: Path, manifest: Manifest,
+                 metrics: GatewayMetrics, mark_delivered: MarkDelivered | None = None,
+                 senders: Mapping[str, Sender] | None = None,
+                 device: ResultDevice = DEFAULT_DEVICE,
+                 clock: Callable[[], float] = time.time, poll_s: float = 1.0) -> None:
+        """``senders`` replaces the real clients per destination name (tests)."""
+        self.routes = routes
+        self.outbox = Outbox(spool_root, clock)
+        self._manifest = manifest
+        self._metrics = metrics
+        self._mark = mark_delivered
+        self._device = device
+        self._clock = clock
+        self._poll_s = poll_s
+        given = dict(senders or {})
+        self._senders: dict[str, Sender] = {
+            name: given[name] if name in given else make_sender(dest)
+            for name, dest in routes.destinations.items()}
+        self._uids = (UidMap(spool_root / "deid_uids.sqlite3", routes.deid_secret)
+                      if routes.deid_secret is not None else None)
+        self._stop = threading.Event()
+        self._wake = {name: threading.Event() for name in routes.destinations}
+        self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True,
+                                          name=f"deliver-{name}")
+                         for name in routes.destinations]
+        for name in routes.destinations:
+            metrics.outbox_depth.labels(name).set_function(
+                partial(self.outbox.count, PENDING, name))
+            metrics.dead_letters.labels(name).set_function(
+                partial(self.outbox.count, DEAD, name))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._mark_finished_groups()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Lets an attempt in progress finish (bounded by the destination's timeout)."""
+        self._stop.set()
+        for event in self._wake.values():
+            event.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=timeout_s)
+        self.outbox.close()
+        if self._uids is not None:
+            self._uids.close()
+
+    @property
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    # -- the sink ----------------------------------------------------------------------------
+
+    def accept(self, group: CompletedGroup) -> None:
+        """Durably record the group's results for every destination of its route."""
+        route = self.routes.route_for(group.protocols, group.calling_aets)
+        if route is None:
+            LOG.info("group %s matches no route and there is no default route: not delivered",
+                     group.key)
+            return
+        todo = [d for d in route.destinations if d not in self.outbox.destinations_of(group.key)]
+        if not todo:
+            return  # accepted before (the worker offered it again after a restart)
+        protocol = group.protocols[0] if group.protocols else "recovered"
+        try:
+            objects = self._build(group, route)
+        except (GatewayError, ValueError, OSError) as exc:
+            reason = getattr(exc, "reason", "build_failed")
+            LOG.error("group %s: results could not be built (%s): dead-letter", group.key,
+                      reason)
+            self.outbox.add(group.key, route.name, protocol, group.job_names,
+                            [NewRow(d, ()) for d in todo], dead_reason=(reason, str(exc)[:500]))
+            for name in todo:
+                self._metrics.deliveries.labels(name, "dead").inc()
+            return
+        if not objects:
+            LOG.info("group %s: no result to deliver (every item failed)", group.key)
+            return
+        rows = []
+        for name in todo:
+            folder = self.outbox.folder_for(group.key, name)
+            folder.mkdir(exist_ok=True)
+            files = []
+            for k, ds in enumerate(objects):
+                path = folder / f"{k:04d}.dcm"
+                write_durably(ds, path)
+                files.append(path)
+            _fsync_dir(folder)
+            rows.append(NewRow(name, tuple(files)))
+        _fsync_dir(self.outbox.folder)
+        self.outbox.add(group.key, route.name, protocol, group.job_names, rows)
+        LOG.info("group %s: %d result object(s) queued for %s (route %s%s)", group.key,
+                 len(objects), ", ".join(todo), route.name,
+                 ", de-identified" if route.deidentify else "")
+        for name in todo:
+            self._wake[name].set()
+
+    def _build(self, group: CompletedGroup, route: Route) -> list[Dataset]:
+        originals: list[Dataset] = [pydicom.dcmread(p) for p in group.sources]
+        sources = originals
+        if route.deidentify:
+            if self._uids is None:  # RoutesConfig validation rules this out
+                raise GatewayError("de-identification without a secret", "deid_no_secret")
+            deid = Deidentifier(self._uids, DeidOptions(retain_private=route.retain_private))
+            sources = [deid.deidentify(ds) for ds in originals]
+        task = self._manifest.task
+        series_uid = generate_uid()
+        items = [(k, r) for k, r in enumerate(group.results) if "error" not in r]
+        out = []
+        for n, (k, result) in enumerate(items):
+            chosen = [sources[i] for i in self._select(result, originals)]
+            if task == "classification":
+                ds = build_sr(chosen, result.get("findings", []), self._manifest, self._device,
+                              series_instance_uid=series_uid)
+            else:
+                index = k if len(group.maps) == len(group.results) else n
+                maps = np.load(group.maps[index], allow_pickle=False)
+                ds = build_seg(chosen, maps, self._manifest, self._device,
+                               series_instance_uid=series_uid)
+            if route.deidentify:
+                for keyword in ("PatientIdentityRemoved", "DeidentificationMethod",
+                                "DeidentificationMethodCodeSequence"):
+                    setattr(ds, keyword, getattr(chosen[0], keyword))
+            out.append(ds)
+        return out
+
+    def _select(self, result: Mapping[str, Any], originals: Sequence[Dataset]) -> list[int]:
+        """The source instances a result is about: all of its series for a 3-D model, else
+        the instance it names (else its series, else all of the group's)."""
+        every = list(range(len(originals)))
+        series = [i for i in every
+                  if originals[i].get("SeriesInstanceUID") == result.get("series_instance_uid")]
+        if self._manifest.input.depth is not None:
+            return series or every
+        same = [i for i in every
+                if originals[i].get("SOPInstanceUID") == result.get("sop_instance_uid")]
+        return same or series or every
+
+    # -- the senders -------------------------------------------------------------------------
+
+    def _run(self, name: str) -> None:
+        wake = self._wake[name]
+        while not self._stop.is_set():
+            try:
+                row = self.outbox.due(name, self._clock())
+                if row is None:
+                    when = self.outbox.next_at(name)
+                    wait = self._poll_s if when is None else min(
+                        self._poll_s, max(0.005, when - self._clock()))
+                    wake.wait(wait)
+                    wake.clear()
+                    continue
+                self.attempt(row)
+            except Exception:  # never end the thread: the row stays pending
+                LOG.exception("delivery to %s: unexpected error", name)
+                self._stop.wait(self._poll_s)
+
+    def attempt(self, row: OutboxRow) -> None:
+        """One delivery attempt of ``row`` and its outcome recorded (public for tests)."""
+        name = row.destination
+        retry = self.routes.destinations[name].retry
+        folder = self.outbox.folder / row.folder
+        files = [folder / f for f in row.files if f not in row.stored]
+        attempts = row.attempts + 1
+        try:
+            self._senders[name].send(files, lambda p: self.outbox.mark_stored(row.id, p.name))
+        except DeliveryRejected as exc:
+            self.outbox.dead(row.id, attempts, exc.reason, str(exc)[:500])
+            self._metrics.deliveries.labels(name, "dead").inc()
+            LOG.error("delivery of group %s to %s refused (%s): dead-letter", row.group_key,
+                      name, exc.reason)
+            return
+        except (DeliveryFailed, OSError) as exc:
+            reason = getattr(exc, "reason", "io_error")
+            age = self._clock() - row.created_at
+            if retry.exhausted(attempts, age):
+                self.outbox.dead(row.id, attempts, reason,
+                                 f"gave up after {attempts} attempt(s) in {age:.0f} s: {exc}"
+                                 [:500])
+                self._metrics.deliveries.labels(name, "dead").inc()
+                LOG.error("delivery of group %s to %s keeps failing (%s, %d attempts): "
+                          "dead-letter", row.group_key, name, reason, attempts)
+                return
+            delay = retry.delay(attempts)
+            hint = getattr(exc, "retry_after_s", None)
+            if isinstance(hint, float) and hint > delay:
+                delay = min(hint, retry.cap_s)
+            self.outbox.retry(row.id, attempts, self._clock() + delay, reason, str(exc)[:500])
+            self._metrics.deliveries.labels(name, "retry").inc()
+            LOG.warning("delivery of group %s to %s failed (%s), attempt %d; next in %.1f s",
+                        row.group_key, name, reason, attempts, delay)
+            return
+        group_done = self.outbox.delivered(row.id, attempts)
+        self._metrics.deliveries.labels(name, "delivered").inc()
+        self._metrics.stage_seconds.labels(self._manifest.name, row.protocol, "deliver").observe(
+            max(0.0, self._clock() - row.created_at))
+        LOG.info("group %s delivered to %s (%d file(s), attempt %d)", row.group_key, name,
+                 len(row.files), attempts)
+        if group_done:
+            self._mark_finished_groups()
+
+    def _mark_finished_groups(self) -> None:
+        if self._mark is None:
+            return
+        for key, jobs in self.outbox.unmarked_groups():
+            try:
+                self._mark(jobs)
+            except Exception:  # the job table is closing; done again at the next start
+                LOG.exception("group %s: marking jobs delivered failed", key)
+                continue
+            self.outbox.set_marked(key)
