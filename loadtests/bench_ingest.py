@@ -147,7 +147,8 @@ class Gateway:
                 [str(bedside), "gateway", "--repository", str(repository), "--model", MODEL,
                  "--spool", str(spool), "--http-port", str(self.http_port),
                  "--dicom-port", str(self.dicom_port), "--grpc-port", "0",
-                 "--triton-url", triton_url, "--min-free-bytes", "0", *extra],
+                 "--triton-url", triton_url, "--min-free-bytes", "0", "--no-auth",
+                 "--plaintext", *extra],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

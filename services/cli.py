@@ -1,4 +1,4 @@
-"""The ``bedside`` command: demo, optimize, serve, gateway.
+"""The ``bedside`` command: demo, optimize, serve, gateway, keys.
 
 Errors that Bedside raises on purpose end the command with a one-line message and exit code 2;
 anything else is a bug and keeps its traceback.
@@ -138,21 +138,55 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--grpc-port", type=int, default=8081,
                          help="Open Inference Protocol v2 gRPC port on --http-host (0: off)")
         cmd.add_argument("--tls-cert", type=Path, default=None,
-                         help="DICOM TLS: server certificate (PEM); with --tls-key enables TLS")
+                         help="server certificate (PEM) for HTTP, gRPC and DICOM TLS; "
+                              "re-read when it changes")
         cmd.add_argument("--tls-key", type=Path, default=None,
-                         help="DICOM TLS: private key of --tls-cert (PEM)")
+                         help="private key of --tls-cert (PEM)")
         cmd.add_argument("--tls-ca", type=Path, default=None,
-                         help="DICOM TLS: CA bundle; clients must present a certificate it "
-                              "signed")
+                         help="CA bundle for client certificates: required on DICOM TLS and "
+                              "gRPC, optional on HTTP (else an API key)")
         cmd.add_argument("--min-free-bytes", type=int, default=1024**3,
                          help="refuse new work below this much free spool disk (0 = off)")
         cmd.add_argument("--triton-breaker-failures", type=int, default=5,
                          help="consecutive Triton-unavailable failures that open the breaker")
         cmd.add_argument("--triton-breaker-cooldown", type=float, default=5.0,
                          help="seconds before an open breaker lets one probe through")
+        # Security: the operator must choose keys or --no-auth, and TLS or --plaintext.
+        auth = cmd.add_mutually_exclusive_group(required=True)
+        auth.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
+                          help="API keys file (YAML/JSON, hashed keys and scopes; re-read "
+                               "when it changes); see `bedside keys new`")
+        auth.add_argument("--no-auth", action="store_true",
+                          help="no authentication on HTTP and gRPC (trusted networks only)")
+        cmd.add_argument("--plaintext", action="store_true",
+                         help="HTTP and gRPC without TLS (required unless --tls-cert/--tls-key"
+                              " are given; with them, only DIMSE keeps TLS)")
+        cmd.add_argument("--dicom-plaintext", action="store_true",
+                         help="DIMSE without TLS even though --tls-cert/--tls-key are given")
+        cmd.add_argument("--allowed-source", action="append", default=[], metavar="CIDR",
+                         help="source network allowed on HTTP and gRPC (repeatable; none "
+                              "given: any)")
+        cmd.add_argument("--rate-limit", type=float, default=50.0,
+                         help="requests per second per API key / client certificate (0: off)")
+        cmd.add_argument("--rate-burst", type=float, default=100.0,
+                         help="requests a key may send at once before --rate-limit applies")
+        cmd.add_argument("--max-concurrent", type=int, default=64,
+                         help="infer/submit calls in progress at once over HTTP and gRPC; "
+                              "more get 503 / RESOURCE_EXHAUSTED (0: no cap)")
+        cmd.add_argument("--audit-log", type=Path, default=None, metavar="FILE",
+                         help="append the audit trail (JSON lines) to FILE; '-' for stdout "
+                              "(default: the log)")
+        cmd.add_argument("--audit-syslog", default=None, metavar="HOST:PORT|SOCKET",
+                         help="also send audit records to syslog (UDP host:port or /dev/log)")
     srv.add_argument("--triton-grpc-port", type=int, default=8001)
     srv.add_argument("--triton-env", type=Path, default=None)
     gw.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton gRPC host:port")
+
+    keys = sub.add_parser("keys", help="gateway API keys: `bedside keys new --name X "
+                          "--scopes infer,read` prints a key once with its keys-file entry")
+    from services.gateway.auth import add_subcommands as add_keys_subcommands
+
+    add_keys_subcommands(keys)
 
     dep = sub.add_parser("deploy", help="install or upgrade the Helm release for a model, wait "
                          "for the rollout and the model, roll back on failure")
@@ -180,6 +214,10 @@ def _parser() -> argparse.ArgumentParser:
 def _gateway_config(args: argparse.Namespace, triton_url: str) -> GatewayConfig:
     from services.gateway.config import GatewayConfig
 
+    if not args.plaintext and (args.tls_cert is None or args.tls_key is None):
+        raise ConfigError("choose TLS for HTTP and gRPC (--tls-cert and --tls-key, optionally "
+                          "--tls-ca for client certificates) or --plaintext explicitly")
+
     return GatewayConfig(
         model_repository=args.repository.absolute(), model_name=args.model,
         triton_grpc_url=triton_url, spool_dir=args.spool.absolute(), http_host=args.http_host,
@@ -192,6 +230,13 @@ def _gateway_config(args: argparse.Namespace, triton_url: str) -> GatewayConfig:
         tls_ca=args.tls_ca.absolute() if args.tls_ca else None,
         min_free_bytes=args.min_free_bytes, triton_breaker_failures=args.triton_breaker_failures,
         triton_breaker_cooldown_s=args.triton_breaker_cooldown,
+        api_keys=args.api_keys.absolute() if args.api_keys else None,
+        http_tls=not args.plaintext, dicom_tls=not args.dicom_plaintext,
+        allowed_sources=tuple(args.allowed_source), rate_limit_per_s=args.rate_limit,
+        rate_limit_burst=args.rate_burst, max_concurrent_requests=args.max_concurrent,
+        audit_log=(args.audit_log if str(args.audit_log) == "-" else args.audit_log.absolute())
+        if args.audit_log else None,
+        audit_syslog=args.audit_syslog,
     )
 
 
@@ -307,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{o}/model.pt --manifest {o}/manifest.json --calibration {o}/calibration "
                   f"--validation {o}/validation --out {o}/optimized")
             return 0
+        if args.command == "keys":
+            from services.gateway.auth import run as run_keys
+
+            return run_keys(args)
         if args.command == "deploy":
             from services.deploy.command import run_deploy
 

@@ -59,7 +59,8 @@ def test_serve_becomes_ready_and_stops_everything_on_ctrl_c(optimized: Path,
     spool = tmp_path / "spool"
     proc = subprocess.Popen(
         [*BEDSIDE, "serve", "--repository", str(optimized / "repository"), "--model",
-         "tiny-cxr", "--spool", str(spool), "--http-port", str(http_port), "--dicom-port",
+         "tiny-cxr", "--spool", str(spool), "--no-auth", "--plaintext", "--http-port",
+         str(http_port), "--dicom-port",
          str(free_port()), "--grpc-port", str(free_port()), "--triton-grpc-port",
          str(free_port()), "--triton-env",
          str(triton_env())],

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import uvicorn
@@ -15,17 +15,22 @@ import uvicorn
 from optimizer.manifest import Manifest
 from services.errors import ConfigError, ServiceError
 from services.gateway import dicomweb, oip_rest
+from services.gateway.audit import AuditLog
+from services.gateway.auth import KeyStore
 from services.gateway.config import GatewayConfig
 from services.gateway.core import InferenceCore, Inferer, read_leniently
 from services.gateway.dimse import DicomServer
 from services.gateway.errors import Unavailable
+from services.gateway.guard import Guard, GuardInterceptor, GuardMiddleware, PeerCertificates
 from services.gateway.ingest import Ingestor
 from services.gateway.jobs import STATES as JOB_STATES
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.oip import Dataplane
 from services.gateway.oip_grpc import OipGrpcServer
+from services.gateway.ratelimit import ConcurrencyCap, RateLimiter
 from services.gateway.rest import create_app
 from services.gateway.spool import ResultStore, Spool
+from services.gateway.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
 from services.gateway.triton import BREAKER_STATES, CircuitBreaker, TritonInferer
 from services.gateway.worker import SpoolWorker
 
@@ -71,10 +76,20 @@ class Gateway:
         self.ingestor = Ingestor(self.core, self.spool, self.worker, self.metrics,
                                  config.max_spool_depth, config.max_request_bytes,
                                  config.min_free_bytes)
+        self.audit = AuditLog(config.audit_log, config.audit_syslog)
+        self.guard = Guard(
+            KeyStore(config.api_keys) if config.api_keys is not None else None, self.audit,
+            RateLimiter(config.rate_limit_per_s, config.rate_limit_burst),
+            ConcurrencyCap(config.max_concurrent_requests), config.allowed_sources)
+        cert_files = (CertFiles(config.tls_cert, config.tls_key, config.tls_ca)
+                      if config.http_tls and config.tls_cert and config.tls_key else None)
         self.dimse = DicomServer(config, self.ingestor, self.metrics)
         self.oip = Dataplane(self.core, self.results, self.metrics, self.ready)
-        self.grpc = (OipGrpcServer(self.oip, self.metrics, config.http_host, config.grpc_port,
-                                   config.max_request_bytes)
+        self.grpc = (OipGrpcServer(
+            self.oip, self.metrics, config.http_host, config.grpc_port,
+            config.max_request_bytes, interceptors=[GuardInterceptor(self.guard)],
+            credentials=(ReloadingGrpcCredentials(cert_files).credentials
+                         if cert_files is not None else None))
                      if config.grpc_port else None)
         app = create_app(
             self.core, self.results, self.metrics, self.ready, config.max_request_bytes,
@@ -84,9 +99,16 @@ class Gateway:
                           *oip_rest.create_routes(self.oip, self.metrics,
                                                   config.max_request_bytes)],
         )
+        peers = PeerCertificates()
+        tls_options: dict[str, Any] = {}
+        if cert_files is not None:
+            reloading = ReloadingSSLContext(cert_files, "optional")
+            tls_options = {"ssl_context_factory": lambda _config, _default: reloading.context,
+                           "http": peers.protocol_class()}
         self._http = uvicorn.Server(uvicorn.Config(
-            app, host=config.http_host, port=config.http_port, log_level="warning",
-            access_log=False, lifespan="off",
+            GuardMiddleware(app, self.guard, peers), host=config.http_host,
+            port=config.http_port, log_level="warning", access_log=False, lifespan="off",
+            **tls_options,
         ))
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
 
@@ -144,4 +166,5 @@ class Gateway:
         self.worker.stop()
         self.worker.jobs.close()
         self.inferer.close()
+        self.audit.close()
         LOG.info("gateway stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import ssl
 from dataclasses import dataclass
@@ -50,6 +51,26 @@ class GatewayConfig:
     # failures; while open, calls fail fast; after the cool-down one probe call is let through.
     triton_breaker_failures: int = 5
     triton_breaker_cooldown_s: float = 5.0
+    # Security (README "Security"). The defaults here are permissive for library use and tests;
+    # the `bedside gateway` command makes the operator choose keys or --no-auth, TLS or
+    # --plaintext. api_keys: the keys file (auth.py); None turns authentication off.
+    api_keys: Path | None = None
+    # HTTP and gRPC listeners serve TLS with tls_cert/tls_key (tls_ca: client certificates,
+    # optional on HTTP, required on gRPC); DIMSE uses DICOM TLS with them unless dicom_tls is
+    # False.
+    http_tls: bool = False
+    dicom_tls: bool = True
+    # Source networks (CIDR) allowed on HTTP and gRPC; empty allows every address.
+    allowed_sources: tuple[str, ...] = ()
+    # Per-principal token bucket (requests per second, burst); 0 turns it off.
+    rate_limit_per_s: float = 0.0
+    rate_limit_burst: float = 1.0
+    # Concurrent infer/submit calls over HTTP and gRPC; 0 means no cap.
+    max_concurrent_requests: int = 0
+    # Audit trail: JSON lines appended to this file ("-": standard output) and/or sent to
+    # syslog (host:port over UDP, or a socket path such as /dev/log).
+    audit_log: Path | None = None
+    audit_syslog: str | None = None
 
     def __post_init__(self) -> None:
         if not _AE_RE.match(self.ae_title) or self.ae_title != self.ae_title.strip():
@@ -88,10 +109,29 @@ class GatewayConfig:
         if self.triton_breaker_failures < 1 or self.triton_breaker_cooldown_s <= 0:
             raise ConfigError("triton_breaker_failures must be >= 1 and "
                               "triton_breaker_cooldown_s > 0")
+        self._check_security()
         if not (self.model_repository / self.model_name / "manifest.json").is_file():
             raise ConfigError(
                 f"no manifest.json for model {self.model_name!r} in {self.model_repository}"
             )
+
+    def _check_security(self) -> None:
+        if self.http_tls and self.tls_cert is None:
+            raise ConfigError("http_tls needs tls_cert and tls_key")
+        if self.api_keys is not None and not self.api_keys.is_file():
+            raise ConfigError(f"api_keys {self.api_keys} is not a file")
+        for source in self.allowed_sources:
+            try:
+                ipaddress.ip_network(source, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"allowed source {source!r} is not an address or "
+                                  "CIDR network") from exc
+        if self.rate_limit_per_s < 0 or (self.rate_limit_per_s > 0
+                                         and self.rate_limit_burst < 1):
+            raise ConfigError("rate_limit_per_s must be >= 0 (0 = off) and "
+                              "rate_limit_burst >= 1")
+        if self.max_concurrent_requests < 0:
+            raise ConfigError("max_concurrent_requests must be >= 0 (0 = no cap)")
 
     @property
     def manifest_path(self) -> Path:
@@ -99,7 +139,7 @@ class GatewayConfig:
 
     def dicom_tls_context(self) -> ssl.SSLContext | None:
         """The server-side TLS context for the DIMSE listener, or None without DICOM TLS."""
-        if self.tls_cert is None or self.tls_key is None:
+        if self.tls_cert is None or self.tls_key is None or not self.dicom_tls:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

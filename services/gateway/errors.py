@@ -70,3 +70,26 @@ class DeliveryFailed(GatewayError):
 class DeliveryRejected(GatewayError):
     """A destination refused a result for good (C-STORE 0xA9xx/0xCxxx, no presentation context
     for its SOP class, HTTP 400/409 with a FailedSOPSequence): straight to dead-letter."""
+
+
+class Unauthenticated(GatewayError):
+    """No credentials, or credentials the gateway does not know (HTTP 401, UNAUTHENTICATED)."""
+
+
+class Forbidden(GatewayError):
+    """Known caller without the scope for this call, or a source address outside the
+    allowlist (HTTP 403, PERMISSION_DENIED)."""
+
+
+class RateLimited(GatewayError):
+    """The caller's rate limit is spent; ``retry_after_s`` says when a call is allowed again
+    (HTTP 429 + Retry-After, RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: float) -> None:
+        super().__init__(message, reason)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(RateLimited):
+    """The gateway's cap on concurrent work is reached (HTTP 503 + Retry-After,
+    RESOURCE_EXHAUSTED)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
@@ -21,12 +22,15 @@ from services.errors import ServiceError
 from services.gateway import oip
 from services.gateway.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
     InferenceFailed,
     InvalidInstance,
     MissingPixelData,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
+    Unauthenticated,
     Unavailable,
     UnsupportedInstance,
 )
@@ -43,6 +47,9 @@ GRPC_CODE: tuple[tuple[type[GatewayError], grpc.StatusCode], ...] = (
     (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (InferenceFailed, grpc.StatusCode.INTERNAL),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),  # Overloaded too
     (GatewayError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
@@ -137,10 +144,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 class OipGrpcServer:
     def __init__(self, dataplane: oip.Dataplane, metrics: GatewayMetrics, host: str,
-                 port: int, max_message_bytes: int, workers: int = 4) -> None:
+                 port: int, max_message_bytes: int, workers: int = 4,
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None) -> None:
+        """``interceptors``: the guard (authentication, limits, audit); ``credentials``:
+        TLS (tls.ReloadingGrpcCredentials), None for a plain-text listener."""
         self._address = f"{host}:{port}"
+        self._credentials = credentials
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip-grpc"),
+            interceptors=list(interceptors),
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -149,14 +162,17 @@ class OipGrpcServer:
 
     def start(self) -> None:
         try:
-            bound = self._server.add_insecure_port(self._address)
+            bound = (self._server.add_secure_port(self._address, self._credentials)
+                     if self._credentials is not None
+                     else self._server.add_insecure_port(self._address))
         except RuntimeError as exc:
             raise ServiceError(f"cannot listen for gRPC on {self._address}: {exc}") from exc
         if not bound:
             raise ServiceError(f"cannot listen for gRPC on {self._address}")
         self._server.start()
         self.listening = True
-        LOG.info("OIP v2 gRPC listening on %s", self._address)
+        LOG.info("OIP v2 gRPC listening on %s (%s)", self._address,
+                 "TLS" if self._credentials is not None else "plain text")
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.listening:

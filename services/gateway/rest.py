@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -32,12 +33,16 @@ from starlette.routing import BaseRoute, Route
 from services.gateway.core import InferenceCore, Result, complete_timings, parse
 from services.gateway.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
     InferenceFailed,
     InvalidInstance,
     MissingPixelData,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
+    RateLimited,
+    Unauthenticated,
     Unavailable,
     UnsupportedInstance,
     UnsupportedMediaType,
@@ -60,6 +65,10 @@ HTTP_STATUS: tuple[tuple[type[GatewayError], int], ...] = (
     (NotFound, 404),
     (Unavailable, 503),
     (InferenceFailed, 502),
+    (Unauthenticated, 401),
+    (Forbidden, 403),
+    (Overloaded, 503),
+    (RateLimited, 429),
     (GatewayError, 400),
 )
 
@@ -67,6 +76,10 @@ HTTP_STATUS: tuple[tuple[type[GatewayError], int], ...] = (
 def error_response(exc: GatewayError) -> JSONResponse:
     status = next(code for cls, code in HTTP_STATUS if isinstance(exc, cls))
     headers = {"Retry-After": "5"} if status == 503 else None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    elif isinstance(exc, Unauthenticated):
+        headers = {"WWW-Authenticate": 'Bearer realm="bedside"'}
     return JSONResponse({"error": {"reason": exc.reason, "message": str(exc)}},
                         status_code=status, headers=headers)
 

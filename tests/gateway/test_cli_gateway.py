@@ -21,7 +21,7 @@ def test_gateway_flags_build_the_config(tmp_path: Path) -> None:
         "--max-pdu", "65536", "--grpc-port", "9001", "--tls-cert", str(tmp_path / "c.pem"),
         "--tls-key", str(tmp_path / "k.pem"), "--tls-ca", str(tmp_path / "ca.pem"),
         "--min-free-bytes", "0", "--triton-breaker-failures", "3",
-        "--triton-breaker-cooldown", "2.5",
+        "--triton-breaker-cooldown", "2.5", "--no-auth",
     ])
     config = _gateway_config(args, args.triton_url)
     assert config.allowed_calling_aets == ("CT1", "PACS")
@@ -30,7 +30,8 @@ def test_gateway_flags_build_the_config(tmp_path: Path) -> None:
     assert config.min_free_bytes == 0
     assert (config.triton_breaker_failures, config.triton_breaker_cooldown_s) == (3, 2.5)
     defaults = _gateway_config(_parser().parse_args([
-        "gateway", "--repository", str(repo), "--model", TINY_MANIFEST.name]), "x:1")
+        "gateway", "--repository", str(repo), "--model", TINY_MANIFEST.name, "--no-auth",
+        "--plaintext"]), "x:1")
     assert defaults.allowed_calling_aets == () and defaults.tls_cert is None
 
 
@@ -38,5 +39,6 @@ def test_bad_gateway_flags_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     repo = model_repository(tmp_path)
     (tmp_path / "c.pem").write_text("x")
     code = main(["gateway", "--repository", str(repo), "--model", TINY_MANIFEST.name,
-                 "--spool", str(tmp_path / "spool"), "--tls-cert", str(tmp_path / "c.pem")])
+                 "--spool", str(tmp_path / "spool"), "--tls-cert", str(tmp_path / "c.pem"),
+                 "--no-auth", "--plaintext"])
     assert code == 2 and "both tls_cert and tls_key" in capsys.readouterr().err

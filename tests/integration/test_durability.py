@@ -95,7 +95,7 @@ class GatewayProcess:
                 [str(bedside), "gateway", "--repository", str(repository), "--model", MODEL,
                  "--spool", str(spool), "--http-port", str(self.http_port),
                  "--dicom-port", str(self.dicom_port), "--grpc-port", "0",
-                 "--triton-url", triton_url],
+                 "--triton-url", triton_url, "--no-auth", "--plaintext"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.log = log
         deadline = time.monotonic() + 60
