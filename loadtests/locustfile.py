@@ -62,7 +62,7 @@ class Paced:
 
     def wait_time(self) -> float:
         pace = float(self.environment.parsed_options.pace)
-        return constant_pacing(1.0 / pace)(self) if pace > 0 else 0.0
+        return constant_pacing(1.0 / pace)(self) if pace > 0 else 0.0  # type: ignore[arg-type]
 
 
 class RestUser(Paced, HttpUser):

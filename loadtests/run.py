@@ -167,16 +167,18 @@ def run(ends: Endpoints, protocols: list[str], steps: list[int], seconds: float,
         sustained = {"seconds": sustain_s, "load_fraction": load_fraction,
                      "capacity_per_s": capacity, "pace_per_user_per_s": round(pace, 3),
                      "users_per_protocol": users}
-    summary = {"machine": machine_line(), "protocols": protocols,
-               "rows": [asdict(r) for r in rows], "sustained": sustained}
-    summary["plots"] = plot(rows, out) if len(steps) > 1 else []
+    machine = machine_line()
+    plots = plot(rows, out) if len(steps) > 1 else []
+    summary: dict[str, Any] = {"machine": machine, "protocols": protocols,
+                               "rows": [asdict(r) for r in rows], "sustained": sustained,
+                               "plots": plots}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    md = render(rows, summary["machine"])
+    md = render(rows, machine)
     if sustained:
         md += (f"\nSustained: {sustain_s:.0f} s at {load_fraction:.0%} of the measured capacity "
                f"({sustained['pace_per_user_per_s']} req/s per user, "
                f"{users} users per protocol).\n")
-    md += "".join(f"\n![{p}]({p})\n" for p in summary["plots"])
+    md += "".join(f"\n![{p}]({p})\n" for p in plots)
     (out / "summary.md").write_text(md, encoding="utf-8")
     return summary
 
