@@ -10,6 +10,7 @@ import hashlib
 import io
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +19,8 @@ import pydicom
 import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from optimizer.errors import PreprocessError
 from optimizer.manifest import Manifest
@@ -33,6 +36,7 @@ from services.gateway.errors import (
     InferenceFailed,
     InvalidInstance,
     MissingPixelData,
+    PayloadTooLarge,
     UnsupportedInstance,
     UnsupportedSOPClass,
 )
@@ -108,10 +112,37 @@ def complete_timings(timings_ms: dict[str, float], origin: float, end: float) ->
     timings_ms["gateway_overhead"] = timings_ms["total"] - timings_ms.get("inference", 0.0)
 
 
-def parse(data: bytes) -> Dataset:
-    """DICOM Part-10 bytes -> dataset, fully read, or InvalidInstance saying why."""
+# A deflated data set is inflated whole by pydicom: without a bound, a few hundred kilobytes of
+# zeros inflate to gigabytes (found by tests/fuzz). 256 MiB is 4x the default request limit.
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+
+
+def _check_inflated_size(data: bytes, limit: int) -> None:
+    """PayloadTooLarge if ``data`` is a Deflated Explicit VR Little Endian file whose data set
+    inflates to more than ``limit`` bytes; inflation stops at the limit, so memory stays bound."""
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated, pending = 0, data[fp.tell():]
+    while pending and inflated <= limit:  # 1 MiB at a time: only the count is kept
+        inflated += len(inflater.decompress(pending, 1 << 20))
+        pending = inflater.unconsumed_tail
+    if inflated > limit:
+        raise PayloadTooLarge(f"the deflated data set inflates to more than {limit} bytes",
+                              "inflated_too_large")
+
+
+def parse(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
+    """DICOM Part-10 bytes -> dataset, fully read, or InvalidInstance saying why
+    (PayloadTooLarge for a deflated data set that inflates beyond ``max_inflated_bytes``)."""
     try:
+        _check_inflated_size(data, max_inflated_bytes)
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except GatewayError:
+        raise
     except InvalidDicomError as exc:
         raise InvalidInstance(f"not a DICOM Part-10 file: {exc}", "not_dicom") from exc
     except Exception as exc:  # truncated elements raise EOFError, OSError, ValueError...
