@@ -77,6 +77,7 @@ setup_test_peers() {
   [ -x /usr/bin/promtool ] || missing+=(prometheus)
   [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)  # a real PACS for the DIMSE/DICOMweb tests
   [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+  [ -x /usr/bin/openssl ] || missing+=(openssl)  # certificates for the DICOM TLS tests
   [ ${#missing[@]} = 0 ] || as_root_or_explain "test peers" "${missing[@]}"
 }
 

@@ -84,9 +84,13 @@ class CStoreSender:
         tls_args = ((self._tls, d.tls.server_name or d.host)
                     if self._tls is not None and d.tls is not None else None)
         assoc = ae.associate(d.host, d.port, ae_title=d.called_aet, tls_args=tls_args)
+        if not assoc.is_established and assoc.rejected_contexts:
+            # The peer accepted the association but none of our SOP classes: it never will.
+            raise DeliveryRejected(f"{d.name}: {d.called_aet} accepts no presentation context "
+                                   "for these SOP classes", "sop_class_not_accepted")
         if not assoc.is_established:
-            reason = ("association_rejected" if assoc.is_rejected else
-                      "association_aborted" if assoc.is_aborted else "connection_failed")
+            # pynetdicom reports a refused TCP connection as an abort, like a peer's A-ABORT.
+            reason = "association_rejected" if assoc.is_rejected else "association_failed"
             raise DeliveryFailed(f"{d.name}: no association with {d.called_aet} at "
                                  f"{d.host}:{d.port} ({reason})", reason)
         try:
