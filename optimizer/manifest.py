@@ -26,6 +26,13 @@ VoiSource = Literal["window", "lut", "minmax"]
 # 2-D models and multi-frame instances: "middle" infers the middle frame (index frames // 2);
 # "all" infers every frame (the gateway reports the highest score over the frames).
 FrameChoice = Literal["middle", "all"]
+# The gateway groups instances before inferring: "instance" = each on its own (no grouping),
+# "series"/"study" = until no instance of that series/study arrived for ``timeout_s``.
+GroupLevel = Literal["instance", "series", "study"]
+# "instance" = one inference per instance; "series" = one per selected series at group close
+# (a 3-D model gets the sorted slices as its volume, a 2-D model the middle slice).
+InferUnit = Literal["instance", "series"]
+Orientation = Literal["axial", "coronal", "sagittal"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAX_SIDE = 4096
 
@@ -90,6 +97,31 @@ class AccuracyBudget:
 
 
 @dataclass(frozen=True)
+class Grouping:
+    """How the gateway groups instances for this model (the gateway's config may override)."""
+
+    level: GroupLevel = "instance"
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which series the model is for; a series failing a rule is skipped, not inferred. Empty
+    lists and None accept anything."""
+
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()  # BodyPartExamined, compared in upper case
+    orientations: tuple[Orientation, ...] = ()  # from ImageOrientationPatient
+    min_instances: int = 1
+    max_slice_thickness: float | None = None  # mm
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modalities": list(self.modalities), "body_parts": list(self.body_parts),
+                "orientations": list(self.orientations), "min_instances": self.min_instances,
+                "max_slice_thickness": self.max_slice_thickness}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated model manifest."""
 
@@ -100,6 +132,9 @@ class Manifest:
     output: OutputSpec
     accuracy_budget: AccuracyBudget
     latency_slo_ms: float
+    grouping: Grouping = Grouping()
+    infer: InferUnit = "instance"
+    selection: Selection = Selection()
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -142,6 +177,9 @@ class Manifest:
                 "max_dice_drop": self.accuracy_budget.max_dice_drop,
             },
             "latency_slo_ms": self.latency_slo_ms,
+            "grouping": {"level": self.grouping.level, "timeout_s": self.grouping.timeout_s},
+            "infer": self.infer,
+            "selection": self.selection.to_dict(),
         }
 
     @classmethod
@@ -221,6 +259,21 @@ class Manifest:
         version = r.get("version", int)
         if version < 1:
             raise ManifestError("manifest.version: must be >= 1 (Triton version folders)")
+        grouping = Grouping()
+        if r.get_optional("grouping", dict) is not None:
+            rg = r.child("grouping")
+            grouping = Grouping(
+                level=rg.choice("level", ("instance", "series", "study"), "instance"),
+                timeout_s=rg.number("timeout_s", positive=True) if "timeout_s" in rg else 30.0,
+            )
+        infer = r.choice("infer", ("instance", "series"), "instance")
+        if infer == "series" and grouping.level == "instance":
+            raise ManifestError("manifest.infer: 'series' needs grouping.level series or study")
+        selection = _selection(r) if r.get_optional("selection", dict) is not None \
+            else Selection()
+        if selection.min_instances > 1 and grouping.level == "instance":
+            raise ManifestError("manifest.selection.min_instances: > 1 needs grouping.level "
+                                "series or study")
         return cls(
             name=name,
             version=version,
@@ -229,6 +282,9 @@ class Manifest:
             output=output,
             accuracy_budget=budget,
             latency_slo_ms=r.number("latency_slo_ms", positive=True),
+            grouping=grouping,
+            infer=infer,
+            selection=selection,
         )
 
     @classmethod
@@ -245,6 +301,31 @@ class Manifest:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _selection(r: _Reader) -> Selection:
+    rs = r.child("selection")
+
+    def codes(key: str) -> tuple[str, ...]:
+        values = rs.get_optional(key, list) or []
+        if not all(isinstance(v, str) and v.strip() for v in values):
+            raise ManifestError(f"manifest.selection.{key}: a list of non-empty strings")
+        return tuple(v.strip().upper() if key == "body_parts" else v.strip() for v in values)
+
+    orientations = codes("orientations")
+    for o in orientations:
+        if o not in ("axial", "coronal", "sagittal"):
+            raise ManifestError(f"manifest.selection.orientations: {o!r} is not axial, coronal "
+                                "or sagittal")
+    min_instances = rs.get_optional("min_instances", int)
+    if min_instances is not None and min_instances < 1:
+        raise ManifestError("manifest.selection.min_instances: must be >= 1")
+    thickness = (rs.number("max_slice_thickness", positive=True)
+                 if rs.get_optional("max_slice_thickness", object) is not None else None)
+    return Selection(modalities=codes("modalities"), body_parts=codes("body_parts"),
+                     orientations=orientations,  # type: ignore[arg-type]  # checked above
+                     min_instances=min_instances if min_instances is not None else 1,
+                     max_slice_thickness=thickness)
 
 
 class _Reader:

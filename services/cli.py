@@ -151,6 +151,14 @@ def _parser() -> argparse.ArgumentParser:
                          help="consecutive Triton-unavailable failures that open the breaker")
         cmd.add_argument("--triton-breaker-cooldown", type=float, default=5.0,
                          help="seconds before an open breaker lets one probe through")
+        cmd.add_argument("--group-level", choices=("instance", "series", "study"), default=None,
+                         help="group instances before inferring (default: the manifest's "
+                              "grouping.level)")
+        cmd.add_argument("--group-timeout", type=float, default=None, metavar="SECONDS",
+                         help="a group closes after this long without a new instance "
+                              "(default: the manifest's grouping.timeout_s)")
+        cmd.add_argument("--job-retention", type=float, default=7 * 86400.0, metavar="SECONDS",
+                         help="finished job-table rows are deleted after this long")
         # Security: the operator must choose keys or --no-auth, and TLS or --plaintext.
         auth = cmd.add_mutually_exclusive_group(required=True)
         auth.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
@@ -230,6 +238,8 @@ def _gateway_config(args: argparse.Namespace, triton_url: str) -> GatewayConfig:
         tls_ca=args.tls_ca.absolute() if args.tls_ca else None,
         min_free_bytes=args.min_free_bytes, triton_breaker_failures=args.triton_breaker_failures,
         triton_breaker_cooldown_s=args.triton_breaker_cooldown,
+        group_level=args.group_level, group_timeout_s=args.group_timeout,
+        job_retention_s=args.job_retention,
         api_keys=args.api_keys.absolute() if args.api_keys else None,
         http_tls=not args.plaintext, dicom_tls=not args.dicom_plaintext,
         allowed_sources=tuple(args.allowed_source), rate_limit_per_s=args.rate_limit,

@@ -21,6 +21,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.core import InferenceCore, Inferer, read_leniently
 from services.gateway.dimse import DicomServer
 from services.gateway.errors import Unavailable
+from services.gateway.grouping import GroupingPolicy
 from services.gateway.guard import Guard, GuardInterceptor, GuardMiddleware, PeerCertificates
 from services.gateway.ingest import Ingestor
 from services.gateway.jobs import STATES as JOB_STATES
@@ -70,8 +71,11 @@ class Gateway:
         self.core = InferenceCore(self.manifest, self.inferer)
         self.spool = Spool(config.spool_dir)
         self.results = ResultStore(config.spool_dir)
-        self.worker = SpoolWorker(self.core, self.spool, self.results, self.metrics,
-                                  config.triton_retry_backoff_s)
+        self.worker = SpoolWorker(
+            self.core, self.spool, self.results, self.metrics, config.triton_retry_backoff_s,
+            sink=None, retention_s=config.job_retention_s,
+            policy=GroupingPolicy.resolve(self.manifest, config.group_level,
+                                          config.group_timeout_s))
         self._export_state_metrics()
         self.ingestor = Ingestor(self.core, self.spool, self.worker, self.metrics,
                                  config.max_spool_depth, config.max_request_bytes,

@@ -51,6 +51,11 @@ class GatewayConfig:
     # failures; while open, calls fail fast; after the cool-down one probe call is let through.
     triton_breaker_failures: int = 5
     triton_breaker_cooldown_s: float = 5.0
+    # Grouping (worker.py): None takes the manifest's grouping.level / grouping.timeout_s.
+    group_level: str | None = None  # "instance" | "series" | "study"
+    group_timeout_s: float | None = None  # inactivity timeout closing a series/study group
+    # Job-table rows in a final state are deleted after this many seconds (start-up, hourly).
+    job_retention_s: float = 7 * 86400.0
     # Security (README "Security"). The defaults here are permissive for library use and tests;
     # the `bedside gateway` command makes the operator choose keys or --no-auth, TLS or
     # --plaintext. api_keys: the keys file (auth.py); None turns authentication off.
@@ -106,6 +111,12 @@ class GatewayConfig:
             raise ConfigError("triton timeouts must be > 0")
         if self.min_free_bytes < 0:
             raise ConfigError("min_free_bytes must be >= 0 (0 disables the disk watermark)")
+        if self.group_level not in (None, "instance", "series", "study"):
+            raise ConfigError(f"group_level {self.group_level!r}: instance, series or study")
+        if self.group_timeout_s is not None and self.group_timeout_s <= 0:
+            raise ConfigError("group_timeout_s must be > 0")
+        if self.job_retention_s <= 0:
+            raise ConfigError("job_retention_s must be > 0")
         if self.triton_breaker_failures < 1 or self.triton_breaker_cooldown_s <= 0:
             raise ConfigError("triton_breaker_failures must be >= 1 and "
                               "triton_breaker_cooldown_s > 0")

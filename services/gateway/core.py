@@ -11,7 +11,7 @@ import io
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -169,6 +169,9 @@ class InferenceCore:
             raise InvalidInstance(f"malformed data element: {exc}", "malformed") from exc
 
     def _check(self, ds: Dataset) -> None:
+        spec = self.manifest.input
+        if self.manifest.infer == "series" and spec.depth is not None:
+            spec = replace(spec, depth=None)  # a slice of the series volume, not a volume
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class not in IMAGE_SOP_CLASSES:
             raise UnsupportedSOPClass(
@@ -182,7 +185,7 @@ class InferenceCore:
             if not str(ds.get(uid, "")):
                 raise InvalidInstance(f"missing {uid}", "missing_uid")
         try:
-            check_image_header(ds, self.manifest.input, self._limits)
+            check_image_header(ds, spec, self._limits)
         except PreprocessError as exc:
             raise UnsupportedInstance(str(exc), "not_for_model") from exc
 
@@ -211,7 +214,6 @@ class InferenceCore:
 
     def analyze(self, ds: Dataset, timings_ms: dict[str, float] | None = None) -> Result:
         """Check, preprocess, infer, postprocess; adds its stages to ``timings_ms``."""
-        timings = dict(timings_ms or {})
         self.check(ds)
         t0 = time.perf_counter()
         try:
@@ -219,6 +221,13 @@ class InferenceCore:
                                   limits=self._limits)
         except PreprocessError as exc:
             raise InvalidInstance(str(exc), "bad_pixels") from exc
+        return self.analyze_input(ds, x, timings_ms, t0)
+
+    def analyze_input(self, ds: Dataset, x: np.ndarray, timings_ms: dict[str, float] | None,
+                      t0: float) -> Result:
+        """Infer and postprocess model inputs ``x`` (n, *input shape) already made from ``ds``
+        (or, for a series, from the series ``ds`` stands for) since ``t0`` (perf_counter)."""
+        timings = dict(timings_ms or {})
         t1 = time.perf_counter()
         # One call per frame: any Triton max_batch_size takes it; the dynamic batcher merges.
         raws = [self._inferer.infer(x[i : i + 1]) for i in range(x.shape[0])]

@@ -158,7 +158,8 @@ class DicomServer:
                 raise InvalidInstance(f"cannot decode data set: {exc}", "unreadable") from exc
             self._ingestor.core.check(ds)
             self._ingestor.accept(event.encoded_dataset(), ds, "dimse", arrival,
-                                  time.perf_counter())
+                                  time.perf_counter(),
+                                  str(event.assoc.requestor.ae_title).strip() or None)
         except GatewayError as exc:
             return self._refuse(exc, event)
         LOG.debug("C-STORE of %s acknowledged (association %s)",

@@ -79,9 +79,10 @@ class Ingestor:
         return data, ds
 
     def accept(self, data: bytes, ds: Dataset, protocol: str, arrival: float,
-               received: float) -> Path:
+               received: float, calling_aet: str | None = None) -> Path:
         """Spool durably, then queue for inference. Raises Unavailable when it cannot spool:
-        the caller must not acknowledge in that case."""
+        the caller must not acknowledge in that case. ``calling_aet``: the DIMSE calling AE
+        title (kept in the job table for the group and its delivery); None for HTTP edges."""
         self.check_capacity()
         try:
             path = self._spool.put(data)
@@ -91,7 +92,8 @@ class Ingestor:
         try:
             self._worker.jobs.insert(path.name, str(ds.get("StudyInstanceUID", "")),
                                      str(ds.get("SeriesInstanceUID", "")),
-                                     str(ds.get("SOPInstanceUID", "")), protocol)
+                                     str(ds.get("SOPInstanceUID", "")), protocol,
+                                     calling_aet)
         except Exception as exc:  # sqlite3.Error, OSError: not acknowledged, so take it back
             LOG.error("job table insert failed: %s", type(exc).__name__)
             # if even that fails, start-up reconciliation processes the file once
@@ -103,6 +105,7 @@ class Ingestor:
             path=path, protocol=protocol, arrival=arrival, acked=acked,
             timings_ms={"receive": (received - arrival) * 1000.0,
                         "spool": (acked - received) * 1000.0},
+            calling_aet=calling_aet,
         ))
         self._metrics.requests.labels(protocol, "accepted", "ok").inc()
         LOG.info("spooled instance %s via %s", uid_hash(str(ds.SOPInstanceUID)), protocol)

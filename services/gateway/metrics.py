@@ -30,7 +30,7 @@ class GatewayMetrics:
         )
         self.jobs = Gauge(
             "bedside_gateway_jobs", "Acknowledged instances in the job table, by state "
-            "(received, inferred, failed)", ["state"], registry=self.registry,
+            "(received, inferred, failed, skipped, delivered)", ["state"], registry=self.registry,
         )
         self.triton_breaker = Gauge(
             "bedside_gateway_triton_breaker", "1 for the Triton circuit breaker's current state "
@@ -53,6 +53,20 @@ class GatewayMetrics:
         self.open_associations = Gauge(
             "bedside_gateway_open_associations", "Open DIMSE associations",
             registry=self.registry,
+        )
+        # Grouping (worker.py): level is instance, series or study; outcome is inferred (at
+        # least one item inferred), failed (only errors) or skipped (nothing selected).
+        self.groups_open = Gauge(
+            "bedside_gateway_groups_open", "Series/study groups waiting for their inactivity "
+            "timeout", registry=self.registry,
+        )
+        self.groups_closed = Counter(
+            "bedside_gateway_groups_closed", "Groups closed and handed on, by level and outcome "
+            "(inferred, failed, skipped)", ["level", "outcome"], registry=self.registry,
+        )
+        self.group_sink_errors = Counter(
+            "bedside_gateway_group_sink_errors", "Completed groups the sink refused (retried "
+            "with backoff), by level", ["level"], registry=self.registry,
         )
 
     def observe(self, model: str, protocol: str, timings_ms: dict[str, float]) -> None:
