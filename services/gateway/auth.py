@@ -67,9 +67,10 @@ class Principal:
 
     @property
     def label(self) -> str:
-        """The principal as written in audit records: ``key:NAME``, ``cert:NAME``..."""
-        return {"api_key": "key", "client_cert": "cert"}.get(self.kind, self.kind) + ":" + \
-            self.name
+        """The principal as written in audit records: ``key:NAME``, ``cert:NAME``,
+        ``ae:TITLE``, or ``anonymous`` without authentication."""
+        prefix = {"api_key": "key", "client_cert": "cert", "calling_ae": "ae"}.get(self.kind)
+        return f"{prefix}:{self.name}" if prefix else self.name
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,17 @@ def _nothing() -> None:
     return None
 
 
+def _once(release: Callable[[], None]) -> Callable[[], None]:
+    done = threading.Event()
+
+    def wrapper() -> None:
+        if not done.is_set():
+            done.set()
+            release()
+
+    return wrapper
+
+
 def _outcome(status: int) -> str:
     if status < 400:
         return "ok"
@@ -265,8 +276,9 @@ class GuardMiddleware:
             if study:
                 audit_mod.note_uids(study, "", "")
             try:
-                principal, release = self.guard.admit(rule, source, api_key_from(headers),
-                                                      subject)
+                principal, release_once = self.guard.admit(rule, source,
+                                                           api_key_from(headers), subject)
+                release = _once(release_once)
             except GatewayError as exc:
                 response = self.error_response(exc)
                 self.guard.audit.write(
@@ -281,16 +293,12 @@ class GuardMiddleware:
                 await response(scope, receive, send)
                 return
             status = {"code": 500}
+            written: list[bool] = []
 
-            async def recording_send(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    status["code"] = int(message["status"])
-                await send(message)
-
-            try:
-                await self.app(scope, receive, recording_send)
-            finally:
-                release()
+            def record() -> None:
+                if written:
+                    return
+                written.append(True)
                 code = status["code"]
                 self.guard.audit.write(
                     "request", rule.protocol, rule.action, _outcome(code),
@@ -298,6 +306,20 @@ class GuardMiddleware:
                     reason=None if code < 400 else "http_" + str(code),
                     duration_ms=(time.perf_counter() - start) * 1000.0, uids=uids,
                     auth=principal.kind)
+
+            async def recording_send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status["code"] = int(message["status"])
+                elif message["type"] == "http.response.body" and not message.get("more_body"):
+                    release()  # the work is done; the record is on file before the caller
+                    record()   # has the whole answer
+                await send(message)
+
+            try:
+                await self.app(scope, receive, recording_send)
+            finally:
+                release()
+                record()
 
 
 def _has_key(headers: Mapping[str, str]) -> bool:
