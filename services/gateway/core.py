@@ -31,6 +31,7 @@ from optimizer.preprocess import (
     preprocess_frames,
 )
 from optimizer.verify import activate
+from services.gateway import audit
 from services.gateway.errors import (
     GatewayError,
     InferenceFailed,
@@ -147,6 +148,7 @@ def parse(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
         raise InvalidInstance(f"not a DICOM Part-10 file: {exc}", "not_dicom") from exc
     except Exception as exc:  # truncated elements raise EOFError, OSError, ValueError...
         raise InvalidInstance(f"unreadable DICOM file: {exc}", "unreadable") from exc
+    audit.note_dataset(ds)  # hashed UIDs into the current request's audit record, if any
     return ds
 
 

@@ -178,6 +178,8 @@ def test_rest_401_without_key_403_wrong_scope_200_right_scope_with_fake_triton(
         ("other", None, "no_credentials", 401), ("other", "key:reader", "refused", 404)]
     assert all(r["source"] == "127.0.0.1" for r in records)
     assert records[5]["study"] == [uid_hash(study)]
+    assert records[3]["instance"] == [uid_hash(str(ds.SOPInstanceUID))]
+    assert records[3]["series"] == [uid_hash(str(ds.SeriesInstanceUID))]
     text = gateway.config.audit_log.read_text()  # type: ignore[union-attr]
     for raw in (study, str(ds.SOPInstanceUID), "Doe", keys["infer"], keys["reader"]):
         assert raw not in text
@@ -225,7 +227,8 @@ def _infer_input(data: bytes) -> grpcclient.InferInput:
 def test_grpc_unauthenticated_permission_denied_and_ok_with_fake_triton(
         gateway: Gateway, keys: dict[str, str]) -> None:
     client = _grpc_client(gateway)
-    data = dicom_bytes(make_instance(5))
+    ds = make_instance(5)
+    data = dicom_bytes(ds)
     assert client.is_server_live() and client.is_model_ready(MODEL)  # open
     cases = [({}, "StatusCode.UNAUTHENTICATED"),
              ({"authorization": "Bearer bsk_wrong"}, "StatusCode.UNAUTHENTICATED"),
@@ -244,6 +247,7 @@ def test_grpc_unauthenticated_permission_denied_and_ok_with_fake_triton(
         ("infer", "no_credentials", "UNAUTHENTICATED"), ("infer", "bad_key", "UNAUTHENTICATED"),
         ("infer", "scope", "PERMISSION_DENIED"), ("infer", "ok", "OK"),
         ("metadata", "ok", "OK")]
+    assert records[3]["instance"] == [uid_hash(str(ds.SOPInstanceUID))]
 
 
 def test_rate_limit_429_with_retry_after_and_grpc_resource_exhausted_with_fake_triton(
