@@ -159,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                               "(default: the manifest's grouping.timeout_s)")
         cmd.add_argument("--job-retention", type=float, default=7 * 86400.0, metavar="SECONDS",
                          help="finished job-table rows are deleted after this long")
+        cmd.add_argument("--routes", type=Path, metavar="FILE",
+                         help="routes file (YAML/JSON): deliver DICOM results (SR/SEG) to "
+                              "destinations by C-STORE or STOW-RS, optionally de-identified")
         # Security: the operator must choose keys or --no-auth, and TLS or --plaintext.
         auth = cmd.add_mutually_exclusive_group(required=True)
         auth.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
@@ -240,6 +243,7 @@ def _gateway_config(args: argparse.Namespace, triton_url: str) -> GatewayConfig:
         triton_breaker_cooldown_s=args.triton_breaker_cooldown,
         group_level=args.group_level, group_timeout_s=args.group_timeout,
         job_retention_s=args.job_retention,
+        routes_file=args.routes.absolute() if args.routes else None,
         api_keys=args.api_keys.absolute() if args.api_keys else None,
         http_tls=not args.plaintext, dicom_tls=not args.dicom_plaintext,
         allowed_sources=tuple(args.allowed_source), rate_limit_per_s=args.rate_limit,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ from services.gateway.audit import AuditLog
 from services.gateway.auth import KeyStore
 from services.gateway.config import GatewayConfig
 from services.gateway.core import InferenceCore, Inferer, read_leniently
+from services.gateway.delivery import DeliveryService
 from services.gateway.dimse import DicomServer
 from services.gateway.errors import Unavailable
 from services.gateway.grouping import GroupingPolicy
@@ -30,6 +32,7 @@ from services.gateway.oip import Dataplane
 from services.gateway.oip_grpc import OipGrpcServer
 from services.gateway.ratelimit import ConcurrencyCap, RateLimiter
 from services.gateway.rest import create_app
+from services.gateway.routes import load_routes
 from services.gateway.spool import ResultStore, Spool
 from services.gateway.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
 from services.gateway.triton import BREAKER_STATES, CircuitBreaker, TritonInferer
@@ -71,9 +74,15 @@ class Gateway:
         self.core = InferenceCore(self.manifest, self.inferer)
         self.spool = Spool(config.spool_dir)
         self.results = ResultStore(config.spool_dir)
+        # Results delivery when routes are configured: the worker hands completed groups to
+        # its outbox; delivered groups mark their jobs delivered in the worker's job table.
+        self.delivery = (DeliveryService(load_routes(config.routes_file), config.spool_dir,
+                                         self.manifest, self.metrics,
+                                         mark_delivered=self._mark_delivered)
+                         if config.routes_file is not None else None)
         self.worker = SpoolWorker(
             self.core, self.spool, self.results, self.metrics, config.triton_retry_backoff_s,
-            sink=None, retention_s=config.job_retention_s,
+            sink=self.delivery, retention_s=config.job_retention_s,
             policy=GroupingPolicy.resolve(self.manifest, config.group_level,
                                           config.group_timeout_s))
         self._export_state_metrics()
@@ -87,7 +96,7 @@ class Gateway:
             ConcurrencyCap(config.max_concurrent_requests), config.allowed_sources)
         cert_files = (CertFiles(config.tls_cert, config.tls_key, config.tls_ca)
                       if config.http_tls and config.tls_cert and config.tls_key else None)
-        self.dimse = DicomServer(config, self.ingestor, self.metrics)
+        self.dimse = DicomServer(config, self.ingestor, self.metrics, audit=self.audit)
         self.oip = Dataplane(self.core, self.results, self.metrics, self.ready)
         self.grpc = (OipGrpcServer(
             self.oip, self.metrics, config.http_host, config.grpc_port,
@@ -127,8 +136,12 @@ class Gateway:
                 self.metrics.triton_breaker.labels(state).set_function(
                     partial(_is_state, breaker, state))
 
+    def _mark_delivered(self, names: Sequence[str]) -> None:
+        self.worker.jobs.mark_delivered(names)
+
     def ready(self) -> bool:
         return (self.dimse.listening and self._http.started and self.worker.alive
+                and (self.delivery is None or self.delivery.alive)
                 and (self.grpc is None or self.grpc.listening) and self.inferer.ready())
 
     def _warm_up(self) -> None:
@@ -141,6 +154,8 @@ class Gateway:
 
     def start(self, timeout_s: float = 10.0) -> None:
         self._warm_up()
+        if self.delivery is not None:
+            self.delivery.start()
         self.worker.start()
         self.dimse.start()
         if self.grpc is not None:
@@ -168,6 +183,8 @@ class Gateway:
         if self._http_thread.is_alive():
             self._http_thread.join(timeout=10)
         self.worker.stop()
+        if self.delivery is not None:  # after the worker (no accept in flight), before jobs
+            self.delivery.stop()
         self.worker.jobs.close()
         self.inferer.close()
         self.audit.close()

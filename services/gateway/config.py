@@ -56,6 +56,9 @@ class GatewayConfig:
     group_timeout_s: float | None = None  # inactivity timeout closing a series/study group
     # Job-table rows in a final state are deleted after this many seconds (start-up, hourly).
     job_retention_s: float = 7 * 86400.0
+    # Results delivery (routes.py, delivery.py): the routes file (YAML, or JSON by suffix),
+    # loaded and validated once when the gateway is built; None delivers nothing.
+    routes_file: Path | None = None
     # Security (README "Security"). The defaults here are permissive for library use and tests;
     # the `bedside gateway` command makes the operator choose keys or --no-auth, TLS or
     # --plaintext. api_keys: the keys file (auth.py); None turns authentication off.
@@ -117,6 +120,8 @@ class GatewayConfig:
             raise ConfigError("group_timeout_s must be > 0")
         if self.job_retention_s <= 0:
             raise ConfigError("job_retention_s must be > 0")
+        if self.routes_file is not None and not self.routes_file.is_file():
+            raise ConfigError(f"routes_file {self.routes_file} is not a file")
         if self.triton_breaker_failures < 1 or self.triton_breaker_cooldown_s <= 0:
             raise ConfigError("triton_breaker_failures must be >= 1 and "
                               "triton_breaker_cooldown_s > 0")

@@ -272,3 +272,49 @@ def test_orthanc_refusing_the_study_is_dead_lettered(
     row = service.outbox.rows()[0]
     assert (row.state, row.attempts) == (DEAD, 1), row
     assert row.reason is not None and row.reason.startswith("http_4"), row.reason
+
+
+def test_gateway_with_fake_triton_delivers_to_storescp_and_marks_jobs_delivered(
+        tmp_path: Path) -> None:
+    """The wiring: `routes_file` -> outbox as the worker's sink -> storescp; DIMSE in from a
+    calling AE the route matches; the job table ends `delivered`. Triton is faked here (the
+    delivery side is what is under test); the peers are real."""
+    from pynetdicom import AE, StoragePresentationContexts
+
+    from services.gateway.jobs import DELIVERED as JOB_DELIVERED
+    from tests.gateway.harness import fake_gateway
+
+    scp = StoreScp(tmp_path / "scp", free_port())
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(f"""
+destinations:
+  pacs: {{type: dimse, host: 127.0.0.1, port: {scp.port}, called_aet: DEST,
+         retry: {{base_s: 0.1, cap_s: 0.5}}}}
+routes:
+  - {{name: ct, calling_aets: [CT1], destinations: [pacs]}}
+""")
+    gateway = fake_gateway(tmp_path / "gw", routes_file=routes, group_level="instance")
+    try:
+        ae = AE(ae_title="CT1")
+        ae.requested_contexts = StoragePresentationContexts[:100]
+        assoc = ae.associate("127.0.0.1", gateway.config.dicom_port, ae_title="BEDSIDE")
+        assert assoc.is_established
+        study = study_with_phi(2)
+        try:
+            assert [assoc.send_c_store(ds).Status for ds in study] == [0, 0]
+        finally:
+            assoc.release()
+        jobs = gateway.worker.jobs
+        wait_for(lambda: jobs.count(JOB_DELIVERED) == 2)
+        received = [pydicom.dcmread(p) for p in scp.files()]
+        assert len(received) == 2
+        assert {sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+                .ReferencedSOPSequence[0].ReferencedSOPInstanceUID for sr in received} == {
+                    ds.SOPInstanceUID for ds in study}
+        sample = gateway.metrics.registry.get_sample_value
+        assert sample("bedside_gateway_deliveries_total",
+                      {"destination": "pacs", "outcome": "delivered"}) == 2
+        assert sample("bedside_gateway_outbox_depth", {"destination": "pacs"}) == 0
+    finally:
+        gateway.stop()
+        scp.stop()
