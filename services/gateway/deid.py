@@ -7,8 +7,9 @@ associations and restarts), so a study stays a study and results map back. The r
 kept in SQLite beside the spool (file mode 0600) for re-identification.
 
 The profile's combined actions are resolved without IOD-specific knowledge, conservatively:
-any combination containing Z becomes Z (an empty value keeps Type 2 attributes valid),
-X/D becomes X, and UID actions (U, X/Z/U*) become U.
+any combination containing Z becomes Z (an empty value keeps Type 2 attributes valid), except
+for sequences, which become X (they are Type 3 in image IODs, where an empty sequence is
+invalid: dciodvfy says so), X/D becomes X, and UID actions (U, X/Z/U*) become U.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pydicom.sequence import Sequence
 STANDARD_UID_ROOT = "1.2.840.10008."  # SOP classes, transfer syntaxes, coding schemes: kept
 METHOD = "DICOM PS3.15 Basic Profile (Bedside)"  # LO: at most 64 characters
 
-# PS3.15 Table E.1-1, basic profile column, for the attributes image objects commonly carry.
+# PS3.15 Table E.1-1, basic profile column, for the attributes image objects commonly carry
+# (tests/gateway/test_deid_conformance.py checks each against its own copy of the table).
 # Z: empty, X: remove, D: dummy value, U: consistent new UID. Combined actions resolved as the
 # module docstring says (the original action is in the comment where it was combined).
 ACTIONS: dict[int, str] = {
@@ -47,18 +49,27 @@ ACTIONS: dict[int, str] = {
     0x00080050: "Z",  # Accession Number
     0x00080080: "Z",  # Institution Name (X/Z/D)
     0x00080081: "X",  # Institution Address
+    0x00080082: "X",  # Institution Code Sequence (X/Z/D)
     0x00080090: "Z",  # Referring Physician's Name
     0x00080092: "X",  # Referring Physician's Address
     0x00080094: "X",  # Referring Physician's Telephone Numbers
+    0x00080096: "X",  # Referring Physician Identification Sequence
+    0x00080201: "X",  # Timezone Offset From UTC
     0x00081010: "Z",  # Station Name (X/Z/D)
     0x00081030: "X",  # Study Description
     0x0008103E: "X",  # Series Description
     0x00081040: "X",  # Institutional Department Name
     0x00081048: "X",  # Physician(s) of Record
+    0x00081049: "X",  # Physician(s) of Record Identification Sequence
     0x00081050: "X",  # Performing Physicians' Name
+    0x00081052: "X",  # Performing Physician Identification Sequence
     0x00081060: "X",  # Name of Physician(s) Reading Study
     0x00081070: "Z",  # Operators' Name (X/Z/D)
+    0x00081072: "X",  # Operator Identification Sequence (X/D)
     0x00081080: "X",  # Admitting Diagnoses Description
+    0x00081110: "X",  # Referenced Study Sequence (X/Z)
+    0x00081111: "X",  # Referenced Performed Procedure Step Sequence (X/Z/D)
+    0x00081120: "X",  # Referenced Patient Sequence
     0x00081155: "U",  # Referenced SOP Instance UID
     0x00082111: "X",  # Derivation Description
     0x00100010: "Z",  # Patient's Name
@@ -67,8 +78,10 @@ ACTIONS: dict[int, str] = {
     0x00100030: "Z",  # Patient's Birth Date
     0x00100032: "X",  # Patient's Birth Time
     0x00100040: "Z",  # Patient's Sex
+    0x00100050: "X",  # Patient's Insurance Plan Code Sequence
     0x00101000: "X",  # Other Patient IDs
     0x00101001: "X",  # Other Patient Names
+    0x00101002: "X",  # Other Patient IDs Sequence
     0x00101005: "X",  # Patient's Birth Name
     0x00101010: "X",  # Patient's Age
     0x00101020: "X",  # Patient's Size
@@ -89,25 +102,52 @@ ACTIONS: dict[int, str] = {
     0x001021B0: "X",  # Additional Patient History
     0x001021C0: "X",  # Pregnancy Status
     0x001021F0: "X",  # Patient's Religious Preference
+    0x00102297: "X",  # Responsible Person
+    0x00102299: "X",  # Responsible Organization
     0x00104000: "X",  # Patient Comments
+    0x00180010: "Z",  # Contrast/Bolus Agent (Z/D)
     0x00181000: "Z",  # Device Serial Number (X/Z/D)
+    0x00181004: "X",  # Plate ID
+    0x00181005: "X",  # Generator ID
+    0x00181007: "X",  # Cassette ID
+    0x00181008: "X",  # Gantry ID
     0x00181030: "X",  # Protocol Name (X/D)
+    0x00181200: "X",  # Date of Last Calibration
+    0x00181201: "X",  # Time of Last Calibration
+    0x00181400: "X",  # Acquisition Device Processing Description (X/D)
+    0x00184000: "X",  # Acquisition Comments
+    0x0018700A: "X",  # Detector ID (X/D)
     0x0020000D: "U",  # Study Instance UID
     0x0020000E: "U",  # Series Instance UID
     0x00200010: "Z",  # Study ID
     0x00200052: "U",  # Frame of Reference UID
     0x00204000: "X",  # Image Comments
     0x00321032: "X",  # Requesting Physician
+    0x00321033: "X",  # Requesting Service
     0x00321060: "Z",  # Requested Procedure Description (X/Z)
     0x00380010: "X",  # Admission ID
+    0x00380020: "X",  # Admitting Date
+    0x00380050: "X",  # Special Needs
+    0x00380300: "X",  # Current Patient Location
     0x00380500: "X",  # Patient State
+    0x00384000: "X",  # Visit Comments
+    0x00400006: "X",  # Scheduled Performing Physician's Name
+    0x00400009: "X",  # Scheduled Procedure Step ID
+    0x00400243: "X",  # Performed Location
+    0x00400244: "X",  # Performed Procedure Step Start Date
+    0x00400245: "X",  # Performed Procedure Step Start Time
     0x00400253: "X",  # Performed Procedure Step ID
     0x00400254: "X",  # Performed Procedure Step Description
     0x00400275: "X",  # Request Attributes Sequence
+    0x00401001: "X",  # Requested Procedure ID
+    0x00402008: "X",  # Order Entered By
+    0x0040A027: "X",  # Verifying Organization
+    0x0040A075: "D",  # Verifying Observer Name
     0x0040A123: "D",  # Person Name
     0x0040A160: "X",  # Text Value
     0x00700084: "Z",  # Content Creator's Name
     0x00880140: "U",  # Storage Media File-set UID
+    0x04000561: "X",  # Original Attributes Sequence
     0x30060024: "U",  # Referenced Frame of Reference UID
 }
 DUMMY = {"PN": "ANONYMOUS", "LO": "ANONYMOUS", "SH": "ANON", "DA": "19000101",
