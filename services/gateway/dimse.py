@@ -20,6 +20,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from services.errors import ServiceError
+from services.gateway.audit import AuditContext, AuditLog
 from services.gateway.config import GatewayConfig
 from services.gateway.core import read_leniently, uid_hash
 from services.gateway.errors import (
@@ -34,6 +35,7 @@ from services.gateway.errors import (
 )
 from services.gateway.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.tls import CertFiles, ReloadingSSLContext
 
 LOG = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
@@ -74,12 +76,19 @@ def _printable(aet: str) -> str:
 
 class DicomServer:
     def __init__(self, config: GatewayConfig, ingestor: Ingestor,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, audit: AuditLog | None = None) -> None:
+        """``audit``: where association and instance records go (none: not audited)."""
         self._config = config
         self._ingestor = ingestor
         self._metrics = metrics
+        self._audit = audit
         self._server: ThreadedAssociationServer | None = None
-        self._tls = config.dicom_tls_context()  # built once, at construction: fails early
+        # Built at construction (fails early); re-read when the certificate files change.
+        self._tls = (ReloadingSSLContext(
+            CertFiles(config.tls_cert, config.tls_key, config.tls_ca),
+            "required" if config.tls_ca is not None else "none").context
+            if config.dicom_tls_context() is not None and config.tls_cert is not None
+            and config.tls_key is not None else None)
 
     def start(self) -> None:
         # pynetdicom's INFO/DEBUG output dumps DIMSE messages, UIDs included: never below WARNING.
@@ -97,6 +106,7 @@ class DicomServer:
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
         ]
         try:
             self._server = ae.start_server(
@@ -140,6 +150,21 @@ class DicomServer:
         LOG.warning("association from calling AE %r at %s rejected: %s", _printable(calling),
                     event.assoc.requestor.address, reason)
         self._metrics.requests.labels("dimse", "rejected", reason).inc()
+        self._record("association", "associate", reason, event, reason=reason,
+                     status="A-ASSOCIATE-RJ")
+
+    def _on_accepted(self, event: Event) -> None:
+        self._record("association", "associate", "ok", event, status="A-ASSOCIATE-AC")
+
+    def _record(self, kind: str, action: str, outcome: str, event: Event,
+                **fields: Any) -> None:
+        if self._audit is None:
+            return
+        requestor = event.assoc.requestor
+        self._audit.write(kind, "dimse", action, outcome,
+                          principal="ae:" + _printable(str(requestor.ae_title)),
+                          source=str(requestor.address), auth="calling_ae",
+                          association=event.assoc.name, tls=self._tls is not None, **fields)
 
     def _on_echo(self, event: Event) -> int:
         self._metrics.requests.labels("dimse", "echo", "ok").inc()
@@ -147,12 +172,13 @@ class DicomServer:
 
     def _on_store(self, event: Event) -> Dataset:
         arrival = time.perf_counter()
+        decoded: Dataset | None = None  # for the audit record of a refusal
         try:
             self._ingestor.check_capacity()
             encoded = getattr(event.request, "DataSet", None)  # C-STORE-RQ: BytesIO of the set
             self._ingestor.check_size(encoded.getbuffer().nbytes if encoded is not None else 0)
             try:
-                ds = event.dataset
+                ds = decoded = event.dataset
                 ds.file_meta = event.file_meta
             except Exception as exc:  # pynetdicom decodes lazily; any decode error lands here
                 raise InvalidInstance(f"cannot decode data set: {exc}", "unreadable") from exc
@@ -161,14 +187,36 @@ class DicomServer:
                                   time.perf_counter(),
                                   str(event.assoc.requestor.ae_title).strip() or None)
         except GatewayError as exc:
-            return self._refuse(exc, event)
+            return self._refuse(exc, event, decoded, arrival)
         LOG.debug("C-STORE of %s acknowledged (association %s)",
                   uid_hash(str(ds.SOPInstanceUID)), event.assoc.name)
+        self._record_store(event, ds, "ok", SUCCESS, None, arrival)
         return _status(SUCCESS)
 
-    def _refuse(self, exc: GatewayError, event: Event) -> Dataset:
+    def _record_store(self, event: Event, ds: Dataset | None, outcome: str, code: int,
+                      reason: str | None, arrival: float) -> None:
+        if self._audit is None:
+            return
+        uids = AuditContext()
+        if ds is not None:
+            for kind, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
+                                  ("instance", "SOPInstanceUID")):
+                try:
+                    value = str(ds.get(keyword, "") or "")
+                except Exception:  # a malformed element: nothing to hash
+                    value = ""
+                if value:
+                    uids.add(kind, uid_hash(value))
+        self._record("instance", "store", outcome, event, status=f"0x{code:04X}",
+                     reason=reason, uids=uids,
+                     duration_ms=(time.perf_counter() - arrival) * 1000.0)
+
+    def _refuse(self, exc: GatewayError, event: Event, ds: Dataset | None = None,
+                arrival: float | None = None) -> Dataset:
         code = status_for(exc)
         LOG.warning("C-STORE refused with 0x%04X: %s (association %s)", code, exc.reason,
                     event.assoc.name)
         self._metrics.requests.labels("dimse", "refused", exc.reason).inc()
+        self._record_store(event, ds, "refused", code, exc.reason,
+                           arrival if arrival is not None else time.perf_counter())
         return _status(code, str(exc))

@@ -87,3 +87,43 @@ def test_bad_targets_are_configuration_errors(tmp_path: Path) -> None:
         AuditLog(tmp_path / "file" / "audit.jsonl")
     with pytest.raises(ConfigError, match="host:port"):
         AuditLog(None, syslog="nowhere")
+
+
+def test_dimse_associations_and_instances_are_audited_with_fake_triton(tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.presentation import StoragePresentationContexts
+
+    from tests.gateway.harness import fake_gateway
+
+    trail = tmp_path / "audit.jsonl"
+    gw = fake_gateway(tmp_path, allowed_calling_aets=("CT1",), audit_log=trail)
+    good = make_instance(1)
+    good.PatientName = "Doe^John"
+    no_pixels = make_instance(2)
+    del no_pixels.PixelData
+    try:
+        for calling in ("CT1", "INTRUDER"):
+            ae = AE(ae_title=calling)
+            ae.requested_contexts = StoragePresentationContexts[:40]
+            assoc = ae.associate(gw.config.dicom_host, gw.config.dicom_port, ae_title="BEDSIDE")
+            if calling == "CT1":
+                assert assoc.is_established
+                assert assoc.send_c_store(good).Status == 0
+                assert assoc.send_c_store(no_pixels).Status == 0xA900
+                assoc.release()
+            else:
+                assert assoc.is_rejected
+    finally:
+        gw.stop()
+    records = [json.loads(line) for line in trail.read_text().splitlines()]
+    assert [(r["event"], r["principal"], r["outcome"], r["status"]) for r in records] == [
+        ("association", "ae:CT1", "ok", "A-ASSOCIATE-AC"),
+        ("instance", "ae:CT1", "ok", "0x0000"),
+        ("instance", "ae:CT1", "refused", "0xA900"),
+        ("association", "ae:INTRUDER", "calling_ae_not_allowed", "A-ASSOCIATE-RJ")]
+    assert records[1]["instance"] == [uid_hash(str(good.SOPInstanceUID))]
+    assert records[2]["reason"] == "no_pixel_data"
+    assert all(r["protocol"] == "dimse" and r["source"] == "127.0.0.1" for r in records)
+    text = trail.read_text()
+    for raw in (str(good.SOPInstanceUID), str(good.StudyInstanceUID), "Doe", str(good.PatientID)):
+        assert raw not in text

@@ -174,3 +174,19 @@ def test_tls_listener_refuses_plaintext_clients_with_fake_triton(
                          verify=client_context(pki, False), timeout=3).status_code == 200
     finally:
         gw.stop()
+
+
+def test_dicom_tls_serves_a_renewed_certificate_without_restart_with_fake_triton(
+        tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    gw = fake_gateway(tmp_path, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                      tls_ca=pki / "ca.pem")
+    try:
+        host, port = gw.config.dicom_host, gw.config.dicom_port
+        before = served_certificate(host, port, pki, with_cert=True)
+        issue(pki, "server", "/CN=dicom-renewed")
+        time.sleep(RELOAD_WAIT_S)
+        after = served_certificate(host, port, pki, with_cert=True)
+        assert before != after == _der(pki / "server.pem")
+    finally:
+        gw.stop()
