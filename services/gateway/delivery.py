@@ -366,8 +366,8 @@ class DeliveryService:
         protocol = group.protocols[0] if group.protocols else "recovered"
         try:
             objects = self._build(group, route)
-        except (GatewayError, ValueError, OSError) as exc:
-            reason = getattr(exc, "reason", "build_failed")
+        except Exception as exc:  # this group's results can never be built: record why
+            reason = exc.reason if isinstance(exc, GatewayError) else "build_failed"
             LOG.error("group %s: results could not be built (%s): dead-letter", group.key,
                       reason)
             self.outbox.add(group.key, route.name, protocol, group.job_names,
