@@ -6,7 +6,8 @@
 With ``--optimized`` (an optimizer output folder) or ``--repository`` the runner starts the real
 bundled Triton and the gateway itself; with ``--host`` it loads a gateway already running.
 Each step runs Locust with that many users per protocol and writes, under ``--out``:
-``step-<k>/locust_stats.csv`` (+ history, failures), ``step-<k>/report.html``; then
+``step-<k>/stats.json`` (final figures), ``step-<k>/locust_stats.csv`` (+ history, failures),
+``step-<k>/report.html``; then
 ``summary.json`` and ``summary.md`` (p50/p95/p99, throughput, failures per protocol and step)
 and the plots ``latency_vs_load.png`` and ``throughput_vs_concurrency.png``.
 ``--sustain S`` then holds ``--load-fraction`` (0.8) of the measured capacity (the highest
@@ -16,7 +17,6 @@ throughput of the steps) for S seconds, paced, and reports it as its own row.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -52,29 +52,45 @@ class Row:
 def locust_command(ends: Endpoints, protocols: list[str], users_per_protocol: int,
                    seconds: float, out: Path, pace: float = 0.0) -> list[str]:
     users = users_per_protocol * len(protocols)
+    # Runs of 10 s or more leave out the ramp-up (connections, first requests); shorter ones
+    # would risk keeping nothing at all on a slow machine.
+    reset = ["--reset-stats"] if seconds >= 10 else []
     return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
             "--host", ends.http_url, "--grpc-port", str(ends.grpc_port),
             "--dicom-port", str(ends.dicom_port), "--ae-title", ends.ae_title,
             "--model", ends.model, "--pace", str(pace),
             "-u", str(users), "-r", str(users), "-t", f"{max(1, round(seconds))}s",
-            "--reset-stats", "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING",
+            *reset, "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING",
+            "--json-file", str(out / "stats"),  # Locust adds ".json"
             "--csv", str(out / "locust"), "--csv-full-history", "--html", str(out / "report.html"),
             *[PROTOCOLS[p] for p in protocols]]
 
 
+def _percentile(response_times: dict[str, int], q: float) -> float:
+    """Locust's own way: the smallest (rounded) response time covering ``q`` of the requests."""
+    total = sum(response_times.values())
+    seen = 0
+    for ms, count in sorted((float(k), v) for k, v in response_times.items()):
+        seen += count
+        if seen >= q * total:
+            return ms
+    return 0.0
+
+
 def read_stats(path: Path, step: str, users: int) -> list[Row]:
+    """Rows from Locust's ``--json-file``, written once at shutdown from the final statistics
+    (its CSV is rewritten every second by a greenlet and can miss the last requests)."""
     rows = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        for rec in csv.DictReader(fh):
-            if rec["Name"] == "Aggregated":
-                continue
-            rows.append(Row(step=step, protocol=rec["Name"], users=users,
-                            requests=int(rec["Request Count"]),
-                            failures=int(rec["Failure Count"]),
-                            p50_ms=float(rec["50%"]), p95_ms=float(rec["95%"]),
-                            p99_ms=float(rec["99%"]),
-                            throughput_per_s=round(float(rec["Requests/s"]), 2)))
-    return rows
+    for entry in json.loads(path.read_text(encoding="utf-8")):
+        n = int(entry["num_requests"])
+        span = float(entry["last_request_timestamp"] or 0) - float(entry["start_time"])
+        times = entry["response_times"]
+        rows.append(Row(step=step, protocol=entry["name"], users=users, requests=n,
+                        failures=int(entry["num_failures"]),
+                        p50_ms=_percentile(times, 0.50), p95_ms=_percentile(times, 0.95),
+                        p99_ms=_percentile(times, 0.99),
+                        throughput_per_s=round(n / span, 2) if span > 0 else 0.0))
+    return sorted(rows, key=lambda r: r.protocol)
 
 
 def run_locust(ends: Endpoints, protocols: list[str], users_per_protocol: int, seconds: float,
@@ -85,7 +101,7 @@ def run_locust(ends: Endpoints, protocols: list[str], users_per_protocol: int, s
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=seconds + 120, check=False)
     (out / "locust.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
-    stats = out / "locust_stats.csv"
+    stats = out / "stats.json"
     if not stats.exists():
         raise RuntimeError(f"locust wrote no statistics (exit {proc.returncode}): "
                            f"{proc.stderr[-2000:]}")
