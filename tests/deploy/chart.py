@@ -42,6 +42,16 @@ PERMUTATIONS: dict[str, dict[str, Any]] = {
         "gateway": {"ingress": {"enabled": True, "tls": {"enabled": False}},
                     "dicomTls": {"enabled": False}},
     },
+    "gateway tls with client certificates, auth off, plain dicom": {
+        "gateway": {"tls": {"enabled": True, "clientCA": True}, "auth": {"enabled": False},
+                    "dicomTls": {"enabled": False}, "ingress": {"enabled": True},
+                    "allowedSources": ["10.0.0.0/8"],
+                    "audit": {"log": "/var/lib/bedside/spool/audit.jsonl",
+                              "syslog": "syslog.logging.svc:514"}},
+    },
+    "gateway tls and dicom tls from one certificate": {
+        "gateway": {"tls": {"enabled": True}, "dicomTls": {"enabled": True}},
+    },
 }
 
 

@@ -159,8 +159,25 @@ def test_gateway_args_are_accepted_by_the_bedside_cli(
     assert args.triton_url == expected, shlex.join(c["args"])
     allowed = values.get("gateway", {}).get("allowedAETitles", [])
     assert list(args.allowed_ae or []) == allowed
-    tls = values.get("gateway", {}).get("dicomTls", {}).get("enabled", False)
-    assert (args.tls_cert is not None) is tls
+    gw = values.get("gateway", {})
+    dicom_tls = gw.get("dicomTls", {}).get("enabled", False)
+    tls = gw.get("tls", {}).get("enabled", False)
+    assert (args.tls_cert is not None) is (tls or dicom_tls)
+    assert args.plaintext is not tls
+    assert args.dicom_plaintext is (tls and not dicom_tls)
+    assert (args.tls_ca is not None) is (gw.get("tls", {}).get("clientCA", False) if tls
+                                         else dicom_tls)
+    # security is an explicit choice: keys (from a Secret) unless auth is turned off
+    auth = gw.get("auth", {}).get("enabled", True)
+    assert (args.api_keys is not None, args.no_auth) == (auth, not auth)
+    assert args.allowed_source == gw.get("allowedSources", [])
+    assert str(args.audit_log) == gw.get("audit", {}).get("log", "-")
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    for flag in (args.api_keys, args.tls_cert, args.tls_key, args.tls_ca):
+        assert flag is None or str(flag.parent) in mounts, flag
+    schemes = {c[p]["httpGet"]["scheme"] for p in ("startupProbe", "readinessProbe",
+                                                   "livenessProbe")}
+    assert schemes == {"HTTPS" if tls else "HTTP"}
     # the manifest the gateway reads is the one in the values, mounted from a ConfigMap
     cm = next(d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-model"))
     assert json.loads(cm["data"]["manifest.json"])["name"] == "cxr-lesion"
