@@ -199,6 +199,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add_keys_subcommands(keys)
 
+    outbox = sub.add_parser("outbox", help="results delivery: list the gateway's outbox, "
+                            "requeue dead-letter rows (`bedside outbox --spool DIR list`)")
+    from services.gateway.outbox_cli import add_subcommands as add_outbox_subcommands
+
+    add_outbox_subcommands(outbox)
+
     dep = sub.add_parser("deploy", help="install or upgrade the Helm release for a model, wait "
                          "for the rollout and the model, roll back on failure")
     dep.add_argument("--repository", type=Path, required=True,
@@ -370,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             from services.gateway.auth import run as run_keys
 
             return run_keys(args)
+        if args.command == "outbox":
+            from services.gateway.outbox_cli import run as run_outbox
+
+            return run_outbox(args)
         if args.command == "deploy":
             from services.deploy.command import run_deploy
 

@@ -274,6 +274,23 @@ class Outbox:
         with self._tx() as db:
             db.execute("UPDATE outbox SET marked = 1 WHERE group_key = ?", (group_key,))
 
+    def requeue(self, destination: str | None = None, ids: Sequence[int] = ()) -> int:
+        """Dead-letter rows back to ``pending`` (an operator fixed the destination): attempts
+        and age start again. Rows with no files (results that could not be built) stay dead.
+        Either a destination or row ids; returns how many rows were requeued. A running
+        gateway's sender picks them up at its next poll."""
+        if (destination is None) == (not ids):
+            raise ValueError("requeue: a destination or row ids, not both")
+        now = self._clock()
+        where, args = (("destination = ?", [destination]) if destination is not None else
+                       (f"id IN ({', '.join('?' * len(ids))})", list(ids)))
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE outbox SET state = ?, attempts = 0, created_at = ?, next_at = ?,"
+                f" updated_at = ?, message = 'requeued' WHERE state = ? AND folder != '' AND"
+                f" {where}", [PENDING, now, now, now, DEAD, *args])
+            return int(cur.rowcount)
+
     def count(self, state: str, destination: str | None = None) -> int:
         with self._lock:
             if destination is None:
@@ -511,3 +528,4 @@ class DeliveryService:
                 LOG.exception("group %s: marking jobs delivered failed", key)
                 continue
             self.outbox.set_marked(key)
+

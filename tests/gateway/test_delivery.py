@@ -393,3 +393,28 @@ def test_dimse_statuses_and_http_codes_classify_as_the_standard_says() -> None:
     assert failed_reasons(body) == [0xA900]
     assert failed_reasons(b'{"00081199": {"vr": "SQ", "Value": []}}') == []
     assert failed_reasons(b"not json") == []
+
+
+def test_bedside_outbox_lists_and_requeues_dead_letters_with_fake_destination(
+        harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.cli import main
+
+    harness.senders["pacs"].script = [DeliveryRejected("refused 0xA900", "status_a900")]
+    harness.service.accept(make_group(tmp_path / "g", make_study(1)))
+    unbuildable = make_group(tmp_path / "h", make_study(1))
+    unbuildable.results[0]["findings"] = []  # type: ignore[index]
+    harness.service.accept(unbuildable)
+    harness.attempt_due("pacs")
+    spool = str(tmp_path / "spool")
+    assert main(["outbox", "--spool", spool, "list", "--state", "dead"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 3 and "status_a900" in listed[1] and "result_findings" in listed[2]
+
+    assert main(["outbox", "--spool", spool, "requeue", "--destination", "pacs"]) == 0
+    assert "requeued 1 row(s)" in capsys.readouterr().out  # the unbuildable one stays dead
+    first, second = harness.service.outbox.rows()
+    assert (first.state, first.attempts, second.state) == (PENDING, 0, DEAD)
+    harness.clock.now = time.time()  # the command stamps rows with the real time
+    harness.attempt_due("pacs")  # the destination was fixed
+    assert harness.service.outbox.rows()[0].state == DELIVERED
+    assert main(["outbox", "--spool", str(tmp_path / "nowhere"), "list"]) == 2
