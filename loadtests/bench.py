@@ -107,13 +107,16 @@ def machine() -> dict[str, Any]:
 
 
 def _checkpoint(optimized: Path) -> Path:
-    """The checkpoint the optimizer ran on, as its reproduce.sh names it."""
+    """The checkpoint the optimizer ran on, as its reproduce.sh names it (else ``model/``
+    inside the folder, where ``bedside demo`` puts it)."""
     script = optimized / "reproduce.sh"
     if script.exists():
         for line in script.read_text(encoding="utf-8").splitlines():
             if line.startswith("bedside optimize"):
                 args = shlex.split(line)
-                return Path(args[args.index("--checkpoint") + 1])
+                named = Path(args[args.index("--checkpoint") + 1])
+                if named.exists():
+                    return named
     return optimized / "model" / "model.pt"
 
 
