@@ -318,3 +318,110 @@ routes:
     finally:
         gateway.stop()
         scp.stop()
+
+
+def test_real_triton_gateway_killed_while_destination_down_delivers_each_sr_once(
+        optimized: Path, tmp_path: Path) -> None:
+    """Nothing faked: storescu (calling AE CT1) -> `bedside gateway --routes` -> real Triton;
+    the destination (storescp) is down, the gateway is SIGKILLed with results in its outbox,
+    the destination comes up, the gateway restarts on the same spool: every instance's SR
+    arrives exactly once, valid per dciodvfy, and the job table ends `delivered`."""
+    import signal
+    import sqlite3
+    import sys
+
+    from services.gateway.delivery import Outbox
+    from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
+    from tests.conftest import TINY_MANIFEST, triton_env
+    from tests.gateway.util import make_study
+
+    port = free_port()
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(f"""
+destinations:
+  pacs: {{type: dimse, host: 127.0.0.1, port: {port}, called_aet: DEST, timeout_s: 5,
+         retry: {{base_s: 0.2, cap_s: 0.5}}}}
+routes:
+  - {{name: ct, calling_aets: [CT1], destinations: [pacs]}}
+""")
+    spool = tmp_path / "spool"
+    files = []
+    for k, ds in enumerate(make_study(3, seed=20)):
+        path = tmp_path / f"in{k}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(str(path))
+    bedside = Path(sys.executable).with_name("bedside")
+    triton = TritonServer(TritonInstall.discover(triton_env()), optimized / "repository",
+                          tmp_path / "triton", TritonPorts(free_port(), free_port(),
+                                                           free_port()))
+    triton.start()
+
+    def gateway() -> tuple[subprocess.Popen[bytes], int]:
+        http, dicom = free_port(), free_port()
+        with (tmp_path / "gateway.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [str(bedside), "gateway", "--repository", str(optimized / "repository"),
+                 "--model", TINY_MANIFEST.name, "--spool", str(spool), "--http-port",
+                 str(http), "--dicom-port", str(dicom), "--grpc-port", "0", "--triton-url",
+                 f"127.0.0.1:{triton.ports.grpc}", "--no-auth", "--plaintext",
+                 "--group-level", "instance", "--routes", str(routes)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: proc.poll() is not None or _healthy(http), 60)
+        assert proc.poll() is None, (tmp_path / "gateway.log").read_text()[-3000:]
+        return proc, dicom
+
+    scp = None
+    proc, dicom = gateway()
+    try:
+        sent = subprocess.run(["/usr/bin/storescu", "-aet", "CT1", "-aec", "BEDSIDE",
+                               "127.0.0.1", str(dicom), *files], capture_output=True,
+                              text=True, timeout=60, env=dict(os.environ, TCP_NODELAY="1"))
+        assert sent.returncode == 0, sent.stderr
+
+        def retrying() -> bool:
+            if not (spool / Outbox.FILE).exists():
+                return False
+            with sqlite3.connect(spool / Outbox.FILE) as db:
+                rows = db.execute("SELECT attempts FROM outbox WHERE state = 'pending'")
+                attempts = [a for (a,) in rows]
+            return len(attempts) == 3 and min(attempts) >= 1
+
+        wait_for(retrying, 60)  # all three in the outbox, the destination refusing
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+        scp = StoreScp(tmp_path / "scp", port)
+        proc, dicom = gateway()
+        wait_for(lambda: len(scp.files()) >= 3, 60)
+        wait_for(lambda: _job_states(spool) == ["delivered"] * 3, 30)
+        time.sleep(1.0)  # a duplicate, if any were sent, would arrive now
+        received = scp.files()
+        assert len(received) == 3
+        srs = [pydicom.dcmread(p) for p in received]
+        assert len({sr.SOPInstanceUID for sr in srs}) == 3
+        refs = {sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+                .ReferencedSOPSequence[0].ReferencedSOPInstanceUID for sr in srs}
+        assert refs == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+        for path in received:
+            assert dciodvfy_file(path) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        if scp is not None:
+            scp.stop()
+        triton.stop()
+
+
+def _healthy(http_port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _job_states(spool: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(spool / "jobs.sqlite3") as db:
+        return [s for (s,) in db.execute("SELECT state FROM jobs ORDER BY name")]
