@@ -21,7 +21,7 @@ from services.gateway.delivery import DEAD, DELIVERED, PENDING, DeliveryService
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.routes import DimseDestination, Retry, Route, RoutesConfig, StowDestination
 from services.net import free_port
-from tests.gateway.groups import CLASSIFIER, PHI, make_group, study_with_phi
+from tests.gateway.groups import CLASSIFIER, PHI, SEGMENTER, make_group, study_with_phi
 from tests.gateway.test_dicom_results import DCIODVFY, IGNORED_WARNING
 from tests.integration.orthanc import OrthancServer
 
@@ -141,6 +141,30 @@ def test_storescp_receives_valid_srs(tmp_path: Path,
             assert sr.StudyInstanceUID == sources[0].StudyInstanceUID  # no de-id on this route
             assert dciodvfy_file(path) == []
     finally:
+        scp.stop()
+
+
+def test_storescp_receives_valid_segs(tmp_path: Path) -> None:
+    scp = StoreScp(tmp_path / "scp", free_port())
+    config = RoutesConfig(destinations={"pacs": DimseDestination(
+        name="pacs", host="127.0.0.1", port=scp.port, called_aet="DEST", retry=FAST)},
+        routes=(Route(name="all", default=True, destinations=("pacs",)),))
+    service = DeliveryService(config, tmp_path / "spool", SEGMENTER, GatewayMetrics(),
+                              poll_s=0.05)
+    service.start()
+    try:
+        sources = study_with_phi(2)
+        service.accept(make_group(tmp_path / "g", sources, manifest=SEGMENTER))
+        wait_for(lambda: _state(service) == DELIVERED)
+        received = [pydicom.dcmread(p) for p in scp.files()]
+        assert sorted(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+                      .ReferencedSOPInstanceUID for seg in received) == sorted(
+                          ds.SOPInstanceUID for ds in sources)
+        for path in scp.files():
+            assert pydicom.dcmread(path).SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+            assert dciodvfy_file(path) == []
+    finally:
+        service.stop()
         scp.stop()
 
 
