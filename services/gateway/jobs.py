@@ -240,6 +240,17 @@ class JobTable:
             for name in names:
                 db.execute("UPDATE jobs SET group_key = ? WHERE name = ?", (key, name))
 
+    def join_groups(self, entries: Iterable[tuple[str, str, str, str, str]]) -> None:
+        """``open_group`` for many arrivals in one transaction: (key, level, study hash,
+        series hash, job name) each."""
+        now = time.time()
+        with self._tx() as db:
+            for key, level, study_hash, series_hash, name in entries:
+                db.execute("INSERT OR IGNORE INTO groups (key, level, study_hash, series_hash,"
+                           " state, opened_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (key, level, study_hash, series_hash, OPEN, now, now))
+                db.execute("UPDATE jobs SET group_key = ? WHERE name = ?", (key, name))
+
     def close_group(self, key: str) -> None:
         """The group was handed on (or had nothing to hand on): closed for good."""
         with self._tx() as db:

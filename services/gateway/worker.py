@@ -137,6 +137,7 @@ class SpoolWorker:
         self._open: dict[tuple[str, str, str], _Group] = {}
         self._closing: dict[str, _Group] = {}
         self._held: set[str] = set()  # job names in open or closing groups
+        self._joins: list[tuple[str, str, str, str, str]] = []  # memberships to record
         self._next_prune = 0.0
 
     @property
@@ -275,8 +276,11 @@ class SpoolWorker:
                     break
             for item in items:
                 if item is None or self._stop.is_set():
-                    return
+                    break
                 self._guarded(item[0], item[1])
+            self._record_joins()
+            if self._stop.is_set():
+                return
             self._close_due()
             if time.monotonic() >= self._next_prune:
                 self._prune()
@@ -342,12 +346,28 @@ class SpoolWorker:
                                                 level, study_h, series_h, persisted=True)
             self._metrics.groups_open.set(len(self._open))
             LOG.info("group %s opened (%s)", opened.key, level)
-        self.jobs.open_group(opened.key, level, study_h, series_h, [name])
+        self._joins.append((opened.key, level, study_h, series_h, name))
         opened.members.append(member)
         self._held.add(name)
         opened.due = max(opened.due, acked + self.policy.timeout_s)
 
+    def _record_joins(self) -> None:
+        """New memberships, one transaction per batch of arrivals (before any member can be
+        finished). Not yet recorded at a crash: the rows are still ``received`` without a
+        group, so a restart groups them again; nothing is lost or inferred twice."""
+        if not self._joins:
+            return
+        try:
+            self.jobs.join_groups(self._joins)
+        except Exception as exc:  # retried with the next batch; closing waits for it
+            LOG.error("recording group memberships failed: %s", type(exc).__name__)
+            self._stop.wait(self._backoff)
+            return
+        self._joins = []
+
     def _close_due(self) -> None:
+        if self._joins:  # a membership must be on disk before its group closes
+            return
         now = time.monotonic()
         for ident, group in list(self._open.items()):
             if group.due <= now and not self._stop.is_set():

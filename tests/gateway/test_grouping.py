@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.presentation import StoragePresentationContexts
 
 from optimizer.errors import ManifestError
 from optimizer.manifest import Grouping, Manifest, Selection
@@ -476,5 +478,25 @@ def test_results_api_shows_pending_while_the_group_is_open_with_fake_triton(
         metrics = httpx.get(f"{base_url(gw)}/metrics").text
         assert ('bedside_gateway_groups_closed_total{level="series",outcome="inferred"} 1.0'
                 in metrics)
+    finally:
+        gw.stop()
+
+
+def test_dimse_calling_ae_title_is_kept_with_the_job_with_fake_triton(tmp_path: Path) -> None:
+    gw = fake_gateway(tmp_path)
+    ds = make_instance(7)
+    try:
+        ae = AE(ae_title="CT_SCANNER_2")
+        ae.requested_contexts = StoragePresentationContexts[:20]
+        assoc = ae.associate("127.0.0.1", gw.config.dicom_port, ae_title="BEDSIDE")
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        finally:
+            assoc.release()
+        gw.ingestor.accept(dicom_bytes(make_instance(8)), make_instance(8), "rest", 0.0, 0.0)
+        assert wait_for(lambda: gw.worker.depth == 0)
+        rows = {r.protocol: r.calling_aet for r in gw.worker.jobs.all()}
+        assert rows == {"dimse": "CT_SCANNER_2", "rest": None}
     finally:
         gw.stop()
