@@ -18,15 +18,25 @@ RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin bed
 FROM base AS source
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
 COPY optimizer ./optimizer
 COPY services ./services
 
+# Dependencies only from the hashed locks (scripts/lock.sh writes them from pyproject.toml):
+# every file is checked against its hash, nothing unlisted is pulled in, and the project
+# itself goes in without dependencies and without build isolation (its build backend,
+# setuptools, is in the lock too).
 FROM source AS build-gateway
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install /src
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/gateway.lock \
+    && /opt/venv/bin/pip install --no-deps --no-build-isolation /src
 
+# torch 2.13.0+cpu is on the PyTorch CPU index (PyPI's linux wheel is the CUDA build).
 FROM source AS build-optimizer
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install "torch==2.13.0" \
-    && /opt/venv/bin/pip install "/src[optimizer,deploy]"
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --require-hashes --no-deps \
+       --extra-index-url https://download.pytorch.org/whl/cpu -r requirements/optimizer.lock \
+    && /opt/venv/bin/pip install --no-deps --no-build-isolation /src
 
 FROM base AS gateway
 COPY --from=build-gateway /opt/venv /opt/venv
@@ -51,5 +61,7 @@ CMD ["--help"]
 FROM ${TRITON_IMAGE} AS triton-cpu
 # The python backend hosts ONNX Runtime (optimizer/triton_backend/model.py); numpy<2 because
 # Triton's python backend returns empty outputs with numpy 2 (DESIGN.md).
-RUN python3 -m pip install --no-cache-dir "onnxruntime==1.20.1" "numpy==1.26.4"
+COPY requirements/triton-cpu.lock /tmp/triton-cpu.lock
+RUN python3 -m pip install --no-cache-dir --require-hashes --no-deps -r /tmp/triton-cpu.lock \
+    && rm /tmp/triton-cpu.lock
 USER 1000:1000

@@ -46,3 +46,103 @@ def test_base_images_are_pinned() -> None:
 def test_dockerignore_keeps_environments_and_data_out() -> None:
     ignored = set((ROOT / ".dockerignore").read_text(encoding="utf-8").split())
     assert {".git", ".venv", ".venv-triton", "bedside-demo", "tests"} <= ignored
+
+
+# --- supply chain: every image installs only hashed, locked dependencies ------------------
+
+LOCKS = {"gateway": ("build-gateway", ()), "optimizer": ("build-optimizer",
+                                                         ("optimizer", "deploy"))}
+
+
+def _pip_installs(stage: list[str]) -> list[str]:
+    commands = [part.strip() for line in stage if line.startswith("RUN ")
+                for part in line.removeprefix("RUN ").split("&&")]
+    return [c for c in commands if re.search(r"\bpip install\b", c)]
+
+
+def _lock(name: str) -> dict[str, tuple[str, list[str]]]:
+    """requirements/NAME.lock -> {normalized name: (version, hashes)}; environment markers
+    may pin one name twice (e.g. per Python version): the last pin is kept."""
+    text = (ROOT / "requirements" / f"{name}.lock").read_text(encoding="utf-8")
+    pins: dict[str, tuple[str, list[str]]] = {}
+    for entry in re.split(r"\n(?=\S)", text.replace("\\\n", " ")):
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        m = re.match(r"^([A-Za-z0-9._-]+)==(\S+?)(?:\s*;\s*[^-]+?)?\s+((?:--hash=\S+\s*)+)$", entry)
+        assert m, f"{name}.lock: not an exact, hashed pin: {entry[:120]}"
+        hashes = re.findall(r"--hash=(\S+)", m.group(3))
+        pins[_norm(m.group(1))] = (m.group(2), hashes)
+    return pins
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pyproject_requirements(extras: tuple[str, ...]) -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    reqs = list(project["dependencies"])
+    for extra in extras:
+        reqs += project["optional-dependencies"][extra]
+    return reqs
+
+
+def test_images_install_dependencies_only_from_hashed_locks() -> None:
+    stages = _stages()
+    for lock, (stage, _) in LOCKS.items():
+        installs = _pip_installs(stages[stage])
+        assert installs, stage
+        deps = [c for c in installs if f"-r requirements/{lock}.lock" in c]
+        assert len(deps) == 1, (stage, installs)
+        assert "--require-hashes" in deps[0] and "--no-deps" in deps[0], deps[0]
+        for command in installs:
+            if command in deps:
+                continue
+            # the project itself: nothing resolved, nothing fetched for the build
+            assert command.endswith(" /src") and "--no-deps" in command and \
+                "--no-build-isolation" in command, (stage, command)
+    triton = _pip_installs(stages["triton-cpu"])
+    assert len(triton) == 1 and "--require-hashes" in triton[0] and "--no-deps" in triton[0] \
+        and "triton-cpu.lock" in triton[0], triton
+
+
+def test_locks_pin_every_dependency_of_pyproject_with_hashes() -> None:
+    from packaging.requirements import Requirement
+
+    for lock, (_, extras) in LOCKS.items():
+        pins = _lock(lock)
+        for pin, (_, hashes) in pins.items():
+            assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), pin
+        for text in [*_pyproject_requirements(extras), "setuptools>=68"]:
+            req = Requirement(text)
+            name = _norm(req.name)
+            assert name in pins, f"{lock}.lock lacks {name}: run scripts/lock.sh"
+            assert req.specifier.contains(pins[name][0], prereleases=True), (
+                f"{lock}.lock pins {name}=={pins[name][0]}, pyproject wants {req.specifier}: "
+                "run scripts/lock.sh")
+
+
+def test_optimizer_lock_has_the_cpu_torch_build() -> None:
+    version, hashes = _lock("optimizer")["torch"]
+    assert version == "2.13.0+cpu" and hashes
+    assert not [name for name in _lock("optimizer") if name.startswith("nvidia-")]
+
+
+def test_triton_cpu_lock_covers_its_input() -> None:
+    from packaging.requirements import Requirement
+
+    pins = _lock("triton-cpu")
+    for line in (ROOT / "requirements" / "triton-cpu.in").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            assert req.specifier.contains(pins[_norm(req.name)][0]), line
+
+
+def test_lock_script_is_what_the_locks_name() -> None:
+    for lock in ("gateway", "optimizer", "triton-cpu"):
+        head = (ROOT / "requirements" / f"{lock}.lock").read_text(encoding="utf-8")[:300]
+        assert "scripts/lock.sh" in head, lock
+    assert (ROOT / "scripts" / "lock.sh").stat().st_mode & 0o111

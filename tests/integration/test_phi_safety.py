@@ -35,6 +35,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from tritonclient.utils import InferenceServerException
 
 from services.gateway.auth import hash_key, new_key
@@ -48,7 +49,7 @@ pytestmark = pytest.mark.integration
 MODEL = TINY_MANIFEST.name
 STORESCU = "/usr/bin/storescu"
 UID_ROOT = "1.2.826.0.1.3680043.10.999."
-BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+BASIC_TEXT_SR = UID("1.2.840.10008.5.1.4.1.1.88.11")
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Phi:
         ds.AccessionNumber = f"ACCX{secrets.token_hex(3)}"
         ds.ReferringPhysicianName = f"Referrer^Quetzalcoatl{token}"
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = self.uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(self.uid())
         self.names += [str(ds.PatientName).split("^")[0], str(ds.PatientName).split("^")[1],
                        str(ds.ReferringPhysicianName).split("^")[1]]
         self.values += [ds.PatientID, ds.PatientBirthDate, ds.InstitutionName,
@@ -168,7 +169,7 @@ class Stack:
             env=dict(os.environ, TCP_NODELAY="1"))
         return proc.stdout + proc.stderr
 
-    def wait_done(self, study: str) -> list[dict]:  # type: ignore[type-arg]
+    def wait_done(self, study: str) -> list[dict[str, object]]:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             r = httpx.get(f"{self.url}/v1/studies/{study}/results", headers=self.headers)
