@@ -168,6 +168,7 @@ def test_study_level_groups_every_series_of_the_study_with_fake_triton(tmp_path:
     assert len(groups[other[0].StudyInstanceUID].job_names) == 1
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # "head": lower case on purpose
 @pytest.mark.parametrize(("selection", "change", "reason"), [
     (Selection(modalities=("DX",)), {}, "not_selected_modality"),
     (Selection(body_parts=("HEAD",)), {}, "not_selected_body_part"),
@@ -500,3 +501,32 @@ def test_dimse_calling_ae_title_is_kept_with_the_job_with_fake_triton(tmp_path: 
         assert rows == {"dimse": "CT_SCANNER_2", "rest": None}
     finally:
         gw.stop()
+
+
+def test_per_series_waits_out_triton_then_fails_for_good_as_one_item_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    fake, sink = FakeInferer(unavailable_calls=2), FlakySink()
+    manifest = _per_series()
+    worker = _worker(tmp_path, fake, GroupingPolicy.resolve(manifest), sink, manifest)
+    good, bad = _series(3), _series(2, 4)
+    worker.start()
+    try:
+        for ds in good:
+            worker.submit(_acked(tmp_path, ds))
+        assert wait_for(lambda: worker.depth == 0)
+        assert fake.calls == 3  # two unavailable, then the one inference of the series
+        fake.fail_permanently = True
+        for ds in bad:
+            worker.submit(_acked(tmp_path, ds))
+        assert wait_for(lambda: worker.depth == 0)
+        assert worker.alive
+    finally:
+        worker.stop()
+    rows = {r.sop_hash: r for r in worker.jobs.all()}
+    middle = rows[uid_hash(good[1].SOPInstanceUID)]
+    assert (middle.state, middle.attempts) == (INFERRED, 3)
+    assert {rows[uid_hash(ds.SOPInstanceUID)].error for ds in bad} == {"triton_error"}
+    [doc] = ResultStore(tmp_path).for_study(bad[0].StudyInstanceUID)
+    assert doc["error"]["reason"] == "triton_error" and doc["inferred_on"] == "series"
+    assert [len(g.results) for g in sink.accepted] == [1, 1]  # the error is handed on too
