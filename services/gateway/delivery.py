@@ -54,6 +54,7 @@ from services.gateway.routes import Route, RoutesConfig
 
 LOG = logging.getLogger(__name__)
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+RETRY = "retry"  # an attempt's outcome when the row stays pending
 STATES = (PENDING, DELIVERED, DEAD)
 MarkDelivered = Callable[[Sequence[str]], None]
 
@@ -458,10 +459,19 @@ class DeliveryService:
     # -- the senders -------------------------------------------------------------------------
 
     def _run(self, name: str) -> None:
+        """Oldest due row first. After a transient failure the whole destination is held off
+        (its own backoff on consecutive failures, reset by a success), so a destination that
+        is down is probed at a growing interval instead of being tried row after row."""
         wake = self._wake[name]
+        retry = self.routes.destinations[name].retry
+        failures, hold_until = 0, 0.0
         while not self._stop.is_set():
             try:
-                row = self.outbox.due(name, self._clock())
+                now = self._clock()
+                if now < hold_until:
+                    self._stop.wait(min(self._poll_s, hold_until - now))
+                    continue
+                row = self.outbox.due(name, now)
                 if row is None:
                     when = self.outbox.next_at(name)
                     wait = self._poll_s if when is None else min(
@@ -469,13 +479,20 @@ class DeliveryService:
                     wake.wait(wait)
                     wake.clear()
                     continue
-                self.attempt(row)
+                if self.attempt(row) == RETRY:
+                    failures += 1
+                    after = self.outbox.get(row.id)  # its next_at honours a Retry-After
+                    hold_until = max(self._clock() + retry.delay(failures),
+                                     after.next_at if after is not None else 0.0)
+                else:
+                    failures = 0
             except Exception:  # never end the thread: the row stays pending
                 LOG.exception("delivery to %s: unexpected error", name)
                 self._stop.wait(self._poll_s)
 
-    def attempt(self, row: OutboxRow) -> None:
-        """One delivery attempt of ``row`` and its outcome recorded (public for tests)."""
+    def attempt(self, row: OutboxRow) -> str:
+        """One delivery attempt of ``row``, its outcome recorded and returned: ``delivered``,
+        ``retry`` or ``dead`` (public for tests)."""
         name = row.destination
         retry = self.routes.destinations[name].retry
         folder = self.outbox.folder / row.folder
@@ -488,7 +505,7 @@ class DeliveryService:
             self._metrics.deliveries.labels(name, "dead").inc()
             LOG.error("delivery of group %s to %s refused (%s): dead-letter", row.group_key,
                       name, exc.reason)
-            return
+            return DEAD
         except (DeliveryFailed, OSError) as exc:
             reason = getattr(exc, "reason", "io_error")
             age = self._clock() - row.created_at
@@ -499,7 +516,7 @@ class DeliveryService:
                 self._metrics.deliveries.labels(name, "dead").inc()
                 LOG.error("delivery of group %s to %s keeps failing (%s, %d attempts): "
                           "dead-letter", row.group_key, name, reason, attempts)
-                return
+                return DEAD
             delay = retry.delay(attempts)
             hint = getattr(exc, "retry_after_s", None)
             if isinstance(hint, float) and hint > delay:
@@ -508,7 +525,7 @@ class DeliveryService:
             self._metrics.deliveries.labels(name, "retry").inc()
             LOG.warning("delivery of group %s to %s failed (%s), attempt %d; next in %.1f s",
                         row.group_key, name, reason, attempts, delay)
-            return
+            return RETRY
         group_done = self.outbox.delivered(row.id, attempts)
         self._metrics.deliveries.labels(name, "delivered").inc()
         self._metrics.stage_seconds.labels(self._manifest.name, row.protocol, "deliver").observe(
@@ -517,6 +534,7 @@ class DeliveryService:
                  len(row.files), attempts)
         if group_done:
             self._mark_finished_groups()
+        return DELIVERED
 
     def _mark_finished_groups(self) -> None:
         if self._mark is None:

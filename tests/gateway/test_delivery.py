@@ -418,3 +418,26 @@ def test_bedside_outbox_lists_and_requeues_dead_letters_with_fake_destination(
     harness.attempt_due("pacs")  # the destination was fixed
     assert harness.service.outbox.rows()[0].state == DELIVERED
     assert main(["outbox", "--spool", str(tmp_path / "nowhere"), "list"]) == 2
+
+
+def test_a_failing_destination_is_held_off_not_tried_row_after_row_with_fake_destination(
+        tmp_path: Path) -> None:
+    h = Harness(tmp_path / "spool", routes(Retry(base_s=0.4, cap_s=0.4, max_attempts=100,
+                                                 max_age_s=0)))
+    h.clock = time.time  # type: ignore[assignment]  # real time: the threads run
+    h.service.stop()
+    h.service = h.make()
+    h.senders["pacs"].script = [DeliveryFailed("down", "association_failed")]
+    for k in range(3):
+        h.service.accept(make_group(tmp_path / f"g{k}", make_study(1, seed=k)))
+    h.service.start()
+    try:
+        time.sleep(0.25)  # well inside the hold after the first failure
+        assert h.senders["pacs"].calls == 1  # not one connection attempt per row
+        deadline = time.monotonic() + 10
+        while h.service.outbox.count(DELIVERED) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert h.service.outbox.count(DELIVERED) == 3
+        assert h.senders["pacs"].calls == 4  # 1 failure, then each row once
+    finally:
+        h.service.stop()
