@@ -18,7 +18,6 @@ import base64
 import binascii
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -49,6 +48,7 @@ from services.gateway.errors import (
 )
 from services.gateway.ingest import Ingestor, with_preamble
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.ratelimit import retry_after_header
 from services.gateway.spool import ResultStore
 
 LOG = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def error_response(exc: GatewayError) -> JSONResponse:
     status = next(code for cls, code in HTTP_STATUS if isinstance(exc, cls))
     headers = {"Retry-After": "5"} if status == 503 else None
     if isinstance(exc, RateLimited):
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        headers = {"Retry-After": retry_after_header(exc.retry_after_s)}
     elif isinstance(exc, Unauthenticated):
         headers = {"WWW-Authenticate": 'Bearer realm="bedside"'}
     return JSONResponse({"error": {"reason": exc.reason, "message": str(exc)}},
