@@ -70,9 +70,15 @@ def closed_loop(make_call: Callable[[], Callable[[], object]], concurrency: int,
     gate = threading.Barrier(concurrency + 1, timeout=120)
 
     def worker(i: int) -> None:
-        call = make_call()
-        call()
+        call: Callable[[], object] | None = None
+        try:
+            call = make_call()
+            call()  # warm-up: connections, first-call costs
+        except Exception:  # a failed warm-up is an error, and the worker still starts
+            errors[i] += 1
         gate.wait()
+        if call is None:
+            return
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             t0 = time.perf_counter()

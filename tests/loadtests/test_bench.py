@@ -1,0 +1,48 @@
+"""The harness's own arithmetic: closed-loop load counts what it did, and failures are counted
+rather than hidden; the report says plainly when a row is not available."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import pytest
+
+from loadtests.bench import closed_loop, render
+
+
+def test_closed_loop_counts_requests_errors_and_latency() -> None:
+    lock = threading.Lock()
+    counter = itertools.count()
+
+    def make_call():  # type: ignore[no-untyped-def]
+        def call() -> None:
+            time.sleep(0.01)
+            with lock:
+                n = next(counter)
+            if n % 2:
+                raise RuntimeError("every other call fails")
+        return call
+
+    load = closed_loop(make_call, concurrency=2, seconds=0.5)
+    assert load.concurrency == 2
+    assert load.requests > 10 and load.errors > 10
+    assert abs(load.requests - load.errors) <= 4  # half fail (a failed warm-up counts too)
+    assert load.throughput_per_s == pytest.approx(load.requests / 0.5, rel=0.3)
+    assert 10 <= load.p50_ms < 100
+
+
+def test_report_says_when_the_ingest_row_is_missing() -> None:
+    report = {
+        "machine": {"cpu": "x", "cpus": 2, "load_average_at_start": 1.0, "python": "3.11"},
+        "model": "m", "input": "1x1x8x8", "threads": 2,
+        "variant_vs_eager": [{"threads": 2, "variant_p50_ms": 1.0, "pytorch_eager_p50_ms": 5.0,
+                              "speedup": 5.0}],
+        "triton_vs_inprocess": [{"concurrency": 1, "triton_per_s": 96.0,
+                                 "in_process_per_s": 100.0, "ratio": 0.96}],
+        "gateway_vs_triton": [], "ingest_vs_orthanc": "failed: orthanc not installed",
+    }
+    md = render(report)
+    assert "| 5.0x | >= 4x |" in md and "| 0.96 | >= 0.95 |" in md
+    assert "not available: failed: orthanc not installed" in md
