@@ -287,8 +287,8 @@ class GuardMiddleware:
                                                                    subject),
                     source=source, status=response.status_code, reason=exc.reason,
                     duration_ms=(time.perf_counter() - start) * 1000.0, uids=uids,
-                    auth="client_cert" if subject else "api_key" if _has_key(headers)
-                    else "none")
+                    auth="api_key" if _has_key(headers) else "client_cert" if subject
+                    else "none", client_subject=subject)
                 LOG.warning("%s %s refused: %s", rule.protocol, rule.action, exc.reason)
                 await response(scope, receive, send)
                 return
@@ -305,7 +305,7 @@ class GuardMiddleware:
                     principal=principal.label, source=source, status=code,
                     reason=None if code < 400 else "http_" + str(code),
                     duration_ms=(time.perf_counter() - start) * 1000.0, uids=uids,
-                    auth=principal.kind)
+                    auth=principal.kind, client_subject=subject)
 
             async def recording_send(message: Message) -> None:
                 if message["type"] == "http.response.start":
@@ -402,8 +402,8 @@ class GuardInterceptor(grpc.ServerInterceptor):
                         else _label(self.guard, metadata, subject),
                         source=source, status=code.name, reason=exc.reason,
                         duration_ms=(time.perf_counter() - start) * 1000.0, uids=uids,
-                        auth="client_cert" if subject else "api_key" if _has_key(metadata)
-                        else "none")
+                        auth="api_key" if _has_key(metadata) else "client_cert" if subject
+                        else "none", client_subject=subject)
                     LOG.warning("oip_grpc %s refused: %s", rule.action, exc.reason)
                     context.abort(code, str(exc))
                     raise  # abort raised already
@@ -423,7 +423,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
                         principal=principal.label, source=source, status=status,
                         reason=None if outcome == "ok" else status.lower(),
                         duration_ms=(time.perf_counter() - start) * 1000.0, uids=uids,
-                        auth=principal.kind)
+                        auth=principal.kind, client_subject=subject)
 
         if handler is None:
             return grpc.unary_unary_rpc_method_handler(guarded)

@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.cli import _gateway_config, _parser, main
 from services.errors import ConfigError
+from services.gateway.auth import normalize_subject
 from services.gateway.config import GatewayConfig
 from services.gateway.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
 from tests.conftest import TINY_MANIFEST
@@ -122,6 +123,10 @@ def test_client_certificate_subject_is_the_principal_over_http_and_grpc_with_fak
     assert [(r["protocol"], r["principal"], r["outcome"]) for r in records] == [
         ("rest", "cert:radiology-app", "ok"), ("rest", None, "no_credentials"),
         ("oip_grpc", "cert:radiology-app", "ok"), ("oip_grpc", "cert:radiology-app", "scope")]
+    # Python's ssl and gRPC write the subject in opposite orders; both name the entry
+    subjects = {normalize_subject(records[k]["client_subject"]) for k in (0, 2, 3)}
+    assert subjects == {"CN=client,O=Radiology"}
+    assert records[1]["client_subject"] is None and records[1]["auth"] == "none"
 
 
 def test_grpc_requires_a_client_certificate_when_a_ca_is_configured_with_fake_triton(
