@@ -354,13 +354,15 @@ class DeliveryService:
             thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Lets an attempt in progress finish (bounded by the destination's timeout)."""
+        """Lets attempts in progress finish, waiting ``timeout_s`` in all. An attempt cut short
+        leaves its row pending: it is sent again after the restart (at least once)."""
         self._stop.set()
         for event in self._wake.values():
             event.set()
+        deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             if thread.is_alive():
-                thread.join(timeout=timeout_s)
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.outbox.close()
         if self._uids is not None:
             self._uids.close()
