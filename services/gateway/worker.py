@@ -473,14 +473,22 @@ class SpoolWorker:
     def _skip(self, group: _Group, series: list[_Member], waiting: list[_Member],
               reason: str) -> None:
         """A series the manifest's rules leave out: a ``skipped`` note in the results (not an
-        error) and its jobs finished as ``skipped`` with the rule as the reason."""
+        error; per instance at level ``instance``, else per series) and its jobs finished as
+        ``skipped`` with the rule as the reason."""
         first = series[0]
-        self._results.save(first.uid("StudyInstanceUID"), first.uid("SeriesInstanceUID"), {
+        doc: dict[str, Any] = {
             "study_instance_uid": first.uid("StudyInstanceUID"),
             "series_instance_uid": first.uid("SeriesInstanceUID"),
             "skipped": {"reason": reason, "instances": len(series),
                         "message": "the model's selection rules leave this series out"},
-        }, job=group.key)
+        }
+        if group.level == "instance":
+            doc["sop_instance_uid"] = first.uid("SOPInstanceUID")
+            self._results.save(doc["study_instance_uid"], doc["sop_instance_uid"], doc,
+                               job=first.name)
+        else:
+            self._results.save(doc["study_instance_uid"], doc["series_instance_uid"], doc,
+                               job=group.key)
         self.jobs.finish_many([m.name for m in waiting], SKIPPED, reason)
         for m in waiting:
             self._metrics.requests.labels(m.job.protocol, "skipped", reason).inc()
@@ -648,7 +656,7 @@ class SpoolWorker:
                 continue
             for m in series:
                 doc = self._results.stored(_h(study_uid), _h(m.uid("SOPInstanceUID")))
-                if doc is None or doc.get(ResultStore.JOB_KEY) != m.name:
+                if doc is None or doc.get(ResultStore.JOB_KEY) != m.name or "skipped" in doc:
                     continue
                 results.append({k: v for k, v in doc.items() if k != ResultStore.JOB_KEY})
                 sources.append(m.job.path)

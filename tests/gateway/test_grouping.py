@@ -530,3 +530,26 @@ def test_per_series_waits_out_triton_then_fails_for_good_as_one_item_with_fake_t
     [doc] = ResultStore(tmp_path).for_study(bad[0].StudyInstanceUID)
     assert doc["error"]["reason"] == "triton_error" and doc["inferred_on"] == "series"
     assert [len(g.results) for g in sink.accepted] == [1, 1]  # the error is handed on too
+
+
+def test_instance_level_selection_skips_each_instance_with_its_own_note_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    fake, sink = FakeInferer(), FlakySink()
+    policy = GroupingPolicy(selection=Selection(orientations=("axial",)))
+    worker = _worker(tmp_path, fake, policy, sink)
+    series = _series(3)
+    series[1].ImageOrientationPatient = SAGITTAL  # a localizer in the series
+    series[2].ImageOrientationPatient = SAGITTAL
+    worker.start()
+    try:
+        for ds in series:
+            worker.submit(_acked(tmp_path, ds))
+        assert wait_for(lambda: worker.depth == 0)
+    finally:
+        worker.stop()
+    assert fake.calls == 1 and worker.jobs.count(SKIPPED) == 2
+    docs = ResultStore(tmp_path).for_study(series[0].StudyInstanceUID)
+    assert sorted(d.get("skipped", {}).get("reason", "inferred") for d in docs) == [
+        "inferred", "not_selected_orientation", "not_selected_orientation"]
+    assert [len(g.results) for g in sink.accepted] == [1]  # skipped ones are not handed on
