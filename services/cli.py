@@ -132,9 +132,12 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--allowed-ae", action="append", default=[], metavar="AE_TITLE",
                          help="calling AE title allowed to associate (repeatable; none given: "
                               "any calling AE title)")
-        cmd.add_argument("--max-pdu", type=int, default=16382,
+        cmd.add_argument("--max-pdu", type=int, default=1024 * 1024,
                          help="largest DIMSE PDU accepted, bytes (0: no limit)")
         cmd.add_argument("--max-associations", type=int, default=8)
+        cmd.add_argument("--max-association-bytes", type=int, default=0,
+                         help="data-set bytes one DIMSE association may carry; beyond, "
+                              "C-STORE answers 0xA700 (0: no limit)")
         cmd.add_argument("--grpc-port", type=int, default=8081,
                          help="Open Inference Protocol v2 gRPC port on --http-host (0: off)")
         cmd.add_argument("--tls-cert", type=Path, default=None,
@@ -241,6 +244,7 @@ def _gateway_config(args: argparse.Namespace, triton_url: str) -> GatewayConfig:
         http_port=args.http_port, dicom_host=args.dicom_host, dicom_port=args.dicom_port,
         ae_title=args.ae_title, allowed_calling_aets=tuple(args.allowed_ae),
         max_pdu_bytes=args.max_pdu, max_associations=args.max_associations,
+        max_association_bytes=args.max_association_bytes,
         grpc_port=args.grpc_port,
         tls_cert=args.tls_cert.absolute() if args.tls_cert else None,
         tls_key=args.tls_key.absolute() if args.tls_key else None,

@@ -29,8 +29,13 @@ class GatewayConfig:
     # Calling AE titles allowed to associate; empty allows every calling AE title.
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 8
+    # Data-set bytes one association may carry; beyond, C-STORE answers 0xA700 (reason
+    # association_too_large) until the peer opens a new association. 0 means no limit.
+    max_association_bytes: int = 0
     # Largest P-DATA PDU we accept (told to the peer at association); 0 means no limit.
-    max_pdu_bytes: int = 16382
+    # 1 MiB: a 512x512 CT slice arrives in a few PDUs (dcmtk sends at most 128 KiB) instead of
+    # 33 of 16 KiB, each one a trip through pynetdicom's Python reactor (loadtests.bench_ingest).
+    max_pdu_bytes: int = 1024 * 1024
     # DICOM TLS (PS3.15 B.1): certificate and key enable it; a CA file also requires and
     # verifies client certificates (mutual TLS).
     tls_cert: Path | None = None
@@ -106,6 +111,8 @@ class GatewayConfig:
                 raise ConfigError(f"{name} {path} is not a file")
         if self.max_associations < 1:
             raise ConfigError("max_associations must be >= 1")
+        if self.max_association_bytes < 0:
+            raise ConfigError("max_association_bytes must be >= 0 (0 = no limit)")
         if self.max_spool_depth < 1:
             raise ConfigError("max_spool_depth must be >= 1")
         if self.max_request_bytes < 1024:

@@ -10,6 +10,7 @@ reason, never with patient data.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -83,6 +84,8 @@ class DicomServer:
         self._metrics = metrics
         self._audit = audit
         self._server: ThreadedAssociationServer | None = None
+        self._assoc_bytes: dict[str, int] = {}  # association name -> data-set bytes so far
+        self._assoc_lock = threading.Lock()
         # Built at construction (fails early); re-read when the certificate files change.
         self._tls = (ReloadingSSLContext(
             CertFiles(config.tls_cert, config.tls_key, config.tls_ca),
@@ -137,6 +140,19 @@ class DicomServer:
 
     def _on_close(self, event: Event) -> None:
         self._metrics.open_associations.dec()
+        with self._assoc_lock:
+            self._assoc_bytes.pop(event.assoc.name, None)
+
+    def _count_association_bytes(self, event: Event, size: int) -> None:
+        limit = self._config.max_association_bytes
+        if not limit:
+            return
+        with self._assoc_lock:
+            total = self._assoc_bytes.get(event.assoc.name, 0) + size
+            self._assoc_bytes[event.assoc.name] = total
+        if total > limit:
+            raise PayloadTooLarge(f"association exceeded {limit} bytes; open a new one",
+                                  "association_too_large")
 
     def _on_rejected(self, event: Event) -> None:
         calling = str(event.assoc.requestor.ae_title)
@@ -176,7 +192,9 @@ class DicomServer:
         try:
             self._ingestor.check_capacity()
             encoded = getattr(event.request, "DataSet", None)  # C-STORE-RQ: BytesIO of the set
-            self._ingestor.check_size(encoded.getbuffer().nbytes if encoded is not None else 0)
+            size = encoded.getbuffer().nbytes if encoded is not None else 0
+            self._ingestor.check_size(size)
+            self._count_association_bytes(event, size)
             try:
                 ds = decoded = event.dataset
                 ds.file_meta = event.file_meta

@@ -13,7 +13,7 @@ from services.errors import ConfigError
 from services.gateway import audit
 from services.gateway.audit import AuditLog
 from services.gateway.core import uid_hash
-from tests.gateway.util import make_instance
+from tests.gateway.util import dicom_bytes, make_instance
 
 
 def test_records_are_appended_one_json_line_each(tmp_path: Path) -> None:
@@ -127,3 +127,30 @@ def test_dimse_associations_and_instances_are_audited_with_fake_triton(tmp_path:
     text = trail.read_text()
     for raw in (str(good.SOPInstanceUID), str(good.StudyInstanceUID), "Doe", str(good.PatientID)):
         assert raw not in text
+
+
+def test_association_size_limit_refuses_with_0xa700_and_is_audited_with_fake_triton(
+        tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.presentation import StoragePresentationContexts
+
+    from tests.gateway.harness import fake_gateway
+
+    instances = [make_instance(k) for k in (10, 11, 12)]
+    one = len(dicom_bytes(instances[0]))
+    trail = tmp_path / "audit.jsonl"
+    gw = fake_gateway(tmp_path, max_association_bytes=int(one * 1.5), audit_log=trail)
+    try:
+        statuses = []
+        for batch in (instances[:2], instances[2:]):  # a new association starts afresh
+            ae = AE(ae_title="CT1")
+            ae.requested_contexts = StoragePresentationContexts[:40]
+            assoc = ae.associate(gw.config.dicom_host, gw.config.dicom_port)
+            statuses += [assoc.send_c_store(ds).Status for ds in batch]
+            assoc.release()
+    finally:
+        gw.stop()
+    assert statuses == [0x0000, 0xA700, 0x0000]
+    refused = [json.loads(line) for line in trail.read_text().splitlines()
+               if '"refused"' in line]
+    assert [(r["reason"], r["status"]) for r in refused] == [("association_too_large", "0xA700")]
