@@ -17,6 +17,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 
 from optimizer.errors import ManifestError
 from optimizer.manifest import Grouping, Manifest, Selection
+from services.cli import _gateway_config, _parser
 from services.errors import ConfigError
 from services.gateway.core import InferenceCore, uid_hash
 from services.gateway.grouping import (
@@ -32,7 +33,7 @@ from services.gateway.spool import ResultStore, Spool
 from services.gateway.worker import Job, SpoolWorker
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
-from tests.gateway.harness import base_url, fake_gateway, wait_for
+from tests.gateway.harness import base_url, fake_gateway, model_repository, wait_for
 from tests.gateway.util import dicom_bytes, make_instance, make_study
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -553,3 +554,22 @@ def test_instance_level_selection_skips_each_instance_with_its_own_note_with_fak
     assert sorted(d.get("skipped", {}).get("reason", "inferred") for d in docs) == [
         "inferred", "not_selected_orientation", "not_selected_orientation"]
     assert [len(g.results) for g in sink.accepted] == [1]  # skipped ones are not handed on
+
+
+def test_group_flags_build_the_config_and_bad_values_are_refused(tmp_path: Path) -> None:
+    repo = model_repository(tmp_path)
+    base = ["gateway", "--repository", str(repo), "--model", TINY_MANIFEST.name, "--no-auth",
+            "--plaintext", "--spool", str(tmp_path / "spool")]
+    args = _parser().parse_args([*base, "--group-level", "study", "--group-timeout", "45",
+                                 "--job-retention", "3600"])
+    config = _gateway_config(args, "x:1")
+    assert (config.group_level, config.group_timeout_s, config.job_retention_s) == (
+        "study", 45.0, 3600.0)
+    defaults = _gateway_config(_parser().parse_args(base), "x:1")
+    assert (defaults.group_level, defaults.group_timeout_s) == (None, None)  # the manifest's
+    assert defaults.job_retention_s == 7 * 86400
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*base, "--group-level", "patient"])
+    for bad in ({"group_timeout_s": 0.0}, {"job_retention_s": -1.0}, {"group_level": "x"}):
+        with pytest.raises(ConfigError):
+            dataclasses.replace(defaults, **bad)
