@@ -573,3 +573,40 @@ def test_group_flags_build_the_config_and_bad_values_are_refused(tmp_path: Path)
     for bad in ({"group_timeout_s": 0.0}, {"job_retention_s": -1.0}, {"group_level": "x"}):
         with pytest.raises(ConfigError):
             dataclasses.replace(defaults, **bad)
+
+
+class SegmentationFake(FakeInferer):
+    """The fake Triton for a segmentation model: one map per class, each the input itself."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return np.repeat(batch[:, :1], 2, axis=1)
+
+
+class MapCheckingSink(FlakySink):
+    def accept(self, group: CompletedGroup) -> None:
+        self.shapes = [np.load(p, allow_pickle=False).shape for p in group.maps]
+        super().accept(group)
+
+
+def test_segmentation_maps_reach_the_sink_and_are_removed_after_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    output = dataclasses.replace(TINY_MANIFEST.output, labels=("bg", "lesion"),
+                                 thresholds=(0.5, 0.5), activation="softmax")
+    manifest = dataclasses.replace(TINY_MANIFEST, task="segmentation", output=output,
+                                   infer="series", grouping=Grouping("series", 0.2))
+    sink = MapCheckingSink()
+    worker = _worker(tmp_path, SegmentationFake(), GroupingPolicy.resolve(manifest), sink,
+                     manifest)
+    worker.start()
+    try:
+        for ds in _series(3):
+            worker.submit(_acked(tmp_path, ds))
+        assert wait_for(lambda: worker.depth == 0)
+    finally:
+        worker.stop()
+    [group] = sink.accepted
+    assert len(group.maps) == len(group.results) == 1
+    assert sink.shapes == [(1, 2, 64, 64)]  # (frames, classes, height, width)
+    assert not any(p.exists() for p in group.maps)  # released once the sink took them
