@@ -47,7 +47,11 @@ USER 10001:10001
 EXPOSE 8080 8081 11112
 ENTRYPOINT ["bedside", "gateway", "--http-host", "0.0.0.0", "--dicom-host", "0.0.0.0", \
             "--spool", "/var/lib/bedside/spool"]
-CMD ["--repository", "/models", "--model", "cxr-lesion", "--triton-url", "triton:8001"]
+# Security is explicit (README "Security"): mount the API keys file and a TLS certificate here,
+# or replace these with --no-auth / --plaintext on a trusted network.
+CMD ["--repository", "/models", "--model", "cxr-lesion", "--triton-url", "triton:8001", \
+     "--api-keys", "/etc/bedside/api-keys/keys.yaml", \
+     "--tls-cert", "/etc/bedside/tls/tls.crt", "--tls-key", "/etc/bedside/tls/tls.key"]
 
 FROM base AS optimizer
 COPY --from=build-optimizer /opt/venv /opt/venv

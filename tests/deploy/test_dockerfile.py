@@ -146,3 +146,19 @@ def test_lock_script_is_what_the_locks_name() -> None:
         head = (ROOT / "requirements" / f"{lock}.lock").read_text(encoding="utf-8")[:300]
         assert "scripts/lock.sh" in head, lock
     assert (ROOT / "scripts" / "lock.sh").stat().st_mode & 0o111
+
+
+def test_gateway_image_command_parses_and_chooses_keys_and_tls() -> None:
+    """The image's default command is a valid `bedside gateway` line with API keys and TLS
+    (the CLI refuses to start without an explicit security choice)."""
+    import json
+
+    from services.cli import _parser
+
+    lines = _stages()["gateway"]
+    entry = json.loads(next(x for x in lines if x.startswith("ENTRYPOINT "))[11:])
+    cmd = json.loads(next(x for x in lines if x.startswith("CMD "))[4:])
+    assert entry[0] == "bedside"
+    args = _parser().parse_args([*entry[1:], *cmd])
+    assert args.api_keys is not None and not args.no_auth
+    assert args.tls_cert is not None and args.tls_key is not None and not args.plaintext
