@@ -241,12 +241,16 @@ def test_grpc_unauthenticated_permission_denied_and_ok_with_fake_triton(
     assert result.as_numpy("SCORES").shape == (1, 1)
     meta = client.get_model_metadata(MODEL, headers={"authorization": f"Bearer {keys['reader']}"})
     assert meta.name == MODEL
+    with pytest.raises(InferenceServerException) as missing:  # the servicer's own refusal
+        client.get_model_metadata("no-such-model",
+                                  headers={"authorization": f"Bearer {keys['reader']}"})
+    assert missing.value.status() == "StatusCode.NOT_FOUND"
     client.close()
     records = [r for r in audit_records(gateway) if r["protocol"] == "oip_grpc"]
     assert [(r["action"], r["outcome"], r["status"]) for r in records] == [
         ("infer", "no_credentials", "UNAUTHENTICATED"), ("infer", "bad_key", "UNAUTHENTICATED"),
         ("infer", "scope", "PERMISSION_DENIED"), ("infer", "ok", "OK"),
-        ("metadata", "ok", "OK")]
+        ("metadata", "ok", "OK"), ("metadata", "refused", "NOT_FOUND")]
     assert records[3]["instance"] == [uid_hash(str(ds.SOPInstanceUID))]
 
 
