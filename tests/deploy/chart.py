@@ -52,6 +52,20 @@ PERMUTATIONS: dict[str, dict[str, Any]] = {
     "gateway tls and dicom tls from one certificate": {
         "gateway": {"tls": {"enabled": True}, "dicomTls": {"enabled": True}},
     },
+    "results delivery to a pacs (dicom tls) and a de-identified stow-rs": {
+        "gateway": {"delivery": {"secretName": "bedside-delivery", "routes": {
+            "deidentification": {"secret_file": "/etc/bedside/delivery/deid.key"},
+            "destinations": {
+                "pacs": {"type": "dimse", "host": "pacs.hospital.example", "port": 2762,
+                         "called_aet": "PACS",
+                         "tls": {"ca": "/etc/bedside/delivery/pacs-ca.pem"}},
+                "research": {"type": "stowrs", "url": "https://research.example/dicom-web/studies",
+                             "bearer_token_file": "/etc/bedside/delivery/research.token"}},
+            "routes": [
+                {"name": "research", "protocols": ["stow"], "destinations": ["research"],
+                 "deidentify": True},
+                {"name": "default", "default": True, "destinations": ["pacs"]}]}}},
+    },
 }
 
 

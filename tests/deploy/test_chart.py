@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
 import kubernetes_validate as kv
 import pytest
+import yaml
 
 from services.cli import _parser
 from tests.deploy.chart import (
@@ -181,6 +183,35 @@ def test_gateway_args_are_accepted_by_the_bedside_cli(
     # the manifest the gateway reads is the one in the values, mounted from a ConfigMap
     cm = next(d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-model"))
     assert json.loads(cm["data"]["manifest.json"])["name"] == "cxr-lesion"
+
+
+def test_delivery_routes_reach_the_gateway_and_pass_its_validation(
+        case: tuple[dict[str, Any], list[dict]], tmp_path: Path) -> None:
+    """The routes in the values become the gateway's --routes file, and that file passes the
+    gateway's own validation (the Secret's files stood in for by local ones)."""
+    from services.gateway.routes import parse_routes
+
+    values, docs = case
+    delivery = values.get("gateway", {}).get("delivery", {})
+    (sts,) = of_kind(docs, "StatefulSet")
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    routes_cms = [d for d in of_kind(docs, "ConfigMap")
+                  if d["metadata"]["name"].endswith("-routes")]
+    if not delivery.get("routes"):
+        assert routes_cms == [] and not any(a.startswith("--routes") for a in c["args"])
+        return
+    assert "--routes=/etc/bedside/routes/routes.yaml" in c["args"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts["/etc/bedside/routes"]]["configMap"]["name"] == \
+        routes_cms[0]["metadata"]["name"]
+    assert volumes[mounts["/etc/bedside/delivery"]]["secret"]["secretName"] == \
+        delivery["secretName"]
+    for name in ("deid.key", "pacs-ca.pem", "research.token"):
+        (tmp_path / name).write_text("x" * 32)
+    text = routes_cms[0]["data"]["routes.yaml"].replace("/etc/bedside/delivery", str(tmp_path))
+    config = parse_routes(yaml.safe_load(text), tmp_path)
+    assert set(config.destinations) == set(delivery["routes"]["destinations"])
 
 
 def test_network_policies_restrict_triton_and_dicom(
