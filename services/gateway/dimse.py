@@ -36,7 +36,7 @@ from services.gateway.errors import (
 )
 from services.gateway.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.tls import CertFiles, ReloadingSSLContext
+from services.gateway.tls import CertFiles, ReloadingSSLContext, subject_of
 
 LOG = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
@@ -73,6 +73,19 @@ def _status(code: int, comment: str | None = None) -> Dataset:
 def _printable(aet: str) -> str:
     """A peer-chosen AE title made safe for a log line (no control characters)."""
     return ascii(aet.strip())[1:-1][:32]
+
+
+def _client_subject(event: Event) -> str | None:
+    """The verified client certificate's subject on a DICOM TLS association, else None."""
+    assoc_socket = getattr(event.assoc.dul, "socket", None)
+    raw = getattr(assoc_socket, "socket", None)
+    getpeercert = getattr(raw, "getpeercert", None)
+    if getpeercert is None:
+        return None
+    try:
+        return subject_of(getpeercert())
+    except (OSError, ValueError):
+        return None
 
 
 class DicomServer:
@@ -180,7 +193,8 @@ class DicomServer:
         self._audit.write(kind, "dimse", action, outcome,
                           principal="ae:" + _printable(str(requestor.ae_title)),
                           source=str(requestor.address), auth="calling_ae",
-                          association=event.assoc.name, tls=self._tls is not None, **fields)
+                          association=event.assoc.name, tls=self._tls is not None,
+                          client_subject=_client_subject(event), **fields)
 
     def _on_echo(self, event: Event) -> int:
         self._metrics.requests.labels("dimse", "echo", "ok").inc()

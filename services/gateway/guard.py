@@ -41,6 +41,7 @@ from services.gateway.errors import (
     Unauthenticated,
 )
 from services.gateway.ratelimit import ConcurrencyCap, RateLimiter
+from services.gateway.tls import subject_of
 
 LOG = logging.getLogger(__name__)
 ANY = "any"  # an authenticated principal, whatever its scopes
@@ -199,17 +200,6 @@ def _outcome(status: int) -> str:
 
 
 # ---- HTTP ------------------------------------------------------------------------------
-
-
-def subject_of(peercert: Any) -> str | None:
-    """``ssl.getpeercert()`` dict -> ``CN=...,O=...`` (None without a verified cert)."""
-    if not peercert:
-        return None
-    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-             "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
-             "domainComponent": "DC", "emailAddress": "emailAddress"}
-    parts = [f"{short.get(k, k)}={v}" for rdn in peercert.get("subject", ()) for k, v in rdn]
-    return ",".join(parts) or None
 
 
 class PeerCertificates:

@@ -67,6 +67,17 @@ def build_context(files: CertFiles, client_certs: str) -> ssl.SSLContext:
     return ctx
 
 
+def subject_of(peercert: Any) -> str | None:
+    """``ssl.getpeercert()`` dict -> ``CN=...,O=...`` (None without a verified cert)."""
+    if not peercert:
+        return None
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+             "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
+             "domainComponent": "DC", "emailAddress": "emailAddress"}
+    parts = [f"{short.get(k, k)}={v}" for rdn in peercert.get("subject", ()) for k, v in rdn]
+    return ",".join(parts) or None
+
+
 class _Watched:
     """A value rebuilt from the files when they change (checked at most once a second)."""
 

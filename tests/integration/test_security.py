@@ -24,7 +24,7 @@ import tritonclient.grpc as grpcclient
 from dicomweb_client.api import DICOMwebClient
 from tritonclient.utils import InferenceServerException
 
-from services.gateway.auth import hash_key, new_key
+from services.gateway.auth import hash_key, new_key, normalize_subject
 from services.gateway.core import uid_hash
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
@@ -207,6 +207,7 @@ def test_dicom_tls_echo_with_a_client_certificate_is_audited(stack: Stack) -> No
     assoc = [r for r in _records(stack) if r["event"] == "association"]
     assert assoc[-1]["principal"] == "ae:TESTSCU" and assoc[-1]["outcome"] == "ok"
     assert assoc[-1]["tls"] is True
+    assert normalize_subject(assoc[-1]["client_subject"]) == "CN=client,O=Radiology"
 
 
 def test_key_rotation_and_certificate_renewal_without_restart(stack: Stack) -> None:
