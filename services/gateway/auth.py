@@ -186,6 +186,8 @@ class KeyStore:
             raise ConfigError(f"API keys file {path}: {exc.strerror}") from exc
         self._checked = clock()
         LOG.info("API keys: %d entries from %s", len(self._entries), path)
+        if not self._entries:
+            LOG.warning("the API keys file lists no keys: every authenticated call is refused")
 
     def _maybe_reload(self) -> None:
         now = self._clock()
