@@ -234,7 +234,8 @@ def test_monitoring_objects(case: tuple[dict[str, Any], list[dict]]) -> None:
     (rule,) = of_kind(docs, "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     assert alerts == {"BedsideLatencyP95High", "BedsideErrorRatioHigh", "BedsideQueueTimeHigh",
-                      "BedsideTritonDown", "BedsideGatewayDown"}
+                      "BedsideTritonDown", "BedsideGatewayDown", "BedsideDeliveryDeadLetters",
+                      "BedsideDeliveryStalled"}
     dashboard = next(d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith(
         "-dashboard"))
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"

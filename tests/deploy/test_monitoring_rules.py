@@ -39,7 +39,7 @@ def rules_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_promtool_accepts_the_rendered_rules(rules_file: Path) -> None:
     out = run_promtool("check", "rules", str(rules_file), cwd=rules_file.parent)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 9 rules found" in out.stdout
+    assert "SUCCESS: 11 rules found" in out.stdout
 
 
 def test_promtool_check_can_fail(tmp_path: Path) -> None:
@@ -119,6 +119,46 @@ def test_alerts_fire_on_bad_series_and_not_on_good_ones(rules_file: Path) -> Non
         },
     ]}
     test_file = rules_file.parent / "rules_test.yml"
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
+    out = run_promtool("test", "rules", test_file.name, cwd=rules_file.parent)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_delivery_alerts_fire_on_dead_letters_and_a_stalled_destination(
+        rules_file: Path) -> None:
+    pacs, web = {**NS, "destination": "pacs"}, {**NS, "destination": "research"}
+    delivered = {"outcome": "delivered"}
+    tests = {"rule_files": [rules_file.name], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            # pacs: down - 3 results waiting, 2 dead letters, nothing delivered
+            _series("bedside_gateway_outbox_depth", pacs, "3x40"),
+            _series("bedside_gateway_dead_letters", pacs, "0x5 2x35"),
+            _series("bedside_gateway_deliveries_total", {**pacs, **delivered}, "7x40"),
+            # research: busy but healthy - results waiting, and being delivered
+            _series("bedside_gateway_outbox_depth", web, "4x40"),
+            _series("bedside_gateway_dead_letters", web, "0x40"),
+            _series("bedside_gateway_deliveries_total", {**web, **delivered}, "0+5x40"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "BedsideDeliveryDeadLetters", "exp_alerts": []},
+            {"eval_time": "10m", "alertname": "BedsideDeliveryDeadLetters", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "destination": "pacs"},
+                 "exp_annotations": {
+                     "summary": "Bedside results were not delivered",
+                     "description": "2 result(s) for pacs are dead letters: fix the "
+                                    "destination, then bedside outbox requeue --destination "
+                                    "pacs."}}]},
+            {"eval_time": "10m", "alertname": "BedsideDeliveryStalled", "exp_alerts": []},
+            {"eval_time": "20m", "alertname": "BedsideDeliveryStalled", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "destination": "pacs"},
+                 "exp_annotations": {
+                     "summary": "Bedside results wait for a destination",
+                     "description": "3 result(s) wait for pacs and none was delivered in 15 "
+                                    "minutes."}}]},
+        ],
+    }]}
+    test_file = rules_file.parent / "delivery_test.yml"
     test_file.write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
     out = run_promtool("test", "rules", test_file.name, cwd=rules_file.parent)
     assert out.returncode == 0, out.stdout + out.stderr

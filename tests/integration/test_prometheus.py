@@ -243,8 +243,10 @@ def test_alert_expressions_match_the_live_state(live: Live) -> None:
     limits = values["monitoring"]["prometheusRule"]
     alerts = {r["alert"]: r["expr"] for r in _rules(live.rules, "alert")}
     assert set(alerts) == {"BedsideLatencyP95High", "BedsideErrorRatioHigh",
-                           "BedsideQueueTimeHigh", "BedsideTritonDown", "BedsideGatewayDown"}
-    for quiet in ("BedsideErrorRatioHigh", "BedsideTritonDown", "BedsideGatewayDown"):
+                           "BedsideQueueTimeHigh", "BedsideTritonDown", "BedsideGatewayDown",
+                           "BedsideDeliveryDeadLetters", "BedsideDeliveryStalled"}
+    for quiet in ("BedsideErrorRatioHigh", "BedsideTritonDown", "BedsideGatewayDown",
+                  "BedsideDeliveryDeadLetters", "BedsideDeliveryStalled"):
         assert live.query(alerts[quiet]) == [], quiet
 
     def above(record: str, limit: float) -> set[tuple[tuple[str, str], ...]]:
