@@ -256,7 +256,7 @@ def test_files_already_stored_are_not_sent_again_with_fake_destination(
 def test_result_build_failure_is_dead_lettered_not_dropped(harness: Harness,
                                                             tmp_path: Path) -> None:
     group = make_group(tmp_path / "g", make_study(1))
-    group.results[0]["findings"] = []  # type: ignore[index]  # lacks the manifest's labels
+    group.results[0]["findings"] = []  # lacks the manifest's labels
     harness.service.accept(group)
     (row,) = harness.service.outbox.rows()
     assert (row.state, row.reason, row.files) == (DEAD, "result_findings", ())
@@ -402,7 +402,7 @@ def test_bedside_outbox_lists_and_requeues_dead_letters_with_fake_destination(
     harness.senders["pacs"].script = [DeliveryRejected("refused 0xA900", "status_a900")]
     harness.service.accept(make_group(tmp_path / "g", make_study(1)))
     unbuildable = make_group(tmp_path / "h", make_study(1))
-    unbuildable.results[0]["findings"] = []  # type: ignore[index]
+    unbuildable.results[0]["findings"] = []
     harness.service.accept(unbuildable)
     harness.attempt_due("pacs")
     spool = str(tmp_path / "spool")
