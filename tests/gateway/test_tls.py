@@ -4,6 +4,7 @@ certificates as principals, and plain text only when asked for."""
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import time
 from pathlib import Path
@@ -195,3 +196,46 @@ def test_dicom_tls_serves_a_renewed_certificate_without_restart_with_fake_triton
         assert before != after == _der(pki / "server.pem")
     finally:
         gw.stop()
+
+
+def _kubelet_update(secret: Path, files: dict[str, bytes], version: str) -> None:
+    """What the kubelet does to a mounted Secret: a new timestamped directory, then an atomic
+    swap of the ``..data`` symlink; the visible names are symlinks through ``..data``."""
+    target = secret / f"..{version}"
+    target.mkdir()
+    for name, data in files.items():
+        (target / name).write_bytes(data)
+        link = secret / name
+        if not link.is_symlink():
+            link.symlink_to(Path("..data") / name)
+    tmp = secret / "..data_tmp"
+    tmp.symlink_to(target.name)
+    os.replace(tmp, secret / "..data")
+
+
+def test_kubernetes_secret_updates_are_picked_up_for_certificates_and_keys(
+        tmp_path: Path) -> None:
+    from services.gateway.auth import KeyStore, hash_key
+
+    pki = make_pki(tmp_path / "pki")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    _kubelet_update(secret, {"tls.crt": (pki / "server.pem").read_bytes(),
+                             "tls.key": (pki / "server.key").read_bytes(),
+                             "keys.yaml": json.dumps({"keys": [
+                                 {"name": "a", "sha256": hash_key("bsk_a"),
+                                  "scopes": ["read"]}]}).encode()}, "v1")
+    clock = [0.0]
+    ctx = ReloadingSSLContext(CertFiles(secret / "tls.crt", secret / "tls.key"),
+                              clock=lambda: clock[0])
+    keys = KeyStore(secret / "keys.yaml", clock=lambda: clock[0])
+    assert keys.by_key("bsk_a") is not None
+    issue(pki, "server", "/CN=rotated")
+    _kubelet_update(secret, {"tls.crt": (pki / "server.pem").read_bytes(),
+                             "tls.key": (pki / "server.key").read_bytes(),
+                             "keys.yaml": json.dumps({"keys": [
+                                 {"name": "b", "sha256": hash_key("bsk_b"),
+                                  "scopes": ["read"]}]}).encode()}, "v2")
+    clock[0] = 5.0
+    assert ctx._watched.refresh() and ctx.reloads == 1
+    assert keys.by_key("bsk_a") is None and keys.by_key("bsk_b") is not None
