@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom import uid
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, pixel_array
 
@@ -155,12 +156,24 @@ def frame_indices(ds: Dataset, spec: InputSpec) -> list[int]:
     return [frames // 2]
 
 
+def _check_jpeg_ls_ends(ds: Dataset, frames: int) -> None:
+    """CharLS spends tens of seconds on a truncated JPEG-LS stream before it fails (found by
+    tests/fuzz: a 3 KB instance held a worker for 20 s), so every frame must end with its
+    end-of-image marker (FFD9, then at most padding) before it is decoded."""
+    for k, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+        if not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise PreprocessError(f"JPEG-LS frame {k + 1} is truncated (no end-of-image "
+                                  "marker)")
+
+
 def decode_frames(ds: Dataset, indices: list[int]) -> np.ndarray:
     """The stored values of the given frames: (n, rows, cols) or (n, rows, cols, 3) for colour
     (YBR converted to RGB), or a PreprocessError that says why not."""
     ts = transfer_syntax(ds)
     frames = _int(ds, "NumberOfFrames", 1)
     try:
+        if ts in (uid.JPEGLSLossless, uid.JPEGLSNearLossless):
+            _check_jpeg_ls_ends(ds, frames)
         if len(indices) == frames:
             arr = pixel_array(ds, as_rgb=True)
             if frames == 1:
@@ -363,9 +376,11 @@ def preprocess_frames(ds: Dataset, spec: InputSpec, header_checked: bool = False
         return _preprocess(ds, spec)
     except PreprocessError:
         raise
-    except (ValueError, TypeError, AttributeError, OverflowError, KeyError) as exc:
+    except (ValueError, TypeError, AttributeError, OverflowError, KeyError,
+            NotImplementedError) as exc:
         # pydicom converts raw values lazily: a malformed number (WindowCenter "abc",
-        # RescaleSlope "x") surfaces here, not at read time.
+        # RescaleSlope "x") surfaces here, not at read time; so does an element whose VR
+        # bytes were damaged (pydicom: "Unknown Value Representation", found by tests/fuzz).
         raise PreprocessError(f"malformed header value: {exc}") from exc
 
 

@@ -128,9 +128,12 @@ def _check_inflated_size(data: bytes, limit: int) -> None:
         return
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     inflated, pending = 0, data[fp.tell():]
-    while pending and inflated <= limit:  # 1 MiB at a time: only the count is kept
-        inflated += len(inflater.decompress(pending, 1 << 20))
+    while inflated <= limit:  # 1 MiB at a time: only the count is kept
+        chunk = inflater.decompress(pending, 1 << 20)
+        inflated += len(chunk)
         pending = inflater.unconsumed_tail
+        if not chunk and not pending:  # all input used and all output returned
+            break
     if inflated > limit:
         raise PayloadTooLarge(f"the deflated data set inflates to more than {limit} bytes",
                               "inflated_too_large")

@@ -10,35 +10,21 @@ import copy
 import functools
 import io
 import zlib
-from collections.abc import Iterator
 
 import numpy as np
-import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
-from pydicom import config, uid
+from pydicom import uid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 
-from services.gateway.core import Result, read_leniently
+from services.gateway.core import Result
 from services.gateway.errors import GatewayError
 from tests.fuzz.targets import MAX_INFLATED, dicom_pipeline
 from tests.gateway.util import make_instance
-
-
-@pytest.fixture(autouse=True, scope="module")
-def lenient_pydicom() -> Iterator[None]:
-    """As the gateway runs: values are not validated when read (read_leniently), and the
-    mutations written here would otherwise warn on every example."""
-    saved = (config.settings.reading_validation_mode, config.settings.writing_validation_mode)
-    read_leniently()
-    config.settings.writing_validation_mode = config.IGNORE
-    yield
-    config.settings.reading_validation_mode, config.settings.writing_validation_mode = saved
-
 
 SEED_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
                  uid.DeflatedExplicitVRLittleEndian, uid.RLELossless, uid.JPEGLSLossless,
