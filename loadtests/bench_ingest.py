@@ -15,6 +15,10 @@ What runs, all on this machine, in one run:
   sends, the gateway's worker infers the acknowledged instances in the background, sharing the
   CPU, as in service. Before the next measurement the run waits until the gateway has finished
   every instance (spool empty), so nothing of one measurement spills into the next.
+- The gateway again with no Triton reachable ("ingest only"): the worker waits with backoff
+  behind an open circuit breaker, so storescu competes with nothing but the acknowledgement
+  path itself, like Orthanc, which infers nothing. DIMSE keeps acknowledging to the spool while
+  Triton is down, so this is a real operating state, not a special mode.
 - Orthanc: the Debian package with its default durable storage (fsync after each write,
   SQLite index), on its own free ports and a private storage folder.
 
@@ -273,11 +277,14 @@ def run(n: int = 300, associations: Sequence[int] = (1, 4), work: Path | None = 
                               TritonPorts(free_port(), free_port(), free_port()))
         triton.start()
         gateway: Gateway | None = None
+        ingest_only: Gateway | None = None
         orthanc = OrthancServer(root / "orthanc")
         rows: list[dict[str, Any]] = []
         try:
             gateway = Gateway(repo, root / "spool", triton.grpc_url, root / "gateway.log",
                               gateway_args)
+            ingest_only = Gateway(repo, root / "spool-ingest-only", f"127.0.0.1:{free_port()}",
+                                  root / "gateway-ingest-only.log", gateway_args)
             orthanc.start()
             for assoc in associations:
                 files = sets[assoc]
@@ -287,22 +294,27 @@ def run(n: int = 300, associations: Sequence[int] = (1, 4), work: Path | None = 
                 results = gateway.results(study)
                 if len(results) != len(files):
                     raise RuntimeError(f"{len(results)} results for {len(files)} instances")
+                alone = storescu(ingest_only.dicom_port, "BEDSIDE", files, assoc)
                 pacs = storescu(orthanc.dicom_port, "ORTHANC", files, assoc)
                 stored = orthanc.get("/statistics")["CountInstances"]
                 rows.append({
                     "associations": assoc, "instances": len(files),
-                    "gateway_per_s": gw.rate(), "orthanc_per_s": pacs.rate(),
-                    "ratio": gw.rate() / pacs.rate(), "gateway_s": gw.seconds,
-                    "orthanc_s": pacs.seconds, "gateway_drain_s": drain_s,
-                    "orthanc_instances_stored": stored, **_overheads(results),
+                    "gateway_per_s": gw.rate(), "gateway_ingest_only_per_s": alone.rate(),
+                    "orthanc_per_s": pacs.rate(), "ratio": gw.rate() / pacs.rate(),
+                    "ratio_ingest_only": alone.rate() / pacs.rate(), "gateway_s": gw.seconds,
+                    "gateway_ingest_only_s": alone.seconds, "orthanc_s": pacs.seconds,
+                    "gateway_drain_s": drain_s, "orthanc_instances_stored": stored,
+                    **_overheads(results),
                 })
         finally:
-            if gateway is not None:
-                gateway.stop()
+            for g in (gateway, ingest_only):
+                if g is not None:
+                    g.stop()
             orthanc.stop()
             triton.stop()
         return {"instances_per_scenario": n, "instance_bytes": size, "side": SIDE,
-                "cpu_count": os.cpu_count(), "synthesis_s": synth_s, "rows": rows,
+                "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+                "synthesis_s": synth_s, "rows": rows,
                 "overhead_source": "result timings_ms: gateway_overhead - queue",
                 "background": "gateway worker inferring with the real bundled Triton"}
     finally:
@@ -320,18 +332,21 @@ def _study_uid(path: Path) -> str:
 def table(figures: dict[str, Any]) -> str:
     lines = [f"C-STORE ingest, durable ack, {figures['side']}x{figures['side']} CT "
              f"({figures['instance_bytes'] / 1024:.0f} KiB), {figures['instances_per_scenario']}"
-             f" instances per scenario, dcmtk storescu, {figures['cpu_count']} CPUs",
+             f" instances per scenario, dcmtk storescu, {figures['cpu_count']} CPUs, load "
+             f"average {figures['load_average'][0]:.1f}",
              "",
-             "| associations | gateway inst/s | Orthanc inst/s | gateway/Orthanc | "
-             "ack p50/p95 ms | overhead p50/p95 ms |",
-             "|---|---|---|---|---|---|"]
+             "| associations | gateway inst/s (inferring) | gateway inst/s (ingest only) | "
+             "Orthanc inst/s | gateway/Orthanc | ack p50/p95 ms | overhead p50/p95 ms |",
+             "|---|---|---|---|---|---|---|"]
     for r in figures["rows"]:
         lines.append(f"| {r['associations']} | {r['gateway_per_s']:.0f} | "
-                     f"{r['orthanc_per_s']:.0f} | {r['ratio']:.2f} | "
+                     f"{r['gateway_ingest_only_per_s']:.0f} | {r['orthanc_per_s']:.0f} | "
+                     f"{r['ratio']:.2f} / {r['ratio_ingest_only']:.2f} | "
                      f"{r['ack_p50_ms']:.1f} / {r['ack_p95_ms']:.1f} | "
                      f"{r['overhead_p50_ms']:.1f} / {r['overhead_p95_ms']:.1f} |")
-    lines += ["", "ack: arrival of the C-STORE to durable spool + job row (the acknowledgement);",
-              "overhead: gateway_overhead - queue wait, from each result's timings_ms."]
+    lines += ["", "gateway/Orthanc: inferring / ingest only. ack: the C-STORE's arrival to durable",
+              "spool + job row (the acknowledgement); overhead: gateway_overhead - queue wait;",
+              "both from each result's timings_ms (inferring run)."]
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ get their results."""
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,25 +31,32 @@ MODEL = TINY_MANIFEST.name
 
 
 @pytest.fixture(scope="module")
-def gateway(optimized: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """The gateway in-process, over the real Triton; only Orthanc's AE title may associate."""
-    work = tmp_path_factory.mktemp("orthanc-gw")
+def triton_url(optimized: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("orthanc-triton")
     triton = TritonServer(TritonInstall.discover(triton_env()), optimized / "repository",
                           work / "triton", TritonPorts(free_port(), free_port(), free_port()))
     triton.start()
-    gw = None
     try:
-        gw = Gateway(GatewayConfig(
-            model_repository=optimized / "repository", model_name=MODEL,
-            triton_grpc_url=triton.grpc_url, spool_dir=work / "spool",
-            http_port=free_port(), dicom_port=free_port(), allowed_calling_aets=(AE_TITLE,),
-        ))
-        gw.start()
+        yield triton.grpc_url
+    finally:
+        triton.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(optimized: Path, triton_url: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The gateway in-process, over the real Triton; only Orthanc's AE title may associate."""
+    work = tmp_path_factory.mktemp("orthanc-gw")
+    gw = Gateway(GatewayConfig(
+        model_repository=optimized / "repository", model_name=MODEL,
+        triton_grpc_url=triton_url, spool_dir=work / "spool",
+        http_port=free_port(), dicom_port=free_port(), allowed_calling_aets=(AE_TITLE,),
+    ))
+    gw.start()
+    try:
         yield gw
     finally:
-        if gw is not None:
-            gw.stop()
-        triton.stop()
+        gw.stop()
 
 
 def _part10(ds: Dataset) -> bytes:
@@ -142,3 +150,60 @@ def test_orthanc_reports_the_instance_the_gateway_refuses_and_the_rest_are_infer
                and 'outcome="refused"' in line and 'reason="not_for_model"' in line]
     assert refused and float(refused[0].split()[-1]) >= 2, refused
     assert _results(gateway, instances[0].StudyInstanceUID, 3)["status"] == "done"
+
+
+def test_orthanc_forwards_a_study_and_gets_an_sr_per_instance_back_referencing_it(
+    optimized: Path, triton_url: str, tmp_path: Path,
+    orthanc_factory: Callable[..., OrthancServer],
+) -> None:
+    """The round trip a PACS sees: Orthanc C-STOREs a study to the gateway (routes file: a
+    route for Orthanc's calling AE title back to Orthanc by C-STORE), the real Triton infers,
+    and Comprehensive SRs arrive in Orthanc, in the source study, referencing its instances.
+    Checked through Orthanc's REST API only."""
+    gw_port = free_port()
+    orthanc = orthanc_factory({"bedside": ("BEDSIDE", "127.0.0.1", gw_port)})
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({
+        "destinations": {"pacs": {"type": "dimse", "host": "127.0.0.1",
+                                  "port": orthanc.dicom_port, "called_aet": AE_TITLE,
+                                  "calling_aet": "BEDSIDE",
+                                  "retry": {"base_s": 0.1, "cap_s": 0.5}}},
+        "routes": [{"name": "pacs", "calling_aets": [AE_TITLE], "destinations": ["pacs"]}],
+    }))
+    gw = Gateway(GatewayConfig(
+        model_repository=optimized / "repository", model_name=MODEL,
+        triton_grpc_url=triton_url, spool_dir=tmp_path / "spool", http_port=free_port(),
+        dicom_port=gw_port, allowed_calling_aets=(AE_TITLE,), routes_file=routes,
+        group_level="instance",
+    ))
+    gw.start()
+    try:
+        instances = make_study(3, seed=740)
+        study_id = _upload(orthanc, instances)
+        answer = orthanc.post("/modalities/bedside/store",
+                              {"Resources": [study_id], "Synchronous": True})
+        assert answer["InstancesCount"] == 3 and answer["FailedInstancesCount"] == 0, answer
+
+        def sr_instances() -> list[str]:
+            return [i for s in orthanc.get(f"/studies/{study_id}/series")
+                    if s["MainDicomTags"].get("Modality") == "SR" for i in s["Instances"]]
+
+        deadline = time.monotonic() + 60
+        while len(sr_instances()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        gw.stop()
+    srs = sr_instances()
+    assert len(srs) == 3, orthanc.get(f"/studies/{study_id}/series")
+    study_uid = str(instances[0].StudyInstanceUID)
+    referenced = set()
+    for sr_id in srs:
+        tags = orthanc.get(f"/instances/{sr_id}/simplified-tags")
+        assert tags["Modality"] == "SR" and tags["StudyInstanceUID"] == study_uid
+        assert tags["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+        evidence = tags["CurrentRequestedProcedureEvidenceSequence"]
+        assert [e["StudyInstanceUID"] for e in evidence] == [study_uid]
+        for series in evidence[0]["ReferencedSeriesSequence"]:
+            referenced |= {r["ReferencedSOPInstanceUID"]
+                           for r in series["ReferencedSOPSequence"]}
+    assert referenced == {str(ds.SOPInstanceUID) for ds in instances}
