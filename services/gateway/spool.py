@@ -111,12 +111,15 @@ class Spool:
     def pending(self) -> list[Path]:
         return sorted(self.incoming.glob("*.dcm"))
 
-    def remove(self, path: Path) -> None:
+    @staticmethod
+    def remove(path: Path) -> None:
+        """Drop a spool file whose job is final (or that was never acknowledged). Not fsynced,
+        on purpose: a removal lost to a power cut brings back a file whose job row is already
+        final, and start-up reconciliation removes it (or hands its stored result on again,
+        which the outbox takes once); an unacknowledged file without a row is processed once.
+        So the worker spends no journal commit here, and the acknowledgement path's fsyncs do
+        not queue behind it."""
         path.unlink(missing_ok=True)
-        if path.parent == self.incoming:  # the worker's removals share fsyncs with arrivals
-            self._incoming_sync.sync()
-        else:
-            _fsync_dir(path.parent)
 
     def quarantine(self, path: Path) -> Path:
         """Keep an acknowledged file that cannot be processed, for a person to look at."""
