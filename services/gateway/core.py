@@ -118,18 +118,17 @@ def complete_timings(timings_ms: dict[str, float], origin: float, end: float) ->
 MAX_INFLATED_BYTES = 256 * 1024 * 1024
 
 
-def _check_inflated_size(data: bytes, limit: int) -> None:
-    """PayloadTooLarge if ``data`` is a Deflated Explicit VR Little Endian file whose data set
-    inflates to more than ``limit`` bytes; inflation stops at the limit, so memory stays bound."""
-    fp = io.BytesIO(data)
-    read_preamble(fp, False)
-    meta = _read_file_meta_info(fp)
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        return
+def check_inflated(deflated: bytes, limit: int = MAX_INFLATED_BYTES) -> None:
+    """PayloadTooLarge if the raw deflate stream ``deflated`` inflates to more than ``limit``
+    bytes; inflation stops at the limit, so memory stays bound. pydicom and pynetdicom inflate
+    a Deflated Explicit VR Little Endian data set whole: call this first."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated, pending = 0, data[fp.tell():]
+    inflated, pending = 0, deflated
     while inflated <= limit:  # 1 MiB at a time: only the count is kept
-        chunk = inflater.decompress(pending, 1 << 20)
+        try:
+            chunk = inflater.decompress(pending, 1 << 20)
+        except zlib.error:
+            return  # not a deflate stream: the reader says what is wrong with it
         inflated += len(chunk)
         pending = inflater.unconsumed_tail
         if not chunk and not pending:  # all input used and all output returned
@@ -137,6 +136,15 @@ def _check_inflated_size(data: bytes, limit: int) -> None:
     if inflated > limit:
         raise PayloadTooLarge(f"the deflated data set inflates to more than {limit} bytes",
                               "inflated_too_large")
+
+
+def _check_inflated_size(data: bytes, limit: int) -> None:
+    """``check_inflated`` on a Part-10 file's data set, if its transfer syntax is deflated."""
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        check_inflated(data[fp.tell():], limit)
 
 
 def parse(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
@@ -23,7 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from services.errors import ServiceError
 from services.gateway.audit import AuditContext, AuditLog
 from services.gateway.config import GatewayConfig
-from services.gateway.core import read_leniently, uid_hash
+from services.gateway.core import check_inflated, read_leniently, uid_hash
 from services.gateway.errors import (
     GatewayError,
     InferenceFailed,
@@ -209,6 +210,9 @@ class DicomServer:
             size = encoded.getbuffer().nbytes if encoded is not None else 0
             self._ingestor.check_size(size)
             self._count_association_bytes(event, size)
+            if encoded is not None and event.context.transfer_syntax == \
+                    DeflatedExplicitVRLittleEndian:
+                check_inflated(encoded.getvalue())  # pynetdicom would inflate it whole
             try:
                 ds = decoded = event.dataset
                 ds.file_meta = event.file_meta
