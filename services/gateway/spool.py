@@ -43,7 +43,7 @@ class DirSync:
         self._syncing = threading.Lock()  # one fsync of this directory at a time
         self._requested = 0  # tickets handed out
         self._durable = 0  # every ticket <= this is covered by a completed fsync
-        self.fsyncs = 0  # fsyncs made (for tests and the benchmark's curiosity)
+        self.fsyncs = 0  # fsyncs made (tests read it)
 
     def sync(self) -> None:
         with self._counters:
