@@ -8,7 +8,8 @@ and HTTP, tritonclient), with error cases on every edge: garbage, truncated file
 non-image SOP class, an oversized request, an unknown calling AE, missing and wrong keys.
 Then every line of the gateway's and Triton's output, the /metrics text and the audit log is
 scanned: no PHI value and no raw UID may appear, and the hashed UIDs must (so the scan is
-known to see the traffic). The result store legitimately keeps UIDs and is not scanned.
+known to see the traffic); nor may the API keys used. The result store legitimately keeps
+UIDs and is not scanned.
 
 Supersedes nothing: tests/gateway/test_dimse.py keeps its in-process, DIMSE-only check.
 """
@@ -320,6 +321,9 @@ def test_no_phi_in_logs_metrics_or_audit_across_every_edge(stack: Stack) -> None
     leaks = [(where, edge, secret) for edge, phi in phis.items() for secret in phi.secrets()
              for where, text in outputs.items() if secret in text]
     leaks += [(where, "any", UID_ROOT) for where, text in outputs.items() if UID_ROOT in text]
+    # nor the credentials: the valid key and the wrong one that was tried
+    leaks += [(where, "auth", "API key") for where, text in outputs.items()
+              if stack.key in text or "bsk_wrong" in text]
     assert leaks == [], leaks
     # the scan saw the traffic: every edge's inferred instances appear, hashed
     seen = outputs["gateway log"] + outputs["audit log"]
