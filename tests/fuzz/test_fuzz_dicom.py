@@ -15,9 +15,11 @@ import zlib
 import numpy as np
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from pydicom import uid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
@@ -29,7 +31,7 @@ from tests.gateway.util import make_instance
 
 SEED_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
                  uid.DeflatedExplicitVRLittleEndian, uid.RLELossless, uid.JPEGLSLossless,
-                 uid.JPEG2000Lossless, "multiframe-8bit")
+                 uid.JPEG2000Lossless, uid.JPEGBaseline8Bit, "multiframe-8bit")
 
 
 def _write(ds: Dataset, implicit: bool = False, syntax: str | None = None) -> bytes:
@@ -58,6 +60,13 @@ def seed_dataset(kind: str) -> Dataset:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
         ds.NumberOfFrames = 3
         ds.PixelData = frames.tobytes()
+    elif kind == uid.JPEGBaseline8Bit:  # Pillow encodes, pydicom only encapsulates
+        buf = io.BytesIO()
+        Image.fromarray((ds.pixel_array >> 4).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = uid.UID(kind)
     elif kind == uid.ImplicitVRLittleEndian or kind == uid.DeflatedExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = uid.UID(kind)
     elif kind != uid.ExplicitVRLittleEndian:
