@@ -162,3 +162,16 @@ def test_gateway_image_command_parses_and_chooses_keys_and_tls() -> None:
     args = _parser().parse_args([*entry[1:], *cmd])
     assert args.api_keys is not None and not args.no_auth
     assert args.tls_cert is not None and args.tls_key is not None and not args.plaintext
+
+
+def test_no_secrets_baked_into_images() -> None:
+    """Keys, certificates and tokens come from mounted Secrets at run time, never the image."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    for line in text.replace("\\\n", " ").splitlines():
+        if re.match(r"^(ARG|ENV)\s", line):
+            assert not re.search(r"(?i)(key|token|secret|passw|credential)", line), line
+        if line.startswith(("COPY", "ADD")):
+            assert not re.search(r"(?i)(\.pem|\.key|\.crt|keys\.(ya?ml|json)|\.env\b|id_rsa)",
+                                 line), line
+    ignored = set((ROOT / ".dockerignore").read_text(encoding="utf-8").split())
+    assert ".git" in ignored  # history (and anything ever committed by mistake) stays out
