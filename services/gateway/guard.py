@@ -233,6 +233,15 @@ class PeerCertificates:
                         registry._subjects.pop((self.client[0], self.client[1]), None)
                 super().connection_lost(exc)
 
+            def shutdown(self) -> None:
+                """Server stop: an idle TLS connection that is closing waits (asyncio's SSL
+                shutdown, up to 30 s) for the peer's close_notify, which an idle client never
+                sends; such a connection is dropped at once instead. Requests in progress still
+                finish."""
+                super().shutdown()
+                if self.transport.is_closing():
+                    self.transport.abort()
+
         return _RecordingH11Protocol
 
 

@@ -239,3 +239,29 @@ def test_kubernetes_secret_updates_are_picked_up_for_certificates_and_keys(
     clock[0] = 5.0
     assert ctx._watched.refresh() and ctx.reloads == 1
     assert keys.by_key("bsk_a") is None and keys.by_key("bsk_b") is not None
+
+
+def test_stop_does_not_wait_for_idle_tls_clients_with_fake_triton(tmp_path: Path) -> None:
+    """A client that got its answer and keeps the TLS connection open (or never finishes
+    sending a refused upload) must not hold up the gateway's stop."""
+    import socket
+
+    pki = make_pki(tmp_path / "pki")
+    gw = fake_gateway(tmp_path, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                      http_tls=True, api_keys=_keys(tmp_path / "keys.json", []))
+    ctx = client_context(pki, False)
+    idle = ctx.wrap_socket(socket.create_connection(("localhost", gw.config.http_port)),
+                           server_hostname="localhost")
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert b"200 OK" in idle.recv(4096)
+    upload = ctx.wrap_socket(socket.create_connection(("localhost", gw.config.http_port)),
+                             server_hostname="localhost")
+    upload.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                   b"application/dicom\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+    assert b"401" in upload.recv(4096)  # refused before the body is read; the rest never comes
+    start = time.monotonic()
+    gw.stop()
+    elapsed = time.monotonic() - start
+    idle.close()
+    upload.close()
+    assert elapsed < 5.0, f"stop took {elapsed:.1f} s"

@@ -151,6 +151,7 @@ def test_stow_rs_with_dicomweb_client_and_an_api_key_through_real_triton(stack: 
     keyed = DICOMwebClient(url=f"{stack.http}/dicomweb", session=session,
                            headers=_bearer(stack.keys["ris"]))
     response = keyed.store_instances(instances)
+    session.close()  # an idle TLS keep-alive connection would hold up the gateway's stop
     assert len(response[0x00081199].value) == 2
     stow = [r for r in _records(stack) if r["protocol"] == "stow"][-1]
     assert stow["principal"] == "key:ris" and stow["outcome"] == "ok"
