@@ -172,7 +172,10 @@ STANDARD: dict[str, tuple[Any, str]] = {
     "VerifyingOrganization": ("Verify Org Zyxwvut", "X"),
     "VisitComments": ("visit Zyxwvut", "X"),
 }
-# Inside sequence items (checked at their nesting): Person Name D, Text Value X.
+# Inside sequence items (checked at their nesting): Person Name D, Text Value X. Content
+# Sequence (0040,A730) itself is X in the table; the module keeps it and applies the table to
+# its items instead, because the results it de-identifies are SR documents whose findings are
+# that content (a documented deviation, asserted in test_nested_attributes_and_private_tags).
 NESTED: dict[str, tuple[Any, str]] = {
     "PersonName": ("Nested^Zyxwvut", "D"),
     "TextValue": ("text Zyxwvut", "X"),
