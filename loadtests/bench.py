@@ -59,6 +59,29 @@ class Load:
     throughput_per_s: float
     p50_ms: float
     p95_ms: float
+    seconds: float = 0.0
+    samples_ms: tuple[float, ...] = ()
+
+
+def _load(concurrency: int, samples: list[float], errors: int, seconds: float) -> Load:
+    flat = np.asarray(samples or [np.nan])
+    return Load(concurrency, len(samples), errors, round(len(samples) / seconds, 2),
+                round(float(np.percentile(flat, 50)), 3), round(float(np.percentile(flat, 95)), 3),
+                seconds, tuple(samples))
+
+
+def interleaved(a: Callable[[], Callable[[], object]], b: Callable[[], Callable[[], object]],
+                concurrency: int, seconds: float, rounds: int = 3) -> tuple[Load, Load]:
+    """``a`` and ``b`` measured in alternating slices, so that other work on the machine,
+    which comes and goes, weighs on both alike; each side's figures over all its slices."""
+    parts: tuple[list[Load], list[Load]] = ([], [])
+    for _ in range(rounds):
+        for side, make in zip(parts, (a, b), strict=True):
+            side.append(closed_loop(make, concurrency, seconds / rounds))
+    merged = [_load(concurrency, [x for p in side for x in p.samples_ms],
+                    sum(p.errors for p in side), sum(p.seconds for p in side))
+              for side in parts]
+    return merged[0], merged[1]
 
 
 def closed_loop(make_call: Callable[[], Callable[[], object]], concurrency: int,
@@ -97,10 +120,7 @@ def closed_loop(make_call: Callable[[], Callable[[], object]], concurrency: int,
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
-    flat = np.asarray([x for w in lat for x in w] or [np.nan])
-    return Load(concurrency, int(sum(len(w) for w in lat)), sum(errors),
-                round(sum(len(w) for w in lat) / elapsed, 2),
-                round(float(np.percentile(flat, 50)), 3), round(float(np.percentile(flat, 95)), 3))
+    return _load(concurrency, [x for w in lat for x in w], sum(errors), elapsed)
 
 
 def machine() -> dict[str, Any]:
@@ -181,8 +201,7 @@ def triton_vs_inprocess(ends: Endpoints, onnx_file: Path, manifest: Manifest,
 
     rows = []
     for c in concurrencies:
-        local = closed_loop(in_process, c, seconds)
-        triton = closed_loop(served, c, seconds)
+        local, triton = interleaved(in_process, served, c, seconds)
         rows.append({"concurrency": c, "in_process_per_s": local.throughput_per_s,
                      "triton_per_s": triton.throughput_per_s,
                      "ratio": round(triton.throughput_per_s / local.throughput_per_s, 3),
@@ -227,8 +246,7 @@ def gateway_vs_triton(ends: Endpoints, manifest: Manifest, sample: np.ndarray,
     rows = []
     for c in concurrencies:
         timings.clear()
-        gw = closed_loop(rest, c, seconds)
-        tr = closed_loop(direct, c, seconds)
+        gw, tr = interleaved(rest, direct, c, seconds)
         rows.append({"concurrency": c, "gateway_p50_ms": gw.p50_ms, "gateway_p95_ms": gw.p95_ms,
                      "triton_p50_ms": tr.p50_ms, "triton_p95_ms": tr.p95_ms,
                      "gateway_per_s": gw.throughput_per_s, "triton_per_s": tr.throughput_per_s,

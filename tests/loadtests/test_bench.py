@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from loadtests.bench import closed_loop, render
+from loadtests.bench import closed_loop, interleaved, render
 
 
 def test_closed_loop_counts_requests_errors_and_latency() -> None:
@@ -46,3 +46,22 @@ def test_report_says_when_the_ingest_row_is_missing() -> None:
     md = render(report)
     assert "| 5.0x | >= 4x |" in md and "| 0.96 | >= 0.95 |" in md
     assert "not available: failed: orthanc not installed" in md
+
+
+def test_interleaved_alternates_and_merges_the_slices() -> None:
+    order: list[str] = []
+
+    def maker(tag: str, delay: float):  # type: ignore[no-untyped-def]
+        def make_call():  # type: ignore[no-untyped-def]
+            order.append(tag)  # once per worker per slice
+            return lambda: time.sleep(delay)
+        return make_call
+
+    fast, slow = interleaved(maker("a", 0.002), maker("b", 0.02), concurrency=1, seconds=0.6,
+                             rounds=3)
+    assert order == ["a", "b"] * 3
+    assert fast.seconds == pytest.approx(0.6, rel=0.2) and slow.seconds == pytest.approx(0.6,
+                                                                                       rel=0.2)
+    assert fast.requests == len(fast.samples_ms) and slow.requests == len(slow.samples_ms)
+    assert fast.throughput_per_s > 3 * slow.throughput_per_s
+    assert fast.p50_ms < slow.p50_ms
