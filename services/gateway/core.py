@@ -20,7 +20,7 @@ import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from optimizer.errors import PreprocessError
 from optimizer.manifest import Manifest
@@ -163,6 +163,20 @@ def parse(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
     return ds
 
 
+def _check_native_length(ds: Dataset) -> None:
+    """Uncompressed Pixel Data shorter than its header describes is a truncated instance:
+    refused before the acknowledgement rather than failing in the worker afterwards."""
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    if ts.is_compressed:
+        return
+    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+                * int(ds.get("SamplesPerPixel", 1)) * (int(ds.BitsAllocated) // 8))
+    held = len(ds.PixelData)
+    if held < expected:
+        raise InvalidInstance(f"Pixel Data holds {held} bytes where the header describes "
+                              f"{expected}: the instance is truncated", "truncated_pixel_data")
+
+
 class InferenceCore:
     """Checks, preprocesses and infers one instance per the model manifest."""
 
@@ -201,6 +215,7 @@ class InferenceCore:
             check_image_header(ds, spec, self._limits)
         except PreprocessError as exc:
             raise UnsupportedInstance(str(exc), "not_for_model") from exc
+        _check_native_length(ds)
 
     def _findings(self, scores: np.ndarray) -> list[dict[str, Any]]:
         """``scores``: (frames, ...) activated outputs; one frame unless the manifest infers

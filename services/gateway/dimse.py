@@ -21,6 +21,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
+from optimizer.preprocess import SUPPORTED_TRANSFER_SYNTAXES
 from services.errors import ServiceError
 from services.gateway.audit import AuditContext, AuditLog
 from services.gateway.config import GatewayConfig
@@ -31,6 +32,7 @@ from services.gateway.errors import (
     InvalidInstance,
     MissingPixelData,
     PayloadTooLarge,
+    SOPClassMismatch,
     Unavailable,
     UnsupportedInstance,
     UnsupportedSOPClass,
@@ -47,6 +49,7 @@ SUCCESS = 0x0000
 STATUS: tuple[tuple[type[GatewayError], int], ...] = (
     (UnsupportedSOPClass, 0x0122),  # Refused: SOP Class not supported
     (MissingPixelData, 0xA900),  # Error: Data Set does not match SOP Class
+    (SOPClassMismatch, 0xA900),
     (UnsupportedInstance, 0xC000),  # Error: Cannot understand (not for this model)
     (InvalidInstance, 0xC000),  # Error: Cannot understand
     (InferenceFailed, 0xC000),
@@ -115,7 +118,13 @@ class DicomServer:
         ae.maximum_associations = self._config.max_associations
         ae.maximum_pdu_size = self._config.max_pdu_bytes
         ae.require_calling_aet = list(self._config.allowed_calling_aets)
-        ae.supported_contexts = StoragePresentationContexts
+        # Every storage SOP class (a non-image one is refused per instance with 0x0122, which
+        # tells the sender more than a rejected context), in every transfer syntax the pixel
+        # decoders handle; other syntaxes (JPEG extended, JPEG lossless, MPEG, ...) are
+        # rejected at association, so the sender can fall back to an uncompressed one.
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax,
+                                     list(SUPPORTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION)  # not in the storage list; needed for C-ECHO
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
@@ -218,6 +227,11 @@ class DicomServer:
                 ds.file_meta = event.file_meta
             except Exception as exc:  # pynetdicom decodes lazily; any decode error lands here
                 raise InvalidInstance(f"cannot decode data set: {exc}", "unreadable") from exc
+            announced = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
+            if announced and str(ds.get("SOPClassUID", "")) != announced:
+                raise SOPClassMismatch(
+                    f"the data set's SOP Class UID {ds.get('SOPClassUID', '(none)')} is not "
+                    f"the {announced} its C-STORE request announced", "sop_class_mismatch")
             self._ingestor.core.check(ds)
             self._ingestor.accept(event.encoded_dataset(), ds, "dimse", arrival,
                                   time.perf_counter(),

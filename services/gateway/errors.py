@@ -26,6 +26,11 @@ class MissingPixelData(GatewayError):
     """An image SOP class without Pixel Data: the data set does not match its SOP class."""
 
 
+class SOPClassMismatch(GatewayError):
+    """DIMSE only: the data set's SOP Class UID is not the one its C-STORE request announced
+    (the presentation context's abstract syntax)."""
+
+
 class UnsupportedInstance(GatewayError):
     """A well-formed instance this model does not take (non-image SOP class, wrong modality)."""
 

@@ -57,7 +57,7 @@ def test_infer_returns_findings_and_timings_with_fake_triton(client: TestClient)
 @pytest.mark.parametrize(
     ("payload", "status", "reason"),
     [
-        (lambda: dicom_bytes(make_instance())[:3000], 400, {"unreadable", "bad_pixels"}),
+        (lambda: dicom_bytes(make_instance())[:3000], 400, {"unreadable", "truncated_pixel_data"}),
         (lambda: b"definitely not dicom" * 20, 400, {"not_dicom"}),
         (lambda: b"", 400, {"empty"}),
     ],

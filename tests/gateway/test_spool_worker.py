@@ -74,7 +74,7 @@ def test_bad_pixels_after_ack_store_an_error_result(tmp_path: Path) -> None:
         worker.submit(Job(path=spool.put(dicom_bytes(ds)), protocol="dimse"))
         assert _wait(lambda: len(results.for_study(ds.StudyInstanceUID)) == 1)
         [stored] = results.for_study(ds.StudyInstanceUID)
-        assert stored["error"]["reason"] == "bad_pixels"
+        assert stored["error"]["reason"] == "truncated_pixel_data"
     finally:
         worker.stop()
 

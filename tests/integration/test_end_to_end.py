@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pynetdicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -30,7 +31,7 @@ from services.gateway.config import GatewayConfig
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import TINY_MANIFEST, triton_env
-from tests.gateway.util import make_instance
+from tests.gateway.util import dicom_bytes, make_instance
 
 pytestmark = pytest.mark.integration
 STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
@@ -188,3 +189,84 @@ def test_rest_bad_inputs_then_good_one(stack: Gateway) -> None:
     assert np.isfinite(body["findings"][0]["score"])
     status, ready = _get(stack, "/readyz")
     assert status == 200 and ready == {"ready": True}
+
+
+def _send_file_as_is(gw: Gateway, path: Path) -> int:
+    """pynetdicom as the sending peer, sending the file's data-set bytes exactly as they are
+    on disk (no re-encoding): the way to deliver a damaged file that dcmtk would not load."""
+    ae = pynetdicom.AE(ae_title="TESTSCU")
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate(gw.config.dicom_host, gw.config.dicom_port, ae_title=gw.config.ae_title)
+    assert assoc.is_established
+    chunked = pynetdicom._config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes, not re-encoded
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        pynetdicom._config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+
+
+def _rewrite(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert data.count(old) == 1, old
+    return data.replace(old, new)
+
+
+def test_bad_file_corpus_over_dimse_gets_the_right_statuses_and_the_gateway_keeps_serving(
+    stack: Gateway, tmp_path: Path
+) -> None:
+    """Truncated, wrong VR, no pixel data, SOP class mismatch, absurd size: each refused with
+    its DIMSE status; an unsupported compressed syntax (JPEG extended, 12-bit) is rejected at
+    association while a supported one (JPEG-LS) is inferred; then a good file still works."""
+    good = make_instance(seed=40)
+    good.save_as(tmp_path / "good.dcm", enforce_file_format=True)
+    data = (tmp_path / "good.dcm").read_bytes()
+    rows = b"\x28\x00\x10\x00US\x02\x00" + int(good.Rows).to_bytes(2, "little")
+    corpus = {
+        "truncated": data[: len(data) * 2 // 3],
+        # Rows (0028,0010) with VR "DA" instead of "US": two bytes that are no date.
+        "wrong_vr": _rewrite(data, rows, b"\x28\x00\x10\x00DA" + rows[6:]),
+        # 65535 x 65535 pixels declared: refused on the header, before any decoding.
+        "absurd_size": _rewrite(data, rows, rows[:8] + b"\xff\xff").replace(
+            b"\x28\x00\x11\x00US\x02\x00" + int(good.Columns).to_bytes(2, "little"),
+            b"\x28\x00\x11\x00US\x02\x00\xff\xff"),
+    }
+    no_pixels = make_instance(seed=41)
+    del no_pixels.PixelData
+    no_pixels.save_as(tmp_path / "no_pixels.dcm", enforce_file_format=True)
+    # Announced (file meta, hence the C-STORE request) as CT Image Storage; the data set is CR.
+    cr, ct = b"1.2.840.10008.5.1.4.1.1.1\0", b"1.2.840.10008.5.1.4.1.1.2\0"
+    mismatch = dicom_bytes(make_instance(seed=42))
+    (tmp_path / "mismatch.dcm").write_bytes(mismatch.replace(cr, ct, 1))
+    for name, blob in corpus.items():
+        (tmp_path / f"{name}.dcm").write_bytes(blob)
+    expected = {"truncated": 0xC000, "wrong_vr": 0xC000, "absurd_size": 0xC000,
+                "no_pixels": 0xA900, "mismatch": 0xA900}
+    got = {name: _send_file_as_is(stack, tmp_path / f"{name}.dcm") for name in expected}
+    assert got == expected
+
+    # Compressed: JPEG-LS is decoded and inferred; JPEG extended (process 2/4) is not offered.
+    env = dict(os.environ, TCP_NODELAY="1")
+    subprocess.run(["/usr/bin/dcmcjpls", str(tmp_path / "good.dcm"), str(tmp_path / "jls.dcm")],
+                   check=True, env=env)
+    subprocess.run(["/usr/bin/dcmcjpeg", "+ee", str(tmp_path / "good.dcm"),
+                    str(tmp_path / "jpeg12.dcm")], check=True, env=env)
+    out = _dcmtk(STORESCU, stack, "-xt", str(tmp_path / "jls.dcm"))  # propose JPEG-LS
+    assert "Received Store Response (Success)" in out.stdout + out.stderr, out.stdout + out.stderr
+    ae = pynetdicom.AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.4.51")
+    assoc = ae.associate(stack.config.dicom_host, stack.config.dicom_port,
+                         ae_title=stack.config.ae_title)
+    try:  # the one context offered (CR in JPEG extended) is rejected: nothing can be sent
+        assert not assoc.is_established or not assoc.accepted_contexts
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    status, body = _post_dicom(stack, (tmp_path / "jpeg12.dcm").read_bytes())
+    assert status == 400 and "JPEG Extended" in body["error"]["message"], body
+
+    assert _send_file_as_is(stack, tmp_path / "good.dcm") == 0x0000
+    results = _study_results(stack, str(good.StudyInstanceUID), 1)
+    assert all("error" not in r for r in results) and len(results) == 1
+    assert _dcmtk(ECHOSCU, stack).returncode == 0
