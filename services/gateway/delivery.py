@@ -28,11 +28,9 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,6 +45,7 @@ from optimizer.manifest import Manifest
 from services.gateway.deid import Deidentifier, DeidOptions, UidMap
 from services.gateway.destinations import Sender, make_sender
 from services.gateway.dicom_results import DEFAULT_DEVICE, ResultDevice, build_seg, build_sr
+from services.gateway.durable import DurableDb, fsync_dir
 from services.gateway.errors import DeliveryFailed, DeliveryRejected, GatewayError
 from services.gateway.grouping import CompletedGroup
 from services.gateway.metrics import GatewayMetrics
@@ -118,49 +117,19 @@ class NewRow:
     files: tuple[Path, ...]  # written and fsynced, all in one folder under outbox/
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class Outbox:
+class Outbox(DurableDb):
     """Thread-safe (one connection, one lock); every method is one transaction."""
 
     FILE = "outbox.sqlite3"
     FOLDER = "outbox"
 
     def __init__(self, spool_root: Path, clock: Callable[[], float] = time.time) -> None:
-        self.path = spool_root / self.FILE
         self.folder = spool_root / self.FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=30.0)
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise OSError(f"outbox {self.path}: WAL mode refused ({mode})")
-        self._db.execute("PRAGMA synchronous=FULL")
+        super().__init__(spool_root / self.FILE, "outbox")
         self._db.executescript(_SCHEMA)
         self._remove_orphans()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def _remove_orphans(self) -> None:
         """Folders written by an ``accept`` that crashed before its rows were committed: that
@@ -407,9 +376,9 @@ class DeliveryService:
                 path = folder / f"{k:04d}.dcm"
                 write_durably(ds, path)
                 files.append(path)
-            _fsync_dir(folder)
+            fsync_dir(folder)
             rows.append(NewRow(name, tuple(files)))
-        _fsync_dir(self.outbox.folder)
+        fsync_dir(self.outbox.folder)
         self.outbox.add(group.key, route.name, protocol, group.job_names, rows)
         LOG.info("group %s: %d result object(s) queued for %s (route %s%s)", group.key,
                  len(objects), ", ".join(todo), route.name,

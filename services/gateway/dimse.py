@@ -123,7 +123,7 @@ class DicomServer:
         # decoders handle; other syntaxes (JPEG extended, JPEG lossless, MPEG, ...) are
         # rejected at association, so the sender can fall back to an uncompressed one.
         for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax,
+            ae.add_supported_context(str(context.abstract_syntax),
                                      list(SUPPORTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION)  # not in the storage list; needed for C-ECHO
         handlers: list[Any] = [

@@ -39,15 +39,13 @@ columns) is rebuilt in one transaction on open, its rows kept.
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.gateway.core import uid_hash
+from services.gateway.durable import DurableDb
 
 LOG = logging.getLogger(__name__)
 RECEIVED, INFERRED, FAILED = "received", "inferred", "failed"
@@ -125,21 +123,14 @@ def _hash(uid: str) -> str:
     return uid_hash(uid) if uid else ""
 
 
-class JobTable:
+class JobTable(DurableDb):
     """Thread-safe (one connection, one lock): DIMSE threads, HTTP threads and the worker
     share it. Every method is one transaction."""
 
     FILE = "jobs.sqlite3"
 
     def __init__(self, spool_root: Path) -> None:
-        self.path = spool_root / self.FILE
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=30.0)
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise OSError(f"job table {self.path}: WAL mode refused ({mode})")
-        self._db.execute("PRAGMA synchronous=FULL")
+        super().__init__(spool_root / self.FILE, "job table")
         self._migrate()
         self._db.executescript(_SCHEMA)
 
@@ -155,21 +146,6 @@ class JobTable:
             db.execute("DROP TABLE jobs")
             db.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
         LOG.info("job table %s migrated to the grouping schema", self.path.name)
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def insert(self, name: str, study_uid: str, series_uid: str, sop_uid: str,
                protocol: str, calling_aet: str | None = None) -> None:

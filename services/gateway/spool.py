@@ -18,14 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.gateway.core import uid_hash
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from services.gateway.durable import fsync_dir
 
 
 class DirSync:
@@ -54,7 +47,7 @@ class DirSync:
                 if self._durable >= ticket:  # an fsync begun after our change has completed
                     return
                 covers = self._requested  # every change made before this read is covered
-            _fsync_dir(self.path)  # OSError: nothing marked durable; the caller refuses
+            fsync_dir(self.path)  # OSError: nothing marked durable; the caller refuses
             with self._counters:
                 self._durable = max(self._durable, covers)
                 self.fsyncs += 1
@@ -65,7 +58,7 @@ def _durable_mkdir(path: Path) -> None:
     if path.is_dir():
         return
     path.mkdir(parents=True, exist_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_durably(path: Path, data: bytes | bytearray | memoryview,
@@ -86,7 +79,7 @@ def _write_durably(path: Path, data: bytes | bytearray | memoryview,
     if dir_sync is not None:
         dir_sync.sync()
     else:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 class Spool:
@@ -125,8 +118,8 @@ class Spool:
         """Keep an acknowledged file that cannot be processed, for a person to look at."""
         target = self.failed / path.name
         os.replace(path, target)
-        _fsync_dir(self.failed)
-        _fsync_dir(path.parent)
+        fsync_dir(self.failed)
+        fsync_dir(path.parent)
         return target
 
 

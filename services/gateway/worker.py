@@ -42,6 +42,7 @@ from pydicom.dataset import Dataset
 from optimizer.errors import PreprocessError
 from optimizer.preprocess import preprocess_frames
 from services.gateway.core import InferenceCore, Result, complete_timings, parse, uid_hash
+from services.gateway.durable import fsync_dir
 from services.gateway.errors import GatewayError, InvalidInstance, Unavailable
 from services.gateway.grouping import (
     CompletedGroup,
@@ -65,7 +66,7 @@ from services.gateway.jobs import (
     JobTable,
 )
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.spool import ResultStore, Spool, _fsync_dir
+from services.gateway.spool import ResultStore, Spool
 
 LOG = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 5.0
@@ -631,7 +632,7 @@ class SpoolWorker:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self._maps)
+        fsync_dir(self._maps)
 
     def _completed(self, group: _Group) -> CompletedGroup:
         """What the sink gets: stored results of the inferred items (errors included; skipped

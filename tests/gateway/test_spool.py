@@ -34,7 +34,7 @@ def test_concurrent_puts_share_directory_fsyncs_and_each_waits_for_one_begun_aft
     lock = threading.Lock()
     fsyncs: list[tuple[int, int]] = []
     renamed: dict[str, int] = {}
-    real_fsync, real_replace = spool_mod._fsync_dir, os.replace
+    real_fsync, real_replace = spool_mod.fsync_dir, os.replace
 
     def slow_fsync(path: Path) -> None:
         with lock:
@@ -49,7 +49,7 @@ def test_concurrent_puts_share_directory_fsyncs_and_each_waits_for_one_begun_aft
         with lock:
             renamed[Path(dst).name] = clock()
 
-    monkeypatch.setattr(spool_mod, "_fsync_dir", slow_fsync)
+    monkeypatch.setattr(spool_mod, "fsync_dir", slow_fsync)
     monkeypatch.setattr(spool_mod.os, "replace", replace)
     returned: dict[str, int] = {}
 
@@ -73,7 +73,7 @@ def test_a_failed_directory_fsync_fails_the_put_and_the_next_one_succeeds_with_f
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spool = Spool(tmp_path)
-    real = spool_mod._fsync_dir
+    real = spool_mod.fsync_dir
     calls = {"n": 0}
 
     def flaky(path: Path) -> None:
@@ -82,7 +82,7 @@ def test_a_failed_directory_fsync_fails_the_put_and_the_next_one_succeeds_with_f
             raise OSError(5, "Input/output error")
         real(path)
 
-    monkeypatch.setattr(spool_mod, "_fsync_dir", flaky)
+    monkeypatch.setattr(spool_mod, "fsync_dir", flaky)
     with pytest.raises(OSError):
         spool.put(b"first")  # the caller (Ingestor) refuses: nothing acknowledged
     path = spool.put(b"second")
