@@ -87,3 +87,21 @@ def test_truncated_pixel_data() -> None:
     ds.PixelData = ds.PixelData[:1000]
     with pytest.raises(PreprocessError, match="cannot decode pixel data"):
         preprocess(ds, SPEC)
+
+
+@pytest.mark.parametrize(("shape", "out"), [((512, 512), (64, 64)), ((515, 389), (128, 96)),
+                                            ((300, 1024), (100, 128))])
+def test_resize_block_means_match_a_plain_mean_per_block(shape: tuple[int, int],
+                                                         out: tuple[int, int]) -> None:
+    """The fast area step (row sums, then column sums) against a per-block mean written out."""
+    img = np.random.default_rng(0).random(shape, dtype=np.float32) * 4000.0
+    fy, fx = shape[0] // out[0], shape[1] // out[1]
+    h2, w2 = shape[0] // fy, shape[1] // fx
+    blocks = np.array([[img[i * fy:(i + 1) * fy, j * fx:(j + 1) * fx].mean()
+                        for j in range(w2)] for i in range(h2)], dtype=np.float32)
+    if blocks.shape == out:
+        np.testing.assert_allclose(resize(img, *out), blocks, rtol=1e-5)
+    else:  # the bilinear step follows; a constant image must stay constant through both
+        assert resize(np.full(shape, 7.0, np.float32), *out).shape == out
+        np.testing.assert_allclose(resize(np.full(shape, 7.0, np.float32), *out), 7.0,
+                                   rtol=1e-6)
