@@ -34,9 +34,7 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -49,6 +47,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from loadtests.stack import GatewayProcess
 from optimizer.manifest import (
     AccuracyBudget,
     InputSpec,
@@ -138,38 +137,14 @@ def build_repository(root: Path) -> Path:
 
 # -- peers ---------------------------------------------------------------------------------
 
-class Gateway:
-    """``bedside gateway`` subprocess on free ports, against a Triton gRPC URL."""
+class Gateway(GatewayProcess):
+    """``bedside gateway`` subprocess on free ports, against a Triton gRPC URL (no disk
+    watermark: the benchmark's own spool is small and the machine's disk may be full)."""
 
     def __init__(self, repository: Path, spool: Path, triton_url: str, log: Path,
                  extra: Sequence[str] = ()) -> None:
-        self.http_port, self.dicom_port = free_port(), free_port()
-        bedside = Path(sys.executable).with_name("bedside")
-        self.log = log
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [str(bedside), "gateway", "--repository", str(repository), "--model", MODEL,
-                 "--spool", str(spool), "--http-port", str(self.http_port),
-                 "--dicom-port", str(self.dicom_port), "--grpc-port", "0",
-                 "--triton-url", triton_url, "--min-free-bytes", "0", "--no-auth",
-                 "--plaintext", *extra],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("gateway exited: " + log.read_text(errors="replace")[-3000:])
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gateway did not start: " + log.read_text(errors="replace")[-3000:])
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        super().__init__(repository, MODEL, spool, triton_url, log, "--min-free-bytes", "0",
+                         *extra, timeout_s=90)
 
     def spool_depth(self) -> float:
         for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
@@ -193,13 +168,7 @@ class Gateway:
         return instances
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        self.terminate()
 
 
 @dataclass(frozen=True)

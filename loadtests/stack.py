@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -99,6 +100,54 @@ def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | Non
             pass
         time.sleep(0.1)
     raise ServiceError(f"{url} not ready after {timeout_s:.0f}s")
+
+
+class GatewayProcess:
+    """``bedside gateway`` as a subprocess in a session of its own (so that a test can kill it
+    for real, SIGKILL included), on free loopback ports; ready once ``ready_path`` answers 200.
+
+    ``security`` is the explicit authentication/TLS choice the CLI requires (loopback: no keys,
+    plain text); ``extra`` adds any other flags."""
+
+    def __init__(self, repository: Path, model: str, spool: Path, triton_url: str, log: Path,
+                 *extra: str, security: Sequence[str] = ("--no-auth", "--plaintext"),
+                 grpc: bool = False, verbose: bool = False, ready_path: str = "/healthz",
+                 timeout_s: float = 60.0) -> None:
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.grpc_port = free_port() if grpc else 0
+        self.spool, self.log = spool, log
+        cmd = [str(bedside_executable()), *(["-v"] if verbose else []), "gateway",
+               "--repository", str(repository), "--model", model, "--spool", str(spool),
+               "--http-port", str(self.http_port), "--dicom-port", str(self.dicom_port),
+               "--grpc-port", str(self.grpc_port), "--triton-url", triton_url,
+               *security, *extra]
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        try:
+            wait_http_ok(f"{self.url}{ready_path}", timeout_s, self.proc, log)
+        except ServiceError:
+            self.kill()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group and wait for the gateway to be gone."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+        self.proc.wait(timeout=30)
+
+    def terminate(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (a clean stop), then SIGKILL if it has not stopped in time."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 class Stack:

@@ -21,9 +21,7 @@ import io
 import json
 import os
 import secrets
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from tritonclient.utils import InferenceServerException
 
+from loadtests.stack import GatewayProcess
 from services.gateway.auth import hash_key, new_key
 from services.gateway.core import uid_hash
 from services.net import free_port
@@ -119,30 +118,20 @@ class Stack:
                                    work / "triton", TritonPorts(free_port(), free_port(),
                                                                 free_port()))
         self.triton.start()
-        self.http_port, self.dicom_port, self.grpc_port = free_port(), free_port(), free_port()
         self.log = work / "gateway.log"
         self.audit = work / "audit.jsonl"
-        bedside = Path(sys.executable).with_name("bedside")
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [str(bedside), "-v", "gateway", "--repository", str(repository),
-                 "--model", MODEL, "--spool", str(work / "spool"),
-                 "--http-port", str(self.http_port), "--dicom-port", str(self.dicom_port),
-                 "--grpc-port", str(self.grpc_port), "--triton-url", self.triton.grpc_url,
-                 "--allowed-ae", "TESTSCU", "--api-keys", str(keys), "--plaintext",
-                 "--audit-log", str(self.audit), "--min-free-bytes", "0"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError("gateway not ready: " + self.log.read_text(errors="replace"))
+        try:
+            self.gateway = GatewayProcess(
+                repository, MODEL, work / "spool", self.triton.grpc_url, self.log,
+                "--allowed-ae", "TESTSCU", "--audit-log", str(self.audit), "--min-free-bytes",
+                "0", security=("--api-keys", str(keys), "--plaintext"), grpc=True,
+                verbose=True, ready_path="/readyz")
+        except BaseException:
+            self.triton.stop()
+            raise
+        self.proc = self.gateway.proc
+        self.http_port, self.dicom_port = self.gateway.http_port, self.gateway.dicom_port
+        self.grpc_port = self.gateway.grpc_port
 
     @property
     def url(self) -> str:
@@ -153,13 +142,7 @@ class Stack:
         return {"Authorization": f"Bearer {self.key}"}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        self.gateway.terminate()
         self.triton.stop()
 
     def storescu(self, calling: str, files: list[Path]) -> str:
