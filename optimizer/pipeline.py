@@ -47,6 +47,16 @@ from optimizer.errors import (
 )
 from optimizer.export import export_onnx
 from optimizer.fp16 import convert_fp16
+from optimizer.gpu_torch import (
+    GpuVariant,
+    device_info,
+    make_runner,
+    profile_runner,
+    require_cuda,
+    run_runner,
+    trace,
+)
+from optimizer.gpu_torch import variants as gpu_variants
 from optimizer.manifest import Manifest
 from optimizer.quantize import METHODS, Int8Quantizer
 from optimizer.report import VariantResult, build_report, write_report
@@ -56,7 +66,10 @@ from optimizer.verify import Verification, verify
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 OBJECTIVES = ("latency", "throughput", "throughput-within-slo")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# What each target builds when --precisions is not given.
+DEFAULT_PRECISIONS = {"cpu": ("fp32", "fp16", "int8"), "gpu": ("fp32", "fp16", "int8"),
+                      "gpu-torch": ("fp32", "fp16", "bf16")}
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,7 @@ class OptimizeRequest:
     validation_dir: Path
     out_dir: Path
     threads: int = 2
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS["cpu"]
     calibration_methods: tuple[str, ...] = ("minmax", "percentile", "entropy")
     calibration_limit: int = 64
     # Per-precision MAE ceilings overriding optimizer.verify.MAE_TOLERANCE, e.g. {"int8": 0.1}.
@@ -99,6 +112,9 @@ class OptimizeRequest:
             raise ValueError("fp16_io must be fp32 or fp16")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}")
+        if self.target == "gpu-torch" and "int8" in self.precisions:
+            raise ValueError("target gpu-torch builds fp32, fp16 and bf16 (INT8 on a GPU needs "
+                             "TensorRT: use --target gpu)")
 
     def command(self) -> list[str]:
         """The ``bedside optimize`` command line that reproduces this request."""
@@ -306,6 +322,8 @@ class _Optimizer:
     def run(self) -> OptimizeResult:
         req, log = self.req, self.log
         torch.set_num_threads(req.threads)
+        if req.target == "gpu-torch":  # refuse before minutes of loading, not after
+            _run(log, "require_cuda", require_cuda)
         self.manifest = _run(log, "load_manifest", lambda: Manifest.load(req.manifest))
         self.model = _run(log, "load_checkpoint", lambda: checkpoint.load(req.checkpoint))
         self.validation = _run(log, "load_validation",
@@ -317,6 +335,8 @@ class _Optimizer:
             "calibration": sha256_of(req.calibration_dir),
             "validation": sha256_of(req.validation_dir)})
         self.golden = _run(log, "golden_outputs", self._golden)
+        if req.target == "gpu-torch":
+            return self.run_gpu_torch(inputs)
 
         fp32_path = self.out / "variants" / "model.fp32.onnx"
         _run(log, "export_onnx_fp32", lambda: export_onnx(self.model, self.manifest, fp32_path))
@@ -333,6 +353,8 @@ class _Optimizer:
                 candidates.append(half)
         else:
             log.skipped("fp16", "not requested")
+        if "bf16" in req.precisions:
+            log.skipped("bf16", "no BF16 variant for ONNX Runtime on the CPU")
         if "int8" in req.precisions:
             if (int8 := _optional(log, "int8", lambda: self.int8(fp32_path))) is not None:
                 candidates.append(int8)
@@ -370,6 +392,63 @@ class _Optimizer:
             repository=str(model_dir.relative_to(self.out)), version=version,
             not_built=log.not_ok(),
         )
+        js, md = _run(log, "write_report", lambda: write_report(self.out, report))
+        _write_reproduce(self.out, req)
+        return OptimizeResult(report=report, repository=repo, report_json=js, report_md=md)
+
+    def run_gpu_torch(self, inputs: dict[str, str]) -> OptimizeResult:
+        """The ``gpu-torch`` target: TorchScript on the GPU at each precision, eager and with
+        CUDA graphs, verified against the CPU FP32 golden outputs, benchmarked against GPU
+        eager FP32 (the first variant) on the same GPU, selected, and written as a python-backend
+        repository that runs the chosen variant."""
+        req, log = self.req, self.log
+        gpu = require_cuda()
+        LOG.info("gpu-torch on %s", gpu)
+        ts_path = self.out / "variants" / "model.pt"
+        _run(log, "trace_torchscript", lambda: trace(self.model, self.manifest, ts_path))
+        log.skipped("export_onnx_fp32", "target gpu-torch serves TorchScript, not ONNX")
+        log.skipped("tensorrt", "TensorRT is not installed here (use --target gpu on a node "
+                                "with TensorRT)")
+        serving = ServingOptions(max_batch_size=32, preferred_batch_sizes=(8, 16, 32),
+                                 max_queue_delay_us=200, intra_op_threads=req.threads)
+        sample = self.validation.inputs[:1]
+        results: list[VariantResult] = []
+        for variant in gpu_variants(req.precisions):
+            def build(variant: GpuVariant = variant) -> VariantResult:
+                runner = make_runner(ts_path, self.manifest, variant, serving.max_batch_size)
+                try:
+                    outputs = run_runner(runner, self.validation.inputs)
+                    check = verify(variant.precision, outputs, self.golden,
+                                   self.validation.labels, self.manifest,
+                                   mae_tolerance=req.mae_tolerances.get(variant.precision))
+                    prof = profile_runner(runner, sample, req.bench)
+                finally:
+                    del runner
+                    torch.cuda.empty_cache()
+                base = results[0].profile if results else prof
+                return VariantResult(
+                    name=variant.name, precision=variant.precision, runtime="torch-cuda",
+                    file=str(ts_path.relative_to(self.out)), size_bytes=ts_path.stat().st_size,
+                    verification=check, profile=prof,
+                    speedup=base.batch1.p50_ms / prof.batch1.p50_ms,
+                    details={"cuda_graphs": variant.cuda_graphs, "gpu": gpu})
+            if (res := _optional(log, f"variant_{variant.name}", build)) is not None:
+                results.append(res)
+        if not results or results[0].name != gpu_variants(("fp32",))[0].name:
+            raise SelectionError("the GPU FP32 eager baseline could not run; see steps.json")
+        chosen = _run(log, "select", lambda: select(
+            results, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
+        repo = self.out / "repository"
+        model_dir, version = _run(log, "write_repository", lambda: write_repository(
+            repo, self.manifest, ts_path, chosen.precision, serving, req.target,
+            cuda_graphs=bool(chosen.details["cuda_graphs"])))
+        report = build_report(
+            manifest=self.manifest, threads=req.threads, objective=req.objective,
+            target=req.target, inputs=inputs, validation_size=len(self.validation),
+            baseline=results[0].profile, variants=results, selected=chosen.name,
+            repository=str(model_dir.relative_to(self.out)), version=version,
+            not_built=log.not_ok(), baseline_name="pytorch-eager-cuda",
+            baseline_runtime="torch-cuda", device=device_info())
         js, md = _run(log, "write_report", lambda: write_report(self.out, report))
         _write_reproduce(self.out, req)
         return OptimizeResult(report=report, repository=repo, report_json=js, report_md=md)
@@ -439,5 +518,5 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
     return _Optimizer(req).run()
 
 
-__all__ = ["OBJECTIVES", "PRECISIONS", "OptimizeRequest", "OptimizeResult", "Profile",
-           "optimize", "select"]
+__all__ = ["DEFAULT_PRECISIONS", "OBJECTIVES", "PRECISIONS", "OptimizeRequest",
+           "OptimizeResult", "Profile", "optimize", "select"]

@@ -78,21 +78,25 @@ def build_report(
     manifest: Manifest, threads: int, objective: str, target: str, inputs: dict[str, str],
     validation_size: int, baseline: Profile, variants: list[VariantResult], selected: str,
     repository: str, version: int, not_built: list[dict[str, str]],
+    baseline_name: str = "pytorch-eager", baseline_runtime: str = "torch",
+    device: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The report's content; ``device`` describes the GPU for GPU targets (baseline and
+    variants then ran on it, and peak memory is GPU memory)."""
     ref = variants[0].verification
     return {
         "report_version": REPORT_VERSION,
         "model": manifest.name,
         "version": version,
         "task": manifest.task,
-        "machine": machine(),
+        "machine": {**machine(), **({"device": device} if device else {})},
         "threads": threads,
         "objective": objective,
         "target": target,
         "inputs_sha256": inputs,
         "validation": {"instances": validation_size, "metric": ref.metric,
                        "reference": ref.metric_reference},
-        "baseline": {"name": "pytorch-eager", "runtime": "torch", "precision": "fp32",
+        "baseline": {"name": baseline_name, "runtime": baseline_runtime, "precision": "fp32",
                      **_profile(baseline)},
         "variants": [
             {
@@ -133,13 +137,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cpu_model'] or m['processor']}, {m['cpus']} CPUs, {m['platform']}; "
         f"{report['threads']} inference threads; torch {m['torch']}, onnxruntime "
         f"{m['onnxruntime']}. Objective: {report['objective']}; target: {report['target']}.",
+        *([f"GPU: {m['device']['gpu']} (compute capability {m['device']['capability']}, "
+           f"{m['device']['memory_gib']} GiB, CUDA {m['device']['cuda']}); baseline and "
+           "variants ran on it, peak memory is GPU memory."] if "device" in m else []),
         f"Validation: {report['validation']['instances']} labelled instances, PyTorch FP32 "
         f"{metric} {report['validation']['reference']:.4f}. Latency at batch 1.",
         "",
         f"| variant | precision | runtime | MAE | {metric} delta | agreement | verdict "
         "| p50 ms | p95 ms | p99 ms | best throughput /s (batch) | speed-up vs PyTorch | MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| pytorch-eager (baseline) | fp32 | torch | - | - | - | reference "
+        f"| {base['name']} (baseline) | fp32 | {base['runtime']} | - | - | - | reference "
         f"| {base['latency_ms']['p50']:.3f} | {base['latency_ms']['p95']:.3f} "
         f"| {base['latency_ms']['p99']:.3f} | {base['best_throughput_per_s']:.1f} "
         f"({base['best_throughput_batch']}) | 1.00x | - |",

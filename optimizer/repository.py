@@ -4,6 +4,10 @@ Layout (Triton's):  <repo>/<model>/config.pbtxt, <repo>/<model>/manifest.json,
                     <repo>/<model>/<version>/model.onnx (+ model.py for the cpu target)
 Targets:
 - ``cpu``: the python backend hosting ONNX Runtime, served by the bundled tritonserver (tested).
+- ``gpu-torch``: the python backend running TorchScript with PyTorch on a CUDA GPU, at the
+  verified precision, through CUDA graphs when that variant was chosen (``torch_model.py`` and
+  ``torch_runner.py`` beside ``model.pt``). Served here only where a GPU is lent; in a cluster
+  by an NGC Triton image whose python backend has torch (``-pyt-python-py3``).
 - ``gpu``: Triton's onnxruntime backend on a GPU with the TensorRT execution accelerator
   (FP16, or INT8 from the QDQ graph). Only the configuration is produced and checked here: no
   TensorRT or GPU Triton exists on the development machines.
@@ -25,7 +29,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from optimizer.manifest import Manifest
 
 MANIFEST_FILE = "manifest.json"
-TARGETS = ("cpu", "gpu")
+TARGETS = ("cpu", "gpu", "gpu-torch")
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ def io_type(onnx_path: Path) -> int:
 
 
 def model_config(manifest: Manifest, options: ServingOptions, precision: str,
-                 target: str = "cpu", data_type: int = mc.TYPE_FP32) -> mc.ModelConfig:
+                 target: str = "cpu", data_type: int = mc.TYPE_FP32,
+                 cuda_graphs: bool = False) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=manifest.name, max_batch_size=options.max_batch_size)
     cfg.input.add(name=manifest.input.name, data_type=data_type,
                   dims=list(manifest.input.shape))
@@ -70,6 +75,11 @@ def model_config(manifest: Manifest, options: ServingOptions, precision: str,
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
         cfg.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
         cfg.parameters["onnx_file"].string_value = "model.onnx"
+    elif target == "gpu-torch":
+        cfg.backend = "python"
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=options.instances)
+        cfg.parameters["torch_file"].string_value = "model.pt"
+        cfg.parameters["cuda_graphs"].string_value = "true" if cuda_graphs else "false"
     elif target == "gpu":
         cfg.backend = "onnxruntime"
         cfg.default_model_filename = "model.onnx"
@@ -119,10 +129,13 @@ def next_version(model_dir: Path) -> int:
 
 def write_repository(
     repo: Path, manifest: Manifest, onnx_path: Path, precision: str, options: ServingOptions,
-    target: str = "cpu",
+    target: str = "cpu", cuda_graphs: bool = False,
 ) -> tuple[Path, int]:
     """Add a version of the model (the manifest's version for a new model, else the next
-    free one); returns the model folder and the version written."""
+    free one); returns the model folder and the version written. For ``gpu-torch``,
+    ``onnx_path`` is the TorchScript file instead."""
+    if target == "gpu-torch":
+        return _write_torch_version(repo, manifest, onnx_path, precision, options, cuda_graphs)
     model_dir = repo / manifest.name
     version = manifest.version if not model_dir.is_dir() else max(
         manifest.version, next_version(model_dir))
@@ -143,6 +156,24 @@ def write_repository(
         plan.default_model_filename = "model.plan"
         (model_dir / "config.tensorrt_plan.pbtxt").write_text(
             text_format.MessageToString(plan), encoding="utf-8")
+    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg), encoding="utf-8")
+    dataclasses.replace(manifest, version=version).save(model_dir / MANIFEST_FILE)
+    return model_dir, version
+
+
+def _write_torch_version(repo: Path, manifest: Manifest, torchscript: Path, precision: str,
+                         options: ServingOptions, cuda_graphs: bool) -> tuple[Path, int]:
+    model_dir = repo / manifest.name
+    version = manifest.version if not model_dir.is_dir() else max(
+        manifest.version, next_version(model_dir))
+    version_dir = model_dir / str(version)
+    version_dir.mkdir(parents=True)
+    shutil.copyfile(torchscript, version_dir / "model.pt")
+    backend = resources.files("optimizer.triton_backend")
+    for src, dst in (("torch_model.py", "model.py"), ("torch_runner.py", "torch_runner.py")):
+        (version_dir / dst).write_text(backend.joinpath(src).read_text(encoding="utf-8"),
+                                       encoding="utf-8")
+    cfg = model_config(manifest, options, precision, "gpu-torch", cuda_graphs=cuda_graphs)
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg), encoding="utf-8")
     dataclasses.replace(manifest, version=version).save(model_dir / MANIFEST_FILE)
     return model_dir, version

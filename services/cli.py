@@ -75,14 +75,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="folder of labelled DICOM files with labels.csv")
     opt.add_argument("--out", type=Path, required=True)
     opt.add_argument("--threads", type=int, default=2)
-    opt.add_argument("--precisions", default="fp32,fp16,int8",
-                     help="comma-separated, from fp32, fp16, int8 (fp32 is always built)")
+    opt.add_argument("--precisions", default=None,
+                     help="comma-separated, from fp32, fp16, bf16, int8 (fp32 is always built; "
+                          "default: fp32,fp16,int8 for cpu and gpu, fp32,fp16,bf16 for "
+                          "gpu-torch)")
     opt.add_argument("--calibration-methods", default="minmax,percentile,entropy",
                      help="INT8 calibration methods to try; the validation set picks one")
     opt.add_argument("--objective", default="latency",
                      choices=["latency", "throughput", "throughput-within-slo"])
-    opt.add_argument("--target", default="cpu", choices=["cpu", "gpu"],
-                     help="cpu: python backend + ONNX Runtime; gpu: onnxruntime + TensorRT")
+    opt.add_argument("--target", default="cpu", choices=["cpu", "gpu", "gpu-torch"],
+                     help="cpu: python backend + ONNX Runtime; gpu: onnxruntime + TensorRT; "
+                          "gpu-torch: python backend + PyTorch on a CUDA GPU (needs one here)")
     opt.add_argument("--calibration-limit", type=int, default=64,
                      help="calibration inputs used at most")
     opt.add_argument("--recovery-max-fraction", type=float, default=0.5,
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.out.absolute(), args.triton_env or _default_triton_env(),
                             sizes, threads=args.threads)
         if args.command == "optimize":
-            from optimizer.pipeline import OptimizeRequest, optimize
+            from optimizer.pipeline import DEFAULT_PRECISIONS, OptimizeRequest, optimize
 
             try:
                 tolerances = {k: float(v) for k, v in
@@ -352,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                     checkpoint=args.checkpoint, manifest=args.manifest,
                     calibration_dir=args.calibration, validation_dir=args.validation,
                     out_dir=args.out, threads=args.threads,
-                    precisions=tuple(args.precisions.split(",")),
+                    precisions=tuple(args.precisions.split(",")) if args.precisions
+                    else DEFAULT_PRECISIONS[args.target],
                     calibration_methods=tuple(args.calibration_methods.split(",")),
                     objective=args.objective, target=args.target,
                     recovery=not args.no_recovery, mae_tolerances=tolerances,
