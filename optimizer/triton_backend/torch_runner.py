@@ -73,7 +73,10 @@ class TorchRunner:
         x = x.to(self.device, non_blocking=True).to(self.dtype)
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.module(x)
+        # TorchScript's profiling executor would re-optimize (and compile fusions) after a few
+        # calls, possibly inside a graph capture: run its graph as plain ops instead.
+        with torch.jit.optimized_execution(False):
+            out = self.module(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.float()
