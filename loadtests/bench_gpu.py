@@ -89,21 +89,25 @@ def optimize_model(name: str, work: Path, seconds: float) -> dict[str, Any]:
 
 
 def serving_repository(reports: dict[str, dict[str, Any]], repo: Path) -> dict[str, str]:
-    """Each model's selected variant twice: ``<name>`` with dynamic batching and
-    ``<name>-nobatch`` without; returns model name -> manifest input name."""
+    """Each model's selected variant three times: ``<name>`` as the optimizer wrote it
+    (dynamic batching, one instance), ``<name>-nobatch`` without dynamic batching, and
+    ``<name>-2inst`` with two instances (two stub processes, each with its own graphs);
+    returns served model name -> input name."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
     names: dict[str, str] = {}
     for name, report in reports.items():
         src = Path(report["repository_path"]) / name
-        for served, batching in ((name, True), (f"{name}-nobatch", False)):
+        for served, batching, instances in ((name, True, 1), (f"{name}-nobatch", False, 1),
+                                            (f"{name}-2inst", True, 2)):
             dst = repo / served
             shutil.copytree(src, dst)
             cfg = text_format.Parse((dst / "config.pbtxt").read_text(), mc.ModelConfig())
             cfg.name = served
             if not batching:
                 cfg.ClearField("dynamic_batching")
+            cfg.instance_group[0].count = instances
             (dst / "config.pbtxt").write_text(text_format.MessageToString(cfg))
             names[served] = cfg.input[0].name
     return names
@@ -164,6 +168,37 @@ def load(url: str, model: str, input_name: str, shape: tuple[int, ...], concurre
             "throughput_per_s": len(lats) / seconds,
             "p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
             "p99_ms": float(np.percentile(arr, 99))}
+
+
+_STAGES = ("nv_inference_request_success", "nv_inference_exec_count",
+           "nv_inference_queue_duration_us", "nv_inference_compute_input_duration_us",
+           "nv_inference_compute_infer_duration_us", "nv_inference_compute_output_duration_us",
+           "nv_inference_request_duration_us")
+
+
+def triton_counters(metrics_url: str, model: str) -> dict[str, float]:
+    """Triton's cumulative per-model counters (requests, executions, stage durations)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    out = dict.fromkeys(_STAGES, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in out and f'model="{model}"' in line:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def stage_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean batch size Triton formed and mean microseconds per request in each stage."""
+    d = {k: after[k] - before[k] for k in _STAGES}
+    req = max(d["nv_inference_request_success"], 1.0)
+    return {"mean_batch": req / max(d["nv_inference_exec_count"], 1.0),
+            "queue_us": d["nv_inference_queue_duration_us"] / req,
+            "input_us": d["nv_inference_compute_input_duration_us"] / req,
+            "infer_us": d["nv_inference_compute_infer_duration_us"] / req,
+            "output_us": d["nv_inference_compute_output_duration_us"] / req,
+            "request_us": d["nv_inference_request_duration_us"] / req}
 
 
 def served_vs_in_process(url: str, name: str, report: dict[str, Any]) -> float:
@@ -238,9 +273,14 @@ def serve_and_load(reports: dict[str, dict[str, Any]], work: Path, dist: Path, l
             shape = tuple(report_shape(report))
             entry: dict[str, Any] = {"max_abs_vs_in_process": served_vs_in_process(
                 server.grpc_url, name, report)}
-            for served in (name, f"{name}-nobatch"):
-                entry[served] = [load(server.grpc_url, served, inputs[served], shape, c, seconds)
-                                 for c in concurrencies]
+            metrics = f"http://127.0.0.1:{ports.metrics}/metrics"
+            for served in (name, f"{name}-nobatch", f"{name}-2inst"):
+                entry[served] = []
+                for c in concurrencies:
+                    before = triton_counters(metrics, served)
+                    point = load(server.grpc_url, served, inputs[served], shape, c, seconds)
+                    point["triton"] = stage_split(before, triton_counters(metrics, served))
+                    entry[served].append(point)
                 LOG.info("%s: %s", served, entry[served])
             out["models"][name] = entry
     finally:
@@ -307,6 +347,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f" | {on['p99_ms']:.2f} | {off['throughput_per_s']:.0f} | {off['p50_ms']:.2f} | "
                 f"{on['throughput_per_s'] / off['throughput_per_s']:.2f}x | {inproc:.0f} | "
                 f"{on['throughput_per_s'] / inproc:.2f} |")
+        lines += ["", "Where the time goes inside Triton (mean per request, microseconds; the "
+                  "warm-up requests are counted too):", "",
+                  "| model | concurrency | req/s | mean batch | queue | compute input "
+                  "| compute infer | compute output | request total |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for served in (name, f"{name}-nobatch", f"{name}-2inst"):
+            for pt in entry[served]:
+                t = pt["triton"]
+                lines.append(
+                    f"| {served} | {pt['concurrency']} | {pt['throughput_per_s']:.0f} | "
+                    f"{t['mean_batch']:.1f} | {t['queue_us']:.0f} | {t['input_us']:.0f} | "
+                    f"{t['infer_us']:.0f} | {t['output_us']:.0f} | {t['request_us']:.0f} |")
         lines.append("")
     if serving.get("gpu_memory"):
         lines += [f"Triton GPU memory (pid, used): {serving['gpu_memory']}; models loaded in "
