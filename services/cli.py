@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="gateway API keys: `bedside keys new --name X "
                           "--scopes infer,read` prints a key once with its keys-file entry")
-    from services.gateway.auth import add_subcommands as add_keys_subcommands
+    from services.gateway.security.auth import add_subcommands as add_keys_subcommands
 
     add_keys_subcommands(keys)
 
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"--validation {o}/validation --out {o}/optimized")
             return 0
         if args.command == "keys":
-            from services.gateway.auth import run as run_keys
+            from services.gateway.security.auth import run as run_keys
 
             return run_keys(args)
         if args.command == "outbox":

@@ -15,28 +15,35 @@ import uvicorn
 
 from optimizer.manifest import Manifest
 from services.errors import ConfigError, ServiceError
-from services.gateway import dicomweb, oip_rest
-from services.gateway.audit import AuditLog
-from services.gateway.auth import KeyStore
 from services.gateway.config import GatewayConfig
-from services.gateway.core import InferenceCore, Inferer, read_leniently
-from services.gateway.delivery import DeliveryService
-from services.gateway.dimse import DicomServer
+from services.gateway.delivery.routing import load_routes
+from services.gateway.delivery.service import DeliveryService
+from services.gateway.dicom.parsing import read_leniently
+from services.gateway.edges import dicomweb, oip_rest
+from services.gateway.edges.dimse import DicomServer
+from services.gateway.edges.oip import Dataplane
+from services.gateway.edges.oip_grpc import OipGrpcServer, grpc_code
+from services.gateway.edges.rest import create_app, error_response
 from services.gateway.errors import Unavailable
-from services.gateway.grouping import GroupingPolicy
-from services.gateway.guard import Guard, GuardInterceptor, GuardMiddleware, PeerCertificates
-from services.gateway.ingest import Ingestor
-from services.gateway.jobs import STATES as JOB_STATES
+from services.gateway.inference.core import InferenceCore, Inferer
+from services.gateway.inference.triton import BREAKER_STATES, CircuitBreaker, TritonInferer
+from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.oip import Dataplane
-from services.gateway.oip_grpc import OipGrpcServer
-from services.gateway.ratelimit import ConcurrencyCap, RateLimiter
-from services.gateway.rest import create_app
-from services.gateway.routes import load_routes
-from services.gateway.spool import ResultStore, Spool
-from services.gateway.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
-from services.gateway.triton import BREAKER_STATES, CircuitBreaker, TritonInferer
-from services.gateway.worker import SpoolWorker
+from services.gateway.processing.grouping import GroupingPolicy
+from services.gateway.processing.worker import SpoolWorker
+from services.gateway.security.audit import AuditLog
+from services.gateway.security.auth import KeyStore
+from services.gateway.security.guard import (
+    Guard,
+    GuardInterceptor,
+    GuardMiddleware,
+    PeerCertificates,
+)
+from services.gateway.security.ratelimit import ConcurrencyCap, RateLimiter
+from services.gateway.security.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
+from services.gateway.store.jobs import STATES as JOB_STATES
+from services.gateway.store.results import ResultStore
+from services.gateway.store.spool import Spool
 
 LOG = logging.getLogger(__name__)
 
@@ -100,7 +107,7 @@ class Gateway:
         self.oip = Dataplane(self.core, self.results, self.metrics, self.ready)
         self.grpc = (OipGrpcServer(
             self.oip, self.metrics, config.http_host, config.grpc_port,
-            config.max_request_bytes, interceptors=[GuardInterceptor(self.guard)],
+            config.max_request_bytes, interceptors=[GuardInterceptor(self.guard, grpc_code)],
             credentials=(ReloadingGrpcCredentials(cert_files).credentials
                          if cert_files is not None else None))
                      if config.grpc_port else None)
@@ -119,7 +126,7 @@ class Gateway:
             tls_options = {"ssl_context_factory": lambda _config, _default: reloading.context,
                            "http": peers.protocol_class()}
         self._http = uvicorn.Server(uvicorn.Config(
-            GuardMiddleware(app, self.guard, peers), host=config.http_host,
+            GuardMiddleware(app, self.guard, error_response, peers), host=config.http_host,
             port=config.http_port, log_level="warning", access_log=False, lifespan="off",
             **tls_options,
         ))

@@ -56,17 +56,17 @@ class GatewayConfig:
     # failures; while open, calls fail fast; after the cool-down one probe call is let through.
     triton_breaker_failures: int = 5
     triton_breaker_cooldown_s: float = 5.0
-    # Grouping (worker.py): None takes the manifest's grouping.level / grouping.timeout_s.
+    # Grouping (processing/): None takes the manifest's grouping.level / grouping.timeout_s.
     group_level: str | None = None  # "instance" | "series" | "study"
     group_timeout_s: float | None = None  # inactivity timeout closing a series/study group
     # Job-table rows in a final state are deleted after this many seconds (start-up, hourly).
     job_retention_s: float = 7 * 86400.0
-    # Results delivery (routes.py, delivery.py): the routes file (YAML, or JSON by suffix),
+    # Results delivery (delivery/): the routes file (YAML, or JSON by suffix),
     # loaded and validated once when the gateway is built; None delivers nothing.
     routes_file: Path | None = None
     # Security (README "Security"). The defaults here are permissive for library use and tests;
     # the `bedside gateway` command makes the operator choose keys or --no-auth, TLS or
-    # --plaintext. api_keys: the keys file (auth.py); None turns authentication off.
+    # --plaintext. api_keys: the keys file (security/auth.py); None turns authentication off.
     api_keys: Path | None = None
     # HTTP and gRPC listeners serve TLS with tls_cert/tls_key (tls_ca: client certificates,
     # optional on HTTP, required on gRPC); DIMSE uses DICOM TLS with them unless dicom_tls is

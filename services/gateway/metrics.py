@@ -36,7 +36,7 @@ class GatewayMetrics:
             "bedside_gateway_triton_breaker", "1 for the Triton circuit breaker's current state "
             "(closed, open, half_open), 0 for the others", ["state"], registry=self.registry,
         )
-        # Results delivery (delivery.py): destination names come from the routes file
+        # Results delivery (delivery/service.py): destination names come from the routes file
         # (validated, bounded); outcome is delivered, retry or dead.
         self.deliveries = Counter(
             "bedside_gateway_deliveries", "Result delivery attempts by destination and outcome "
@@ -54,7 +54,7 @@ class GatewayMetrics:
             "bedside_gateway_open_associations", "Open DIMSE associations",
             registry=self.registry,
         )
-        # Grouping (worker.py): level is instance, series or study; outcome is inferred (at
+        # Grouping (processing/): level is instance, series or study; outcome is inferred (at
         # least one item inferred), failed (only errors) or skipped (nothing selected).
         self.groups_open = Gauge(
             "bedside_gateway_groups_open", "Series/study groups waiting for their inactivity "

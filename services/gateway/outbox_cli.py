@@ -1,5 +1,5 @@
 """`bedside outbox`: look at what the gateway has to deliver and requeue dead-letter rows
-once a destination is fixed (delivery.py). Prints ids, names, states, attempts and reasons:
+once a destination is fixed (delivery/outbox.py). Prints ids, names, states, attempts and reasons:
 no patient data. Safe while the gateway runs (SQLite WAL); its senders pick requeued rows up
 at their next poll."""
 
@@ -24,7 +24,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.gateway.delivery import Outbox  # heavy imports only when run
+    from services.gateway.delivery.outbox import Outbox  # heavy imports only when run
 
     path = args.spool / Outbox.FILE
     if not path.is_file():

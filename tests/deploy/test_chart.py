@@ -189,7 +189,7 @@ def test_delivery_routes_reach_the_gateway_and_pass_its_validation(
         case: tuple[dict[str, Any], list[dict]], tmp_path: Path) -> None:
     """The routes in the values become the gateway's --routes file, and that file passes the
     gateway's own validation (the Secret's files stood in for by local ones)."""
-    from services.gateway.routes import parse_routes
+    from services.gateway.delivery.routing import parse_routes
 
     values, docs = case
     delivery = values.get("gateway", {}).get("delivery", {})

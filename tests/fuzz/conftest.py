@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from pydicom import config
 
-from services.gateway.core import read_leniently
+from services.gateway.dicom.parsing import read_leniently
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 

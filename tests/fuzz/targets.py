@@ -4,10 +4,11 @@ not honoured shows up as a memory failure instead of needing gigabytes to notice
 from __future__ import annotations
 
 from optimizer.preprocess import PixelLimits
-from services.gateway import multipart
-from services.gateway.core import InferenceCore, Result, parse
+from services.gateway.dicom.parsing import parse
+from services.gateway.edges import multipart
 from services.gateway.errors import BadRequest, GatewayError
-from services.gateway.ingest import with_preamble
+from services.gateway.inference.core import InferenceCore, Result
+from services.gateway.intake.ingest import with_preamble
 from tests.conftest import TINY_MANIFEST
 from tests.fuzz.bounds import within_memory
 from tests.gateway.fakes import FakeInferer

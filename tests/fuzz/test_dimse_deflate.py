@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.presentation import build_context
 
-from services.gateway.core import MAX_INFLATED_BYTES
+from services.gateway.dicom.parsing import MAX_INFLATED_BYTES
 from tests.fuzz.bounds import within_memory
 from tests.gateway.harness import fake_gateway
 

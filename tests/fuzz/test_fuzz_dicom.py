@@ -24,8 +24,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 
-from services.gateway.core import Result
 from services.gateway.errors import GatewayError
+from services.gateway.inference.core import Result
 from tests.fuzz.targets import MAX_INFLATED, dicom_pipeline
 from tests.gateway.util import make_instance
 

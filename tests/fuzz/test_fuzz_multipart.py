@@ -1,4 +1,4 @@
-"""Fuzzing the STOW-RS multipart/related reader (services/gateway/multipart.py) and the
+"""Fuzzing the STOW-RS multipart/related reader (services/gateway/edges/multipart.py) and the
 Content-Type parameters it takes its boundary from: well-formed bodies round-trip exactly;
 mutated framing, boundaries and headers end in parts or a declared error (BadRequest,
 PayloadTooLarge), within the deadline and memory bound."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
-from services.gateway import multipart
+from services.gateway.edges import multipart
 from services.gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from tests.fuzz.targets import MAX_PARTS, stow_body
 

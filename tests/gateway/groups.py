@@ -12,7 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from optimizer.manifest import Manifest
-from services.gateway.grouping import CompletedGroup
+from services.gateway.processing.grouping import CompletedGroup
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.util import make_study
 

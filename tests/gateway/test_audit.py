@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from services.errors import ConfigError
-from services.gateway import audit
-from services.gateway.audit import AuditLog
-from services.gateway.core import uid_hash
+from services.gateway.phi import uid_hash
+from services.gateway.security import audit
+from services.gateway.security.audit import AuditLog
 from tests.gateway.util import dicom_bytes, make_instance
 
 

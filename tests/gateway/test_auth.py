@@ -23,8 +23,8 @@ from tritonclient.utils import InferenceServerException
 
 from services.errors import ConfigError
 from services.gateway.app import Gateway
-from services.gateway.auth import KeyStore, hash_key, new_key, parse_keys
-from services.gateway.core import uid_hash
+from services.gateway.phi import uid_hash
+from services.gateway.security.auth import KeyStore, hash_key, new_key, parse_keys
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.harness import base_url, fake_gateway
@@ -97,7 +97,7 @@ def test_rotation_without_restart_and_a_broken_edit_keeps_the_old_keys(tmp_path:
 
 def test_keys_new_prints_a_key_once_with_a_matching_entry() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "services.gateway.auth", "new", "--name", "pacs-bridge",
+        [sys.executable, "-m", "services.gateway.security.auth", "new", "--name", "pacs-bridge",
          "--scopes", "submit,read"], capture_output=True, text=True, timeout=60, check=True,
     ).stdout
     key = next(line.strip() for line in out.splitlines() if line.strip().startswith("bsk_"))
@@ -106,7 +106,7 @@ def test_keys_new_prints_a_key_once_with_a_matching_entry() -> None:
                     "sha256": hash_key(key)}
     assert len(key) >= 40
     refused = subprocess.run(
-        [sys.executable, "-m", "services.gateway.auth", "new", "--name", "x",
+        [sys.executable, "-m", "services.gateway.security.auth", "new", "--name", "x",
          "--scopes", "everything"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "unknown scopes" in refused.stderr
 

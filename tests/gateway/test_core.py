@@ -3,13 +3,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.gateway.core import InferenceCore, parse, uid_hash
+from services.gateway.dicom.parsing import parse
 from services.gateway.errors import (
     InvalidInstance,
     MissingPixelData,
     UnsupportedInstance,
     UnsupportedSOPClass,
 )
+from services.gateway.inference.core import InferenceCore
+from services.gateway.phi import uid_hash
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.util import dicom_bytes, make_instance

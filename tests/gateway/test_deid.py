@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from services.gateway.deid import ACTIONS, METHOD, Deidentifier, DeidOptions, UidMap
+from services.gateway.security.deid import ACTIONS, METHOD, Deidentifier, DeidOptions, UidMap
 from tests.gateway.util import dicom_bytes, make_instance
 
 SECRET = b"0123456789abcdef-test-secret"

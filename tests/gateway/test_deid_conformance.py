@@ -1,4 +1,4 @@
-"""PS3.15 Table E.1-1 conformance of services/gateway/deid.py, attribute by attribute.
+"""PS3.15 Table E.1-1 conformance of services/gateway/security/deid.py, attribute by attribute.
 
 ``STANDARD`` is written from the standard's table (basic profile column), independently of
 the module's own ``ACTIONS``: for each attribute the test data carries, the action observed on
@@ -20,7 +20,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from services.gateway.deid import Deidentifier, DeidOptions, UidMap
+from services.gateway.security.deid import Deidentifier, DeidOptions, UidMap
 from tests.gateway.util import make_instance
 
 SECRET = b"conformance-secret-0123456789"
@@ -272,7 +272,7 @@ def test_table_e1_1_action(keyword: str, source: Dataset, deid: Deidentifier) ->
 
 def test_every_table_attribute_the_module_knows_is_in_the_test_data() -> None:
     """The module's table is no wider than what this test checks (so none goes unchecked)."""
-    from services.gateway.deid import ACTIONS
+    from services.gateway.security.deid import ACTIONS
 
     checked = {tag_for_keyword(k) for k in (*STANDARD, *NESTED)}
     unchecked = {hex(tag) for tag in ACTIONS if tag not in checked}

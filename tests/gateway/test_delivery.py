@@ -14,18 +14,23 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from services.gateway.deid import Deidentifier, UidMap
-from services.gateway.delivery import DEAD, DELIVERED, PENDING, DeliveryService, Outbox
-from services.gateway.destinations import dimse_status_class, failed_reasons, http_status_class
-from services.gateway.errors import DeliveryFailed, DeliveryRejected
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.routes import (
+from services.gateway.delivery.destinations import (
+    dimse_status_class,
+    failed_reasons,
+    http_status_class,
+)
+from services.gateway.delivery.outbox import DEAD, DELIVERED, PENDING, Outbox
+from services.gateway.delivery.routing import (
     DimseDestination,
     Retry,
     Route,
     RoutesConfig,
     StowDestination,
 )
+from services.gateway.delivery.service import DeliveryService
+from services.gateway.errors import DeliveryFailed, DeliveryRejected
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.security.deid import Deidentifier, UidMap
 from tests.gateway.groups import (
     CLASSIFIER,
     PHI,

@@ -27,14 +27,14 @@ from pydicom.uid import generate_uid
 
 from optimizer.manifest import Manifest, Normalize
 from optimizer.preprocess import preprocess, resize
-from services.gateway.core import InferenceCore
-from services.gateway.dicom_results import (
+from services.gateway.delivery.dicom_results import (
     DicomResultError,
     ResultDevice,
     build_seg,
     build_sr,
     label_code,
 )
+from services.gateway.inference.core import InferenceCore
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.util import make_instance

@@ -19,12 +19,13 @@ from pynetdicom.presentation import StoragePresentationContexts
 from services.errors import ConfigError
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
-from services.gateway.core import InferenceCore
-from services.gateway.dimse import DicomServer
-from services.gateway.ingest import Ingestor
+from services.gateway.edges.dimse import DicomServer
+from services.gateway.inference.core import InferenceCore
+from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.spool import ResultStore, Spool
-from services.gateway.worker import SpoolWorker
+from services.gateway.processing.worker import SpoolWorker
+from services.gateway.store.results import ResultStore
+from services.gateway.store.spool import Spool
 from services.net import free_port
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer

@@ -19,18 +19,20 @@ from optimizer.errors import ManifestError
 from optimizer.manifest import Grouping, Manifest, Selection
 from services.cli import _gateway_config, _parser
 from services.errors import ConfigError
-from services.gateway.core import InferenceCore, uid_hash
-from services.gateway.grouping import (
+from services.gateway.inference.core import InferenceCore
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.phi import uid_hash
+from services.gateway.processing.grouping import (
     CompletedGroup,
     GroupingPolicy,
     not_selected,
     orientation,
     slice_order,
 )
-from services.gateway.jobs import CLOSED, INFERRED, OPEN, RECEIVED, SKIPPED, JobTable
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.spool import ResultStore, Spool
-from services.gateway.worker import Job, SpoolWorker
+from services.gateway.processing.worker import Job, SpoolWorker
+from services.gateway.store.jobs import CLOSED, INFERRED, OPEN, RECEIVED, SKIPPED, JobTable
+from services.gateway.store.results import ResultStore
+from services.gateway.store.spool import Spool
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.harness import base_url, fake_gateway, model_repository, wait_for

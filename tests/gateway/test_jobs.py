@@ -16,18 +16,13 @@ from pynetdicom.presentation import StoragePresentationContexts
 
 from services.errors import ConfigError
 from services.gateway.config import GatewayConfig
-from services.gateway.core import InferenceCore, uid_hash
-from services.gateway.jobs import (
-    DELIVERED,
-    FAILED,
-    INFERRED,
-    RECEIVED,
-    SKIPPED,
-    JobTable,
-)
+from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.spool import ResultStore, Spool
-from services.gateway.worker import SpoolWorker
+from services.gateway.phi import uid_hash
+from services.gateway.processing.worker import SpoolWorker
+from services.gateway.store.jobs import DELIVERED, FAILED, INFERRED, RECEIVED, SKIPPED, JobTable
+from services.gateway.store.results import ResultStore
+from services.gateway.store.spool import Spool
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.harness import base_url, fake_gateway, model_repository, wait_for

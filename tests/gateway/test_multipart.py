@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.gateway.edges.multipart import parse_media_type, split
 from services.gateway.errors import BadRequest, PayloadTooLarge
-from services.gateway.multipart import parse_media_type, split
 
 
 def _body(boundary: str, parts: list[bytes], preamble: bytes = b"") -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.ratelimit import ConcurrencyCap, RateLimiter, retry_after_header
+from services.gateway.security.ratelimit import ConcurrencyCap, RateLimiter, retry_after_header
 
 
 class Clock:

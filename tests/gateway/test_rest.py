@@ -10,12 +10,13 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from services.gateway.core import InferenceCore
-from services.gateway.ingest import Ingestor
+from services.gateway.edges.rest import create_app
+from services.gateway.inference.core import InferenceCore
+from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.rest import create_app
-from services.gateway.spool import ResultStore, Spool
-from services.gateway.worker import SpoolWorker
+from services.gateway.processing.worker import SpoolWorker
+from services.gateway.store.results import ResultStore
+from services.gateway.store.spool import Spool
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.harness import base_url, fake_gateway, wait_for

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from services.errors import ConfigError
-from services.gateway.routes import (
+from services.gateway.delivery.routing import (
     DimseDestination,
     Retry,
     StowDestination,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.gateway import spool as spool_mod
-from services.gateway.spool import DirSync, Spool
+from services.gateway.store import spool as spool_mod
+from services.gateway.store.spool import DirSync, Spool
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from services.gateway.core import InferenceCore
+from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.spool import ResultStore, Spool
-from services.gateway.worker import Job, SpoolWorker
+from services.gateway.processing.worker import Job, SpoolWorker
+from services.gateway.store.results import ResultStore
+from services.gateway.store.spool import Spool
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
 from tests.gateway.util import bad_window_center, dicom_bytes, make_instance

@@ -18,9 +18,9 @@ from tritonclient.utils import InferenceServerException
 
 from services.cli import _gateway_config, _parser, main
 from services.errors import ConfigError
-from services.gateway.auth import normalize_subject
 from services.gateway.config import GatewayConfig
-from services.gateway.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
+from services.gateway.security.auth import normalize_subject
+from services.gateway.security.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.harness import fake_gateway, model_repository
 from tests.gateway.pki import client_context, issue, make_pki, served_certificate
@@ -215,7 +215,7 @@ def _kubelet_update(secret: Path, files: dict[str, bytes], version: str) -> None
 
 def test_kubernetes_secret_updates_are_picked_up_for_certificates_and_keys(
         tmp_path: Path) -> None:
-    from services.gateway.auth import KeyStore, hash_key
+    from services.gateway.security.auth import KeyStore, hash_key
 
     pki = make_pki(tmp_path / "pki")
     secret = tmp_path / "secret"

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import InferenceFailed, Unavailable
-from services.gateway.triton import (
+from services.gateway.inference.triton import (
     CLOSED,
     HALF_OPEN,
     OPEN,

@@ -17,9 +17,16 @@ import httpx
 import pydicom
 import pytest
 
-from services.gateway.delivery import DEAD, DELIVERED, PENDING, DeliveryService
+from services.gateway.delivery.outbox import DEAD, DELIVERED, PENDING
+from services.gateway.delivery.routing import (
+    DimseDestination,
+    Retry,
+    Route,
+    RoutesConfig,
+    StowDestination,
+)
+from services.gateway.delivery.service import DeliveryService
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.routes import DimseDestination, Retry, Route, RoutesConfig, StowDestination
 from services.net import free_port
 from tests.gateway.groups import CLASSIFIER, PHI, SEGMENTER, make_group, study_with_phi
 from tests.gateway.test_dicom_results import DCIODVFY, IGNORED_WARNING
@@ -217,7 +224,7 @@ def _openssl_pair(folder: Path, name: str) -> tuple[Path, Path]:
 
 def test_storescp_over_mutual_dicom_tls(tmp_path: Path,
                                         services: Callable[..., DeliveryService]) -> None:
-    from services.gateway.routes import Tls
+    from services.gateway.delivery.routing import Tls
 
     server_key, server_cert = _openssl_pair(tmp_path, "pacs.test")
     client_key, client_cert = _openssl_pair(tmp_path, "gateway.test")
@@ -252,7 +259,7 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
 def test_orthanc_stow_rs_receives_deidentified_srs_that_reidentify(
         tmp_path: Path, orthanc: OrthancServer,
         services: Callable[..., DeliveryService]) -> None:
-    from services.gateway.deid import Deidentifier, UidMap
+    from services.gateway.security.deid import Deidentifier, UidMap
 
     service = services(StowDestination(name="research", url=f"{orthanc.url}/dicom-web/studies",
                                        retry=FAST), deidentify=True)
@@ -305,7 +312,7 @@ def test_gateway_with_fake_triton_delivers_to_storescp_and_marks_jobs_delivered(
     delivery side is what is under test); the peers are real."""
     from pynetdicom import AE, StoragePresentationContexts
 
-    from services.gateway.jobs import DELIVERED as JOB_DELIVERED
+    from services.gateway.store.jobs import DELIVERED as JOB_DELIVERED
     from tests.gateway.harness import fake_gateway
 
     scp = StoreScp(tmp_path / "scp", free_port())
@@ -354,7 +361,7 @@ def test_real_triton_gateway_killed_while_destination_down_delivers_each_sr_once
     import sqlite3
     import sys
 
-    from services.gateway.delivery import Outbox
+    from services.gateway.delivery.outbox import Outbox
     from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
     from tests.conftest import TINY_MANIFEST, triton_env
     from tests.gateway.util import make_study
@@ -468,7 +475,7 @@ class AuthOrthanc(OrthancServer):
 
 def test_orthanc_stow_rs_with_basic_auth(tmp_path: Path,
                                          services: Callable[..., DeliveryService]) -> None:
-    from services.gateway.routes import parse_routes
+    from services.gateway.delivery.routing import parse_routes
 
     (tmp_path / "auth").write_text("bedside:s3cret pass\n")
     with AuthOrthanc(tmp_path / "orthanc", "bedside", "s3cret pass") as orthanc:

@@ -21,8 +21,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from loadtests.stack import GatewayProcess as SharedGatewayProcess
-from services.gateway.core import uid_hash
-from services.gateway.jobs import INFERRED, RECEIVED, JobTable
+from services.gateway.phi import uid_hash
+from services.gateway.store.jobs import INFERRED, RECEIVED, JobTable
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.util import make_instance
 from tests.integration.peers import STORESCU, Triton

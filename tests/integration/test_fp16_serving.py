@@ -16,7 +16,7 @@ from optimizer.preprocess import preprocess
 from optimizer.verify import activate
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
-from services.gateway.rest import create_app
+from services.gateway.edges.rest import create_app
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import QUICK_BENCH, TINY_MANIFEST, triton_env

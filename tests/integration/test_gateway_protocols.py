@@ -26,7 +26,7 @@ from optimizer.preprocess import preprocess
 from optimizer.verify import activate
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
-from services.gateway.triton import TritonInferer
+from services.gateway.inference.triton import TritonInferer
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import TINY_MANIFEST, triton_env

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from loadtests.stack import GatewayProcess
-from services.gateway.jobs import INFERRED, RECEIVED
+from services.gateway.store.jobs import INFERRED, RECEIVED
 from tests.integration.peers import MODEL, Triton
 from tests.integration.test_durability import (
     _acknowledged,

@@ -38,8 +38,8 @@ from pydicom.uid import UID
 from tritonclient.utils import InferenceServerException
 
 from loadtests.stack import GatewayProcess
-from services.gateway.auth import hash_key, new_key
-from services.gateway.core import uid_hash
+from services.gateway.phi import uid_hash
+from services.gateway.security.auth import hash_key, new_key
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import TINY_MANIFEST, triton_env

@@ -80,7 +80,7 @@ def test_gateway_summarises_segmentation(served: tuple[Path, TritonServer],
     gateway = Gateway(GatewayConfig(
         model_repository=root / "repo", model_name="unet2d", triton_grpc_url=triton.grpc_url,
         spool_dir=tmp_path, http_port=free_port(), dicom_port=free_port()))
-    from services.gateway.rest import create_app
+    from services.gateway.edges.rest import create_app
 
     app = create_app(gateway.core, gateway.results, gateway.metrics, lambda: True, 1 << 24)
     with TestClient(app) as client:

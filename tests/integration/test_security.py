@@ -24,8 +24,8 @@ import tritonclient.grpc as grpcclient
 from dicomweb_client.api import DICOMwebClient
 from tritonclient.utils import InferenceServerException
 
-from services.gateway.auth import hash_key, new_key, normalize_subject
-from services.gateway.core import uid_hash
+from services.gateway.phi import uid_hash
+from services.gateway.security.auth import hash_key, new_key, normalize_subject
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import TINY_MANIFEST, triton_env

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.errors import ConfigError
+from services.gateway.phi import uid_hash
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -78,8 +79,6 @@ def note_uids(study: str, series: str, instance: str) -> None:
     ctx = _CURRENT.get()
     if ctx is None:
         return
-    from services.gateway.core import uid_hash  # core imports this module
-
     for kind, uid in (("study", study), ("series", series), ("instance", instance)):
         if uid:
             ctx.add(kind, uid_hash(uid))

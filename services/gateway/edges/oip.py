@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from services.gateway.core import InferenceCore, Result, complete_timings, parse
+from services.gateway.dicom.parsing import parse
 from services.gateway.errors import BadRequest, NotFound, PayloadTooLarge
-from services.gateway.ingest import with_preamble
+from services.gateway.inference.core import InferenceCore, Result, complete_timings
+from services.gateway.intake.ingest import with_preamble
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.spool import ResultStore
+from services.gateway.store.results import ResultStore
 
 INPUT = "DICOM"
 SCORES = "SCORES"

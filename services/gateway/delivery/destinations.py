@@ -23,8 +23,8 @@ import pydicom
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from services.gateway.delivery.routing import Destination, DimseDestination, StowDestination
 from services.gateway.errors import DeliveryFailed, DeliveryRejected
-from services.gateway.routes import Destination, DimseDestination, StowDestination
 
 LOG = logging.getLogger(__name__)
 OnStored = Callable[[Path], None]

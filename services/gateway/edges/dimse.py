@@ -23,9 +23,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from optimizer.preprocess import SUPPORTED_TRANSFER_SYNTAXES
 from services.errors import ServiceError
-from services.gateway.audit import AuditContext, AuditLog
 from services.gateway.config import GatewayConfig
-from services.gateway.core import check_inflated, read_leniently, uid_hash
+from services.gateway.dicom.parsing import check_inflated, read_leniently
 from services.gateway.errors import (
     GatewayError,
     InferenceFailed,
@@ -37,9 +36,11 @@ from services.gateway.errors import (
     UnsupportedInstance,
     UnsupportedSOPClass,
 )
-from services.gateway.ingest import Ingestor
+from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.tls import CertFiles, ReloadingSSLContext, subject_of
+from services.gateway.phi import uid_hash
+from services.gateway.security.audit import AuditContext, AuditLog
+from services.gateway.security.tls import CertFiles, ReloadingSSLContext, subject_of
 
 LOG = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"

@@ -41,10 +41,12 @@ from pydicom.dataset import Dataset
 
 from optimizer.errors import PreprocessError
 from optimizer.preprocess import preprocess_frames
-from services.gateway.core import InferenceCore, Result, complete_timings, parse, uid_hash
-from services.gateway.durable import fsync_dir
+from services.gateway.dicom.parsing import parse
 from services.gateway.errors import GatewayError, InvalidInstance, Unavailable
-from services.gateway.grouping import (
+from services.gateway.inference.core import InferenceCore, Result, complete_timings
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.phi import uid_hash
+from services.gateway.processing.grouping import (
     CompletedGroup,
     GroupingPolicy,
     GroupSink,
@@ -53,7 +55,8 @@ from services.gateway.grouping import (
     series_volume,
     slice_order,
 )
-from services.gateway.jobs import (
+from services.gateway.store.durable import fsync_dir
+from services.gateway.store.jobs import (
     DELIVERED,
     FAILED,
     FINAL,
@@ -65,8 +68,8 @@ from services.gateway.jobs import (
     JobRow,
     JobTable,
 )
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.spool import ResultStore, Spool
+from services.gateway.store.results import ResultStore
+from services.gateway.store.spool import Spool
 
 LOG = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 5.0

@@ -1,4 +1,4 @@
-"""Durable spool and result store.
+"""Durable spool of acknowledged instances (the result store is ``results.py``).
 
 An instance is acknowledged (C-STORE success) only after ``Spool.put`` returned: the bytes are
 written to a temporary name, fsynced, renamed into ``incoming/`` and the directory fsynced.
@@ -9,16 +9,13 @@ processed at all is moved to ``failed/``, never deleted.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-from services.gateway.core import uid_hash
-from services.gateway.durable import fsync_dir
+from services.gateway.store.durable import fsync_dir
 
 
 class DirSync:
@@ -53,7 +50,7 @@ class DirSync:
                 self.fsyncs += 1
 
 
-def _durable_mkdir(path: Path) -> None:
+def durable_mkdir(path: Path) -> None:
     """Create ``path`` and make its directory entry durable (fsync the parent)."""
     if path.is_dir():
         return
@@ -61,7 +58,7 @@ def _durable_mkdir(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _write_durably(path: Path, data: bytes | bytearray | memoryview,
+def write_durably(path: Path, data: bytes | bytearray | memoryview,
                    dir_sync: DirSync | None = None) -> None:
     """``data`` under ``path``, atomically and durably: written to a temporary name with plain
     ``os.write`` calls (no buffered copy), fsynced, renamed, and the directory fsynced
@@ -84,12 +81,12 @@ def _write_durably(path: Path, data: bytes | bytearray | memoryview,
 
 class Spool:
     def __init__(self, root: Path) -> None:
-        _durable_mkdir(root)
+        durable_mkdir(root)
         self.root = root
         self.incoming = root / "incoming"
         self.failed = root / "failed"
-        _durable_mkdir(self.incoming)
-        _durable_mkdir(self.failed)
+        durable_mkdir(self.incoming)
+        durable_mkdir(self.failed)
         self._incoming_sync = DirSync(self.incoming)  # shared by every association's put
         for stale in self.incoming.glob("*.tmp"):  # never acknowledged: safe to drop
             stale.unlink()
@@ -98,7 +95,7 @@ class Spool:
         """Durable before it returns (file and directory entry fsynced); concurrent callers
         share directory fsyncs (``DirSync``)."""
         path = self.incoming / f"{time.time_ns():020d}-{uuid.uuid4().hex}.dcm"
-        _write_durably(path, data, self._incoming_sync)
+        write_durably(path, data, self._incoming_sync)
         return path
 
     def pending(self) -> list[Path]:
@@ -121,45 +118,3 @@ class Spool:
         fsync_dir(self.failed)
         fsync_dir(path.parent)
         return target
-
-
-class ResultStore:
-    """One JSON file per instance under ``results/<study hash>/<SOP hash>.json``.
-
-    A result saved by the worker carries the name of the job (spool file) that produced it
-    under ``_job`` (not shown to callers): at start-up that tells "this job's result is already
-    stored" from "an earlier copy of the same instance was", so a job is never inferred twice
-    and a resent instance is still inferred again."""
-
-    JOB_KEY = "_job"
-
-    def __init__(self, root: Path) -> None:
-        self.root = root / "results"
-        _durable_mkdir(self.root)
-
-    def save(self, study_uid: str, sop_uid: str, result: dict[str, Any],
-             job: str | None = None) -> None:
-        """Durable (fsynced file and directory) before it returns."""
-        folder = self.root / uid_hash(study_uid)
-        _durable_mkdir(folder)
-        doc = {**result, self.JOB_KEY: job} if job is not None else result
-        _write_durably(folder / f"{uid_hash(sop_uid)}.json",
-                       json.dumps(doc, sort_keys=True).encode("utf-8"))
-
-    def stored(self, study_hash: str, sop_hash: str) -> dict[str, Any] | None:
-        """The stored result document (``_job`` included) for these hashed UIDs, if any."""
-        if not study_hash or not sop_hash:
-            return None
-        try:
-            doc = json.loads((self.root / study_hash / f"{sop_hash}.json").read_text("utf-8"))
-        except (OSError, ValueError):
-            return None
-        return doc if isinstance(doc, dict) else None
-
-    def for_study(self, study_uid: str) -> list[dict[str, Any]]:
-        folder = self.root / uid_hash(study_uid)
-        if not folder.is_dir():
-            return []
-        results = [json.loads(p.read_text(encoding="utf-8")) for p in folder.glob("*.json")]
-        return [{k: v for k, v in r.items() if k != self.JOB_KEY} for r in results
-                if r.get("study_instance_uid") == study_uid]

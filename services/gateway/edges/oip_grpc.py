@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from services.errors import ServiceError
-from services.gateway import oip
+from services.gateway.edges import oip
 from services.gateway.errors import (
     BadRequest,
     Forbidden,

@@ -20,8 +20,8 @@ request (and hand an attacker a cheap way to burn CPU). A stolen keys file still
 Every stored hash is compared with ``hmac.compare_digest``, all of them on every lookup, so the
 time taken does not depend on which entry (if any) matched.
 
-``python -m services.gateway.auth new --name X --scopes infer,read`` (or ``bedside keys new``)
-prints a fresh key once, with the entry to paste into the keys file.
+``python -m services.gateway.security.auth new --name X --scopes infer,read`` (or
+``bedside keys new``) prints a fresh key once, with the entry to paste into the keys file.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.gateway.auth",
+    parser = argparse.ArgumentParser(prog="python -m services.gateway.security.auth",
                                      description="Bedside gateway API keys")
     add_subcommands(parser)
     return run(parser.parse_args(argv))

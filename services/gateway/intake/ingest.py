@@ -4,8 +4,8 @@
 An edge calls ``check`` (capacity, free disk, size, header checks), then ``accept``: the bytes
 are spooled with ``Spool.put`` (fsynced), a ``received`` row is committed to the job table, and
 only then is the instance queued for the worker, so whatever the edge acknowledges afterwards
-survives a crash (see jobs.py for the crash-consistency argument). ``pending`` answers "is this
-study still being processed?" from the job table, so it stays right across restarts.
+survives a crash (see store/jobs.py for the crash-consistency argument). ``pending`` answers
+"is this study still being processed?" from the job table, so it stays right across restarts.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from services.gateway.core import InferenceCore, parse, uid_hash
+from services.gateway.dicom.parsing import parse
 from services.gateway.errors import PayloadTooLarge, Unavailable
+from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.spool import Spool
-from services.gateway.worker import Job, SpoolWorker
+from services.gateway.phi import uid_hash
+from services.gateway.processing.worker import Job, SpoolWorker
+from services.gateway.store.spool import Spool
 
 LOG = logging.getLogger(__name__)
 

@@ -30,9 +30,6 @@ from typing import Any
 import grpc
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from services.gateway import audit as audit_mod
-from services.gateway.audit import AuditLog
-from services.gateway.auth import SCOPES, KeyStore, Principal
 from services.gateway.errors import (
     Forbidden,
     GatewayError,
@@ -40,8 +37,11 @@ from services.gateway.errors import (
     RateLimited,
     Unauthenticated,
 )
-from services.gateway.ratelimit import ConcurrencyCap, RateLimiter
-from services.gateway.tls import subject_of
+from services.gateway.security import audit as audit_mod
+from services.gateway.security.audit import AuditLog
+from services.gateway.security.auth import SCOPES, KeyStore, Principal
+from services.gateway.security.ratelimit import ConcurrencyCap, RateLimiter
+from services.gateway.security.tls import subject_of
 
 LOG = logging.getLogger(__name__)
 ANY = "any"  # an authenticated principal, whatever its scopes
@@ -248,14 +248,15 @@ class PeerCertificates:
 class GuardMiddleware:
     """ASGI middleware: admission before the app sees the request, one audit record after."""
 
-    def __init__(self, app: ASGIApp, guard: Guard, peers: PeerCertificates | None = None,
-                 error_response: Callable[[GatewayError], Any] | None = None) -> None:
-        from services.gateway.rest import error_response as rest_error  # rest imports audit
-
+    def __init__(self, app: ASGIApp, guard: Guard,
+                 error_response: Callable[[GatewayError], Any],
+                 peers: PeerCertificates | None = None) -> None:
+        """``error_response``: the HTTP edge's error body for a refused call (the composition
+        root passes the REST edge's, so refusals look like every other REST error)."""
         self.app = app
         self.guard = guard
         self.peers = peers
-        self.error_response = error_response or rest_error
+        self.error_response = error_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -365,9 +366,8 @@ def _code_name(context: grpc.ServicerContext) -> str:
 class GuardInterceptor(grpc.ServerInterceptor):
     """The gRPC edge's gate (unary-unary methods: every OIP v2 method the gateway offers)."""
 
-    def __init__(self, guard: Guard) -> None:
-        from services.gateway.oip_grpc import grpc_code  # oip_grpc imports this module
-
+    def __init__(self, guard: Guard,
+                 grpc_code: Callable[[GatewayError], grpc.StatusCode]) -> None:
         self.guard = guard
         self._grpc_code = grpc_code
 

@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.gateway import oip
+from services.gateway.edges import oip
+from services.gateway.edges.rest import read_body
 from services.gateway.errors import (
     BadRequest,
     GatewayError,
@@ -36,7 +37,6 @@ from services.gateway.errors import (
     UnsupportedInstance,
 )
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.rest import read_body
 
 LOG = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"

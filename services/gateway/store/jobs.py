@@ -27,7 +27,7 @@ the manifest's rules; ``error`` says which rule) -> ``delivered`` (``mark_delive
 the delivery side once a destination confirmed; from inferred or failed only). The worker is done
 with a job at any state but ``received``.
 
-Groups (grouping.py): a series- or study-level group has a row in ``groups`` (open -> closed)
+Groups (processing/): a series- or study-level group has a row in ``groups`` (open -> closed)
 and its jobs name it in ``group_key``; an open group's jobs stay ``received`` until it closes,
 so the group survives a restart. Pruning deletes rows in a final state older than the retention,
 never rows of a group that is still open.
@@ -44,8 +44,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.gateway.core import uid_hash
-from services.gateway.durable import DurableDb
+from services.gateway.phi import uid_hash
+from services.gateway.store.durable import DurableDb
 
 LOG = logging.getLogger(__name__)
 RECEIVED, INFERRED, FAILED = "received", "inferred", "failed"

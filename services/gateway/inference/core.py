@@ -1,26 +1,19 @@
-"""The protocol-free core: DICOM bytes -> checked dataset -> model input -> Triton -> result.
+"""The protocol-free inference core: a checked data set -> model input -> Triton -> result.
 
-Edges (DIMSE, REST) call into this and map its errors to their own codes. Nothing here logs
-patient data: UIDs appear in logs only as ``uid_hash``.
+Edges (DIMSE, REST) and the worker call into this and map its errors to their own codes (through
+``services.gateway.status``). Reading bytes into a data set is ``services.gateway.dicom``.
+Nothing here logs patient data: UIDs appear in logs only as ``uid_hash``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
-import pydicom
-import pydicom.config
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from optimizer.errors import PreprocessError
 from optimizer.manifest import Manifest
@@ -31,46 +24,19 @@ from optimizer.preprocess import (
     preprocess_frames,
 )
 from optimizer.verify import activate
-from services.gateway import audit
+from services.gateway.dicom.parsing import check_native_length
+from services.gateway.dicom.sop_classes import IMAGE_SOP_CLASSES
 from services.gateway.errors import (
     GatewayError,
     InferenceFailed,
     InvalidInstance,
     MissingPixelData,
-    PayloadTooLarge,
     UnsupportedInstance,
     UnsupportedSOPClass,
 )
+from services.gateway.phi import uid_hash
 
 LOG = logging.getLogger(__name__)
-
-# Image storage SOP classes the gateway takes; the manifest's modalities narrow them further and
-# optimizer.preprocess decides, from the header, whether the pixels can become model input.
-IMAGE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
-}
-
-
-def read_leniently() -> None:
-    """Malformed values must not be echoed into warnings or logs (they may be patient data):
-    pydicom reads without validating, and the checks here reject what cannot be used."""
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-
-
-def uid_hash(uid: str) -> str:
-    """A short, stable stand-in for a UID in logs (UIDs can identify patients)."""
-    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:12]
 
 
 class Inferer(Protocol):
@@ -113,70 +79,6 @@ def complete_timings(timings_ms: dict[str, float], origin: float, end: float) ->
     timings_ms["gateway_overhead"] = timings_ms["total"] - timings_ms.get("inference", 0.0)
 
 
-# A deflated data set is inflated whole by pydicom: without a bound, a few hundred kilobytes of
-# zeros inflate to gigabytes (found by tests/fuzz). 256 MiB is 4x the default request limit.
-MAX_INFLATED_BYTES = 256 * 1024 * 1024
-
-
-def check_inflated(deflated: bytes, limit: int = MAX_INFLATED_BYTES) -> None:
-    """PayloadTooLarge if the raw deflate stream ``deflated`` inflates to more than ``limit``
-    bytes; inflation stops at the limit, so memory stays bound. pydicom and pynetdicom inflate
-    a Deflated Explicit VR Little Endian data set whole: call this first."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated, pending = 0, deflated
-    while inflated <= limit:  # 1 MiB at a time: only the count is kept
-        try:
-            chunk = inflater.decompress(pending, 1 << 20)
-        except zlib.error:
-            return  # not a deflate stream: the reader says what is wrong with it
-        inflated += len(chunk)
-        pending = inflater.unconsumed_tail
-        if not chunk and not pending:  # all input used and all output returned
-            break
-    if inflated > limit:
-        raise PayloadTooLarge(f"the deflated data set inflates to more than {limit} bytes",
-                              "inflated_too_large")
-
-
-def _check_inflated_size(data: bytes, limit: int) -> None:
-    """``check_inflated`` on a Part-10 file's data set, if its transfer syntax is deflated."""
-    fp = io.BytesIO(data)
-    read_preamble(fp, False)
-    meta = _read_file_meta_info(fp)
-    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        check_inflated(data[fp.tell():], limit)
-
-
-def parse(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
-    """DICOM Part-10 bytes -> dataset, fully read, or InvalidInstance saying why
-    (PayloadTooLarge for a deflated data set that inflates beyond ``max_inflated_bytes``)."""
-    try:
-        _check_inflated_size(data, max_inflated_bytes)
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
-    except GatewayError:
-        raise
-    except InvalidDicomError as exc:
-        raise InvalidInstance(f"not a DICOM Part-10 file: {exc}", "not_dicom") from exc
-    except Exception as exc:  # truncated elements raise EOFError, OSError, ValueError...
-        raise InvalidInstance(f"unreadable DICOM file: {exc}", "unreadable") from exc
-    audit.note_dataset(ds)  # hashed UIDs into the current request's audit record, if any
-    return ds
-
-
-def _check_native_length(ds: Dataset) -> None:
-    """Uncompressed Pixel Data shorter than its header describes is a truncated instance:
-    refused before the acknowledgement rather than failing in the worker afterwards."""
-    ts = UID(str(ds.file_meta.TransferSyntaxUID))
-    if ts.is_compressed:
-        return
-    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-                * int(ds.get("SamplesPerPixel", 1)) * (int(ds.BitsAllocated) // 8))
-    held = len(ds.PixelData)
-    if held < expected:
-        raise InvalidInstance(f"Pixel Data holds {held} bytes where the header describes "
-                              f"{expected}: the instance is truncated", "truncated_pixel_data")
-
-
 class InferenceCore:
     """Checks, preprocesses and infers one instance per the model manifest."""
 
@@ -215,7 +117,7 @@ class InferenceCore:
             check_image_header(ds, spec, self._limits)
         except PreprocessError as exc:
             raise UnsupportedInstance(str(exc), "not_for_model") from exc
-        _check_native_length(ds)
+        check_native_length(ds)
 
     def _findings(self, scores: np.ndarray) -> list[dict[str, Any]]:
         """``scores``: (frames, ...) activated outputs; one frame unless the manifest infers

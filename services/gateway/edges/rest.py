@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from services.gateway.core import InferenceCore, Result, complete_timings, parse
+from services.gateway.dicom.parsing import parse
 from services.gateway.errors import (
     BadRequest,
     Forbidden,
@@ -46,10 +46,11 @@ from services.gateway.errors import (
     UnsupportedInstance,
     UnsupportedMediaType,
 )
-from services.gateway.ingest import Ingestor, with_preamble
+from services.gateway.inference.core import InferenceCore, Result, complete_timings
+from services.gateway.intake.ingest import Ingestor, with_preamble
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.ratelimit import retry_after_header
-from services.gateway.spool import ResultStore
+from services.gateway.security.ratelimit import retry_after_header
+from services.gateway.store.results import ResultStore
 
 LOG = logging.getLogger(__name__)
 DICOM_MEDIA_TYPE = "application/dicom"

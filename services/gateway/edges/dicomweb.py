@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.gateway import multipart
-from services.gateway.core import uid_hash
+from services.gateway.edges import multipart
+from services.gateway.edges.rest import read_body
 from services.gateway.errors import (
     BadRequest,
     GatewayError,
@@ -39,9 +39,9 @@ from services.gateway.errors import (
     UnsupportedSOPClass,
     WrongStudy,
 )
-from services.gateway.ingest import Ingestor
+from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.rest import read_body
+from services.gateway.phi import uid_hash
 
 LOG = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"

@@ -1,0 +1,91 @@
+"""DICOM bytes -> a fully read, bounded data set, or a gateway error saying why.
+
+Every edge and the worker read instances through ``parse``; the DIMSE edge calls
+``check_inflated`` itself on a deflated data set before pynetdicom inflates it. Nothing here
+logs patient data: ``parse`` records hashed UIDs into the current request's audit record only.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import pydicom
+import pydicom.config
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from services.gateway.errors import GatewayError, InvalidInstance, PayloadTooLarge
+from services.gateway.security import audit
+
+
+def read_leniently() -> None:
+    """Malformed values must not be echoed into warnings or logs (they may be patient data):
+    pydicom reads without validating, and the checks here reject what cannot be used."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+# A deflated data set is inflated whole by pydicom: without a bound, a few hundred kilobytes of
+# zeros inflate to gigabytes (found by tests/fuzz). 256 MiB is 4x the default request limit.
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+
+
+def check_inflated(deflated: bytes, limit: int = MAX_INFLATED_BYTES) -> None:
+    """PayloadTooLarge if the raw deflate stream ``deflated`` inflates to more than ``limit``
+    bytes; inflation stops at the limit, so memory stays bound. pydicom and pynetdicom inflate
+    a Deflated Explicit VR Little Endian data set whole: call this first."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated, pending = 0, deflated
+    while inflated <= limit:  # 1 MiB at a time: only the count is kept
+        try:
+            chunk = inflater.decompress(pending, 1 << 20)
+        except zlib.error:
+            return  # not a deflate stream: the reader says what is wrong with it
+        inflated += len(chunk)
+        pending = inflater.unconsumed_tail
+        if not chunk and not pending:  # all input used and all output returned
+            break
+    if inflated > limit:
+        raise PayloadTooLarge(f"the deflated data set inflates to more than {limit} bytes",
+                              "inflated_too_large")
+
+
+def _check_inflated_size(data: bytes, limit: int) -> None:
+    """``check_inflated`` on a Part-10 file's data set, if its transfer syntax is deflated."""
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        check_inflated(data[fp.tell():], limit)
+
+
+def parse(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
+    """DICOM Part-10 bytes -> dataset, fully read, or InvalidInstance saying why
+    (PayloadTooLarge for a deflated data set that inflates beyond ``max_inflated_bytes``)."""
+    try:
+        _check_inflated_size(data, max_inflated_bytes)
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except GatewayError:
+        raise
+    except InvalidDicomError as exc:
+        raise InvalidInstance(f"not a DICOM Part-10 file: {exc}", "not_dicom") from exc
+    except Exception as exc:  # truncated elements raise EOFError, OSError, ValueError...
+        raise InvalidInstance(f"unreadable DICOM file: {exc}", "unreadable") from exc
+    audit.note_dataset(ds)  # hashed UIDs into the current request's audit record, if any
+    return ds
+
+
+def check_native_length(ds: Dataset) -> None:
+    """Uncompressed Pixel Data shorter than its header describes is a truncated instance:
+    refused before the acknowledgement rather than failing in the worker afterwards."""
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    if ts.is_compressed:
+        return
+    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+                * int(ds.get("SamplesPerPixel", 1)) * (int(ds.BitsAllocated) // 8))
+    held = len(ds.PixelData)
+    if held < expected:
+        raise InvalidInstance(f"Pixel Data holds {held} bytes where the header describes "
+                              f"{expected}: the instance is truncated", "truncated_pixel_data")

@@ -1,0 +1,11 @@
+"""Durable state on the spool volume, and the crash-consistency primitives under it.
+
+    durable.py    directory fsync; SQLite in WAL mode with ``synchronous=FULL`` transactions
+    spool.py      acknowledged instances as fsynced files (``incoming/``, ``failed/``)
+    jobs.py       the job table: one row per spooled instance, its state, its group
+    results.py    one JSON result per instance, named by hashed UIDs
+
+The bottom layer: it knows nothing of inference, protocols or delivery.
+
+May import: (leaves only)
+"""
