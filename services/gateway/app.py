@@ -22,7 +22,7 @@ from services.gateway.dicom.parsing import read_leniently
 from services.gateway.edges import dicomweb, oip_rest
 from services.gateway.edges.dimse import DicomServer
 from services.gateway.edges.oip import Dataplane
-from services.gateway.edges.oip_grpc import OipGrpcServer, grpc_code
+from services.gateway.edges.oip_grpc import OipGrpcServer
 from services.gateway.edges.rest import create_app, error_response
 from services.gateway.errors import Unavailable
 from services.gateway.inference.core import InferenceCore, Inferer
@@ -107,7 +107,7 @@ class Gateway:
         self.oip = Dataplane(self.core, self.results, self.metrics, self.ready)
         self.grpc = (OipGrpcServer(
             self.oip, self.metrics, config.http_host, config.grpc_port,
-            config.max_request_bytes, interceptors=[GuardInterceptor(self.guard, grpc_code)],
+            config.max_request_bytes, interceptors=[GuardInterceptor(self.guard)],
             credentials=(ReloadingGrpcCredentials(cert_files).credentials
                          if cert_files is not None else None))
                      if config.grpc_port else None)

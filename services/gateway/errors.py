@@ -1,5 +1,5 @@
-"""Errors of the gateway core. Each edge (dimse, dicomweb, rest, oip_rest,
-oip_grpc) maps them to its own codes in one table.
+"""The gateway's errors. What each protocol answers for each of them (HTTP, gRPC, DIMSE,
+STOW-RS, Retry-After) is one row of ``services.gateway.status``; a new class needs a row there.
 
 ``reason`` is a short, bounded token used as a metric label and in logs; ``str(error)`` is the
 message for the caller and never contains patient data.
@@ -75,6 +75,10 @@ class DeliveryFailed(GatewayError):
 class DeliveryRejected(GatewayError):
     """A destination refused a result for good (C-STORE 0xA9xx/0xCxxx, no presentation context
     for its SOP class, HTTP 400/409 with a FailedSOPSequence): straight to dead-letter."""
+
+
+class DicomResultError(GatewayError):
+    """A DICOM result cannot be built from what was given (mismatched sources, mask shape)."""
 
 
 class Unauthenticated(GatewayError):

@@ -22,7 +22,7 @@ def test_the_declarations_say_what_the_issue_asks() -> None:
     assert set(layout.packages) == {"edges", "security", "intake", "processing", "inference",
                                     "store", "delivery", "dicom"}
     assert layout.root == {"app", "outbox_cli"}
-    assert {"errors", "phi", "metrics", "config"} <= layout.leaves
+    assert {"errors", "status", "phi", "metrics", "config"} <= layout.leaves
     for pkg, allowed in layout.packages.items():
         assert "edges" not in allowed, f"{pkg} may import edges: only the composition root may"
     assert not layout.packages["store"] & {"inference", "edges", "processing", "delivery"}

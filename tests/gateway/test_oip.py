@@ -115,7 +115,7 @@ def test_errors_map_to_protocol_codes_with_fake_triton(
         assert info.value.message()
         return str(info.value.status())
 
-    expect = {httpclient: {"bad": "400", "missing": "404", "down": "503", "fail": "500"},
+    expect = {httpclient: {"bad": "400", "missing": "404", "down": "503", "fail": "502"},
               grpcclient: {"bad": "INVALID_ARGUMENT", "missing": "NOT_FOUND",
                            "down": "UNAVAILABLE", "fail": "INTERNAL"}}[module]
     assert expect["missing"] in status_of("no-such-model", _input(module, [good]))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.security.ratelimit import ConcurrencyCap, RateLimiter, retry_after_header
+from services.gateway.security.ratelimit import ConcurrencyCap, RateLimiter
+from services.gateway.status import retry_after_header
 
 
 class Clock:

@@ -28,16 +28,12 @@ from pydicom.uid import generate_uid
 
 from optimizer.manifest import Manifest
 from optimizer.preprocess import resize
-from services.gateway.errors import GatewayError
+from services.gateway.errors import DicomResultError
 
 PRIVATE_SCHEME = "99BEDSIDE"
 MODEL_SCORE = CodedConcept("SCORE", PRIVATE_SCHEME, "Model score")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
 _CODE_VALUE = re.compile(r"^[A-Za-z0-9_.\-]{1,16}$")
-
-
-class DicomResultError(GatewayError):
-    """A DICOM result cannot be built from what was given (mismatched sources, mask shape)."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ inference follows in the worker, results appear at ``/v1/studies/{study}/results
 response is the Store Instances Response Module as ``application/dicom+json``:
 ReferencedSOPSequence (0008,1199) for stored instances, FailedSOPSequence (0008,1198) with a
 FailureReason (0008,1197) for the others. HTTP status: 200 all stored, 202 some stored,
-409 none stored, 503 (+ Retry-After) none stored because the gateway is out of resources.
+409 none stored, or, when none was stored only because the gateway is out of resources, the
+status table's answer for that (503 + Retry-After). Statuses and FailureReasons come from
+``services.gateway.status``.
 
 RetrieveURL is left out: this gateway keeps instances only until they are inferred and offers
 no WADO-RS retrieve, so there is no URL to retrieve them from. A ``Link`` header points to the
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -30,64 +32,34 @@ from services.gateway.edges.rest import read_body
 from services.gateway.errors import (
     BadRequest,
     GatewayError,
-    InvalidInstance,
-    MissingPixelData,
-    PayloadTooLarge,
     Unavailable,
-    UnsupportedInstance,
     UnsupportedMediaType,
-    UnsupportedSOPClass,
     WrongStudy,
 )
 from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
+from services.gateway.status import http_headers, http_status, stow_failure_reason
 
 LOG = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 DICOM = "application/dicom"
 MAX_PARTS = 1000
-OUT_OF_RESOURCES = 0xA700
-
-# Gateway error -> FailureReason (0008,1197) of one part (PS3.18 10.5.3, PS3.4 B.2.3).
-FAILURE_REASON: tuple[tuple[type[GatewayError], int], ...] = (
-    (WrongStudy, 0xA900),  # PS3.18: instance does not belong to the target study
-    (UnsupportedSOPClass, 0x0122),  # Refused: SOP Class not supported
-    (MissingPixelData, 0xA900),  # Error: Data Set does not match SOP Class
-    (UnsupportedInstance, 0xC000),  # Error: Cannot understand (not for this model)
-    (InvalidInstance, 0xC000),
-    (UnsupportedMediaType, 0xC000),  # a part that is not application/dicom
-    (PayloadTooLarge, OUT_OF_RESOURCES),
-    (Unavailable, OUT_OF_RESOURCES),
-    (GatewayError, 0x0110),  # Processing failure
-)
-
-# Gateway error -> HTTP status, for errors about the whole request (before any part is read).
-HTTP_STATUS: tuple[tuple[type[GatewayError], int], ...] = (
-    (UnsupportedMediaType, 415),
-    (PayloadTooLarge, 413),
-    (Unavailable, 503),
-    (BadRequest, 400),
-    (GatewayError, 400),
-)
-
-
-def failure_reason(exc: GatewayError) -> int:
-    return next(code for cls, code in FAILURE_REASON if isinstance(exc, cls))
-
 
 def _request_error(exc: GatewayError) -> JSONResponse:
-    status = next(code for cls, code in HTTP_STATUS if isinstance(exc, cls))
-    headers = {"Retry-After": "5"} if status == 503 else None
+    """An error about the whole request (before any part is read); the status table says
+    the status and Retry-After."""
     return JSONResponse({"error": {"reason": exc.reason, "message": str(exc)}},
-                        status_code=status, headers=headers)
+                        status_code=http_status(exc),
+                        headers=http_headers(exc) or None)
 
 
 @dataclass
 class _Outcome:
     stored: list[tuple[str, str, str]]  # (SOP class, SOP instance, study)
     failed: list[tuple[str, str, int]]  # (SOP class or "", SOP instance or "", reason)
-    busy: int = 0  # failures because the gateway is out of resources right now
+    # failures because the gateway is out of resources right now (Unavailable)
+    busy: list[GatewayError] = field(default_factory=list)
 
 
 def _boundary(content_type: str) -> str:
@@ -163,9 +135,10 @@ def create_routes(ingestor: Ingestor, metrics: GatewayMetrics,
                 outcome.stored.append((sop_class, sop_instance, str(ds.StudyInstanceUID)))
                 continue
             assert exc is not None
-            reason = failure_reason(exc)
+            reason = stow_failure_reason(exc)
             outcome.failed.append((sop_class, sop_instance, reason))
-            outcome.busy += isinstance(exc, Unavailable)
+            if isinstance(exc, Unavailable):
+                outcome.busy.append(exc)
             LOG.warning("STOW-RS part refused with 0x%04X: %s (instance %s)", reason,
                         exc.reason, uid_hash(sop_instance) if sop_instance else "unknown")
             metrics.requests.labels("stow", "refused", exc.reason).inc()
@@ -184,19 +157,20 @@ def create_routes(ingestor: Ingestor, metrics: GatewayMetrics,
             metrics.requests.labels("stow", "refused", exc.reason).inc()
             return _request_error(exc)
         outcome = await run_in_threadpool(store_all, parts, target, arrival)
-        if outcome.stored and not outcome.failed:
-            status = 200
-        elif outcome.stored:
-            status = 202
-        elif outcome.busy == len(outcome.failed):  # nothing wrong with the data: retry later
-            status = 503
+        # nothing stored and nothing wrong with the data: retry later, as the table says
+        busy = (outcome.busy[0] if not outcome.stored and outcome.busy
+                and len(outcome.busy) == len(outcome.failed) else None)
+        headers: dict[str, str] = {}
+        if outcome.stored:
+            code = 202 if outcome.failed else 200
+        elif busy is not None:
+            code, headers = http_status(busy), http_headers(busy)
         else:
-            status = 409
-        headers = {"Retry-After": "5"} if status == 503 else {}
+            code = 409
         studies = {study for _, _, study in outcome.stored}
         if len(studies) == 1:
             headers["Link"] = f'</v1/studies/{studies.pop()}/results>; rel="results"'
-        return JSONResponse(store_response(outcome), status_code=status, headers=headers,
+        return JSONResponse(store_response(outcome), status_code=code, headers=headers,
                             media_type=DICOM_JSON)
 
     return [

@@ -1,7 +1,7 @@
 """DIMSE edge: C-ECHO and C-STORE SCP (pynetdicom), optionally over DICOM TLS.
 
 A C-STORE success is returned only once the instance is durably spooled; inference happens
-afterwards, in the worker. Gateway errors map to DIMSE statuses in one table. Associations
+afterwards, in the worker. DIMSE statuses come from ``services.gateway.status``. Associations
 from calling AE titles outside the configured allowlist are rejected (A-ASSOCIATE-RJ,
 "calling AE title not recognized"); every rejection and every refused store is logged with its
 reason, never with patient data.
@@ -27,45 +27,20 @@ from services.gateway.config import GatewayConfig
 from services.gateway.dicom.parsing import check_inflated, read_leniently
 from services.gateway.errors import (
     GatewayError,
-    InferenceFailed,
     InvalidInstance,
-    MissingPixelData,
     PayloadTooLarge,
     SOPClassMismatch,
-    Unavailable,
-    UnsupportedInstance,
-    UnsupportedSOPClass,
 )
 from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
 from services.gateway.security.audit import AuditContext, AuditLog
 from services.gateway.security.tls import CertFiles, ReloadingSSLContext, subject_of
+from services.gateway.status import dimse_status
 
 LOG = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 SUCCESS = 0x0000
-
-# Gateway error -> DIMSE C-STORE status (PS3.4 Annex B.2.3); the most specific class wins.
-STATUS: tuple[tuple[type[GatewayError], int], ...] = (
-    (UnsupportedSOPClass, 0x0122),  # Refused: SOP Class not supported
-    (MissingPixelData, 0xA900),  # Error: Data Set does not match SOP Class
-    (SOPClassMismatch, 0xA900),
-    (UnsupportedInstance, 0xC000),  # Error: Cannot understand (not for this model)
-    (InvalidInstance, 0xC000),  # Error: Cannot understand
-    (InferenceFailed, 0xC000),
-    (PayloadTooLarge, 0xA700),  # Refused: Out of resources
-    (Unavailable, 0xA700),  # Refused: Out of resources
-    (GatewayError, 0xC000),
-)
-
-
-def status_for(exc: GatewayError) -> int:
-    for cls, status in STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 0xC000
-
 
 def _status(code: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
@@ -264,7 +239,7 @@ class DicomServer:
 
     def _refuse(self, exc: GatewayError, event: Event, ds: Dataset | None = None,
                 arrival: float | None = None) -> Dataset:
-        code = status_for(exc)
+        code = dimse_status(exc)
         LOG.warning("C-STORE refused with 0x%04X: %s (association %s)", code, exc.reason,
                     event.assoc.name)
         self._metrics.requests.labels("dimse", "refused", exc.reason).inc()

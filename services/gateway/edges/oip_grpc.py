@@ -4,7 +4,7 @@ clinical apps using tritonclient.grpc or any KServe v2 gRPC client. The signatur
 The ``DICOM`` input may come as ``raw_input_contents`` (tritonclient's default) or as
 ``contents.bytes_contents``; outputs always go back as ``raw_output_contents``. Messages are
 bounded by the gateway's request size limit (gRPC answers RESOURCE_EXHAUSTED beyond it).
-Errors map to gRPC status codes in one table.
+gRPC status codes come from ``services.gateway.status``.
 """
 
 from __future__ import annotations
@@ -22,41 +22,12 @@ from services.errors import ServiceError
 from services.gateway.edges import oip
 from services.gateway.errors import (
     BadRequest,
-    Forbidden,
     GatewayError,
-    InferenceFailed,
-    InvalidInstance,
-    MissingPixelData,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    Unauthenticated,
-    Unavailable,
-    UnsupportedInstance,
 )
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.status import grpc_code
 
 LOG = logging.getLogger(__name__)
-
-GRPC_CODE: tuple[tuple[type[GatewayError], grpc.StatusCode], ...] = (
-    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidInstance, grpc.StatusCode.INVALID_ARGUMENT),
-    (MissingPixelData, grpc.StatusCode.INVALID_ARGUMENT),
-    (UnsupportedInstance, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (InferenceFailed, grpc.StatusCode.INTERNAL),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
-    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),  # Overloaded too
-    (GatewayError, grpc.StatusCode.INVALID_ARGUMENT),
-)
-
-
-def grpc_code(exc: GatewayError) -> grpc.StatusCode:
-    return next(code for cls, code in GRPC_CODE if isinstance(exc, cls))
-
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The OIP v2 methods this gateway offers; the rest answer UNIMPLEMENTED (the base class)."""

@@ -6,7 +6,7 @@ The ``DICOM`` input must use the binary tensor data extension (tritonclient's de
 Outputs come back in JSON form, or binary where the request asks for it (``binary_data``
 per output, or ``binary_data_output`` for all). Request bodies compressed with gzip or
 deflate (tritonclient's ``request_compression_algorithm``) are accepted within the size limit.
-Errors map to HTTP statuses in one table; the body is ``{"error": "<message>"}`` as
+Statuses come from ``services.gateway.status``; the body is ``{"error": "<message>"}`` as
 tritonclient expects.
 """
 
@@ -28,36 +28,18 @@ from services.gateway.edges.rest import read_body
 from services.gateway.errors import (
     BadRequest,
     GatewayError,
-    InferenceFailed,
-    InvalidInstance,
-    MissingPixelData,
-    NotFound,
     PayloadTooLarge,
-    Unavailable,
-    UnsupportedInstance,
 )
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.status import http_headers, http_status
 
 LOG = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-HTTP_STATUS: tuple[tuple[type[GatewayError], int], ...] = (
-    (BadRequest, 400),
-    (InvalidInstance, 400),
-    (MissingPixelData, 400),
-    (UnsupportedInstance, 400),
-    (NotFound, 404),
-    (PayloadTooLarge, 413),
-    (Unavailable, 503),
-    (InferenceFailed, 500),
-    (GatewayError, 400),
-)
-
-
-def _error(exc: GatewayError) -> JSONResponse:
-    status = next(code for cls, code in HTTP_STATUS if isinstance(exc, cls))
-    headers = {"Retry-After": "5"} if status == 503 else None
-    return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+def error_response(exc: GatewayError) -> JSONResponse:
+    """OIP's error body; status and Retry-After from the status table."""
+    return JSONResponse({"error": str(exc)}, status_code=http_status(exc),
+                        headers=http_headers(exc) or None)
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -130,7 +112,7 @@ def create_routes(dataplane: oip.Dataplane, metrics: GatewayMetrics,
     def refused(exc: GatewayError) -> JSONResponse:
         LOG.warning("OIP REST request refused: %s", exc.reason)
         metrics.requests.labels("oip_rest", "refused", exc.reason).inc()
-        return _error(exc)
+        return error_response(exc)
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": dataplane.server_live()})

@@ -2,8 +2,9 @@
 status, health, readiness, metrics. The DICOMweb and Open Inference Protocol routes live in their
 own modules (dicomweb.py, oip_rest.py) and are mounted on the same app.
 
-Gateway errors map to HTTP statuses in one table; error bodies are
-``{"error": {"reason": ..., "message": ...}}`` and never carry patient data.
+Statuses come from ``services.gateway.status``; this edge owns only its error body,
+``{"error": {"reason": ..., "message": ...}}``, which never carries patient data, and the
+``WWW-Authenticate`` challenge that goes with a 401.
 
 JSON study API: ``POST /v1/studies`` with ``{"instances": ["<base64 DICOM Part-10>", ...]}``
 (one study). Every instance is checked first; if any is refused nothing is spooled and the
@@ -32,57 +33,30 @@ from starlette.routing import BaseRoute, Route
 from services.gateway.dicom.parsing import parse
 from services.gateway.errors import (
     BadRequest,
-    Forbidden,
     GatewayError,
-    InferenceFailed,
     InvalidInstance,
-    MissingPixelData,
     NotFound,
-    Overloaded,
     PayloadTooLarge,
-    RateLimited,
     Unauthenticated,
-    Unavailable,
-    UnsupportedInstance,
     UnsupportedMediaType,
 )
 from services.gateway.inference.core import InferenceCore, Result, complete_timings
 from services.gateway.intake.ingest import Ingestor, with_preamble
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.security.ratelimit import retry_after_header
+from services.gateway.status import http_headers, http_status
 from services.gateway.store.results import ResultStore
 
 LOG = logging.getLogger(__name__)
 DICOM_MEDIA_TYPE = "application/dicom"
 MAX_STUDY_INSTANCES = 1000
 
-HTTP_STATUS: tuple[tuple[type[GatewayError], int], ...] = (
-    (UnsupportedMediaType, 415),
-    (BadRequest, 400),
-    (InvalidInstance, 400),
-    (MissingPixelData, 400),
-    (UnsupportedInstance, 400),
-    (PayloadTooLarge, 413),
-    (NotFound, 404),
-    (Unavailable, 503),
-    (InferenceFailed, 502),
-    (Unauthenticated, 401),
-    (Forbidden, 403),
-    (Overloaded, 503),
-    (RateLimited, 429),
-    (GatewayError, 400),
-)
-
-
 def error_response(exc: GatewayError) -> JSONResponse:
-    status = next(code for cls, code in HTTP_STATUS if isinstance(exc, cls))
-    headers = {"Retry-After": "5"} if status == 503 else None
-    if isinstance(exc, RateLimited):
-        headers = {"Retry-After": retry_after_header(exc.retry_after_s)}
-    elif isinstance(exc, Unauthenticated):
-        headers = {"WWW-Authenticate": 'Bearer realm="bedside"'}
+    """The REST edge's error body; status and Retry-After from the status table."""
+    headers = http_headers(exc)
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="bedside"'
     return JSONResponse({"error": {"reason": exc.reason, "message": str(exc)}},
-                        status_code=status, headers=headers)
+                        status_code=http_status(exc), headers=headers or None)
 
 
 async def read_body(request: Request, max_request_bytes: int) -> bytes:
@@ -142,13 +116,10 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
     async def infer(request: Request) -> Response:
         arrival = time.perf_counter()
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media != DICOM_MEDIA_TYPE:
-            metrics.requests.labels("rest", "refused", "media_type").inc()
-            return JSONResponse(
-                {"error": {"reason": "media_type",
-                           "message": f"Content-Type must be {DICOM_MEDIA_TYPE}"}},
-                status_code=415)
         try:
+            if media != DICOM_MEDIA_TYPE:
+                raise UnsupportedMediaType(f"Content-Type must be {DICOM_MEDIA_TYPE}",
+                                           "media_type")
             body = await read_body(request, max_request_bytes)
             if not body:
                 raise InvalidInstance("empty request body", "empty")

@@ -42,6 +42,7 @@ from services.gateway.security.audit import AuditLog
 from services.gateway.security.auth import SCOPES, KeyStore, Principal
 from services.gateway.security.ratelimit import ConcurrencyCap, RateLimiter
 from services.gateway.security.tls import subject_of
+from services.gateway.status import grpc_code
 
 LOG = logging.getLogger(__name__)
 ANY = "any"  # an authenticated principal, whatever its scopes
@@ -366,10 +367,8 @@ def _code_name(context: grpc.ServicerContext) -> str:
 class GuardInterceptor(grpc.ServerInterceptor):
     """The gRPC edge's gate (unary-unary methods: every OIP v2 method the gateway offers)."""
 
-    def __init__(self, guard: Guard,
-                 grpc_code: Callable[[GatewayError], grpc.StatusCode]) -> None:
+    def __init__(self, guard: Guard) -> None:
         self.guard = guard
-        self._grpc_code = grpc_code
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -394,7 +393,7 @@ class GuardInterceptor(grpc.ServerInterceptor):
                     principal, release = self.guard.admit(rule, source,
                                                           api_key_from(metadata), subject)
                 except GatewayError as exc:
-                    code = self._grpc_code(exc)
+                    code = grpc_code(exc)
                     self.guard.audit.write(
                         "request", rule.protocol, rule.action, exc.reason,
                         principal=None if isinstance(exc, Unauthenticated)

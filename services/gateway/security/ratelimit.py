@@ -7,7 +7,6 @@ An empty bucket answers how long until the next token, which the edges send back
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -61,11 +60,6 @@ class RateLimiter:
         idle = [k for k, b in self._buckets.items() if now - b.stamp > IDLE_DROP_S]
         for k in idle:
             del self._buckets[k]
-
-
-def retry_after_header(seconds: float) -> str:
-    """HTTP Retry-After takes whole seconds; round up so a retry is never early."""
-    return str(max(1, math.ceil(seconds)))
 
 
 class ConcurrencyCap:
