@@ -17,6 +17,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from optimizer.request import BenchOptions  # declared with the request it belongs to
+
 
 @dataclass(frozen=True)
 class Latency:
@@ -27,15 +29,6 @@ class Latency:
     p99_ms: float
     mean_ms: float
     runs: int
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    warmup: int = 10
-    min_runs: int = 50
-    min_seconds: float = 1.0
-    max_batch: int = 32
-    min_gain: float = 0.05  # stop doubling the batch when throughput gains less than this
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from optimizer import checkpoint
 from optimizer.benchmark import (
-    BenchOptions,
     Profile,
     onnx_session,
     profile_onnx,
@@ -59,82 +58,15 @@ from optimizer.gpu_torch import (
 )
 from optimizer.gpu_torch import variants as gpu_variants
 from optimizer.manifest import Manifest
-from optimizer.quantize import METHODS, Int8Quantizer
+from optimizer.quantize import Int8Quantizer
 from optimizer.report import VariantResult, build_report, write_report
-from optimizer.repository import TARGETS, ServingOptions, write_repository
+from optimizer.repository import ServingOptions, write_repository
+from optimizer.request import DEFAULT_PRECISIONS, OBJECTIVES, PRECISIONS, OptimizeRequest
 from optimizer.triton_backend.torch_runner import TorchRunner
 from optimizer.verify import Verification, verify
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
-OBJECTIVES = ("latency", "throughput", "throughput-within-slo")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-# What each target builds when --precisions is not given.
-DEFAULT_PRECISIONS = {"cpu": ("fp32", "fp16", "int8"), "gpu": ("fp32", "fp16", "int8"),
-                      "gpu-torch": ("fp32", "fp16", "bf16")}
-
-
-@dataclass(frozen=True)
-class OptimizeRequest:
-    checkpoint: Path
-    manifest: Path
-    calibration_dir: Path
-    validation_dir: Path
-    out_dir: Path
-    threads: int = 2
-    precisions: tuple[str, ...] = DEFAULT_PRECISIONS["cpu"]
-    calibration_methods: tuple[str, ...] = ("minmax", "percentile", "entropy")
-    calibration_limit: int = 64
-    # Per-precision MAE ceilings overriding optimizer.verify.MAE_TOLERANCE, e.g. {"int8": 0.1}.
-    mae_tolerances: dict[str, float] = field(default_factory=dict)
-    fp16_io: str = "fp32"  # "fp16": the FP16 variant also takes and returns FP16 tensors
-    recovery: bool = True
-    recovery_max_fraction: float = 0.5  # keep at most this share of nodes in FP32
-    objective: str = "latency"
-    target: str = "cpu"
-    bench: BenchOptions = field(default_factory=BenchOptions)
-
-    def __post_init__(self) -> None:
-        bad = [p for p in self.precisions if p not in PRECISIONS]
-        if bad or "fp32" not in self.precisions:
-            raise ValueError(f"precisions must include fp32 and come from {PRECISIONS}")
-        if not self.calibration_methods or any(m not in METHODS
-                                               for m in self.calibration_methods):
-            raise ValueError(f"calibration methods come from {sorted(METHODS)}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}")
-        if set(self.mae_tolerances) - set(PRECISIONS):
-            raise ValueError(f"MAE tolerances are for {PRECISIONS}, not "
-                             f"{sorted(set(self.mae_tolerances) - set(PRECISIONS))}")
-        if self.threads < 1 or self.calibration_limit < 1:
-            raise ValueError("threads and calibration_limit must be >= 1")
-        if not 0.0 < self.recovery_max_fraction <= 1.0:
-            raise ValueError("recovery_max_fraction must lie in (0, 1]")
-        if self.fp16_io not in ("fp32", "fp16"):
-            raise ValueError("fp16_io must be fp32 or fp16")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}")
-        if self.target == "gpu-torch" and "int8" in self.precisions:
-            raise ValueError("target gpu-torch builds fp32, fp16 and bf16 (INT8 on a GPU needs "
-                             "TensorRT: use --target gpu)")
-
-    def command(self) -> list[str]:
-        """The ``bedside optimize`` command line that reproduces this request."""
-        return [
-            "bedside", "optimize", "--checkpoint", str(self.checkpoint.absolute()),
-            "--manifest", str(self.manifest.absolute()),
-            "--calibration", str(self.calibration_dir.absolute()),
-            "--validation", str(self.validation_dir.absolute()),
-            "--out", str(self.out_dir.absolute()), "--threads", str(self.threads),
-            "--precisions", ",".join(self.precisions),
-            "--calibration-methods", ",".join(self.calibration_methods),
-            "--objective", self.objective, "--target", self.target, "--fp16-io", self.fp16_io,
-            "--calibration-limit", str(self.calibration_limit),
-            "--recovery-max-fraction", str(self.recovery_max_fraction),
-            *(["--no-recovery"] if not self.recovery else []),
-            *[arg for p, t in sorted(self.mae_tolerances.items())
-              for arg in ("--mae-tolerance", f"{p}={t}")],
-        ]
 
 
 @dataclass(frozen=True)

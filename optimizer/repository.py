@@ -29,7 +29,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 from optimizer.manifest import Manifest
 
 MANIFEST_FILE = "manifest.json"
-TARGETS = ("cpu", "gpu", "gpu-torch")
 
 
 @dataclass(frozen=True)

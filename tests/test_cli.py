@@ -89,7 +89,7 @@ def test_serve_becomes_ready_and_stops_everything_on_ctrl_c(optimized: Path,
 def test_triton_env_defaults_to_the_sibling_of_this_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from services.cli import _default_triton_env
+    from services.commands.common import default_triton_env as _default_triton_env
 
     monkeypatch.delenv("BEDSIDE_TRITON_ENV", raising=False)
     monkeypatch.chdir("/")  # independent of where the command runs

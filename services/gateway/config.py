@@ -1,89 +1,251 @@
-"""Gateway configuration: frozen, validated once at start-up."""
+"""Gateway configuration: every setting declared once, frozen, validated once at start-up.
+
+Each field of ``GatewayConfig`` is declared with ``setting(...)``: its default for library use
+(tests, embedding), the flag of ``bedside gateway`` / ``bedside serve`` and the default the
+command gives it where that differs (with why), and the Helm chart value that renders the flag
+(``charts/bedside/values.yaml``), or why the chart sets it otherwise. The commands' flags are
+generated from these declarations (``add_flags``) and read back (``settings_from_args``);
+``tests/deploy/test_settings.py`` checks that the chart's values, its rendered command line and
+these declarations agree.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import ipaddress
 import re
 import ssl
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Final
 
 from services.errors import ConfigError
 
 _AE_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$")
+SETTING: Final = "setting"  # the key of a field's declaration in its dataclass metadata
+
+
+class _Same:
+    def __repr__(self) -> str:
+        return "SAME"
+
+
+SAME: Final[Any] = _Same()  # a command or chart default that is the field's default
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one ``GatewayConfig`` field is set from outside the process.
+
+    ``chart`` is the values path whose value the chart renders as the flag; without one,
+    ``chart_fixed`` is the literal the chart always passes (a mount path, a bind address), or
+    ``why`` says how the chart derives the flag from other values. ``why`` also explains any
+    ``command_default`` or ``chart_default`` that differs from the field's default.
+    """
+
+    flag: str
+    help: str = ""
+    command_default: Any = SAME
+    chart: str | None = None
+    chart_default: Any = SAME
+    chart_fixed: str | None = None
+    why: str = ""
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    commands: tuple[str, ...] = ("gateway", "serve")
+    # (flag, help) of the alternative the operator must choose instead of this flag.
+    alternative: tuple[str, str] | None = None
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute the flag fills (argparse's own naming)."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def setting(default: Any = dataclasses.MISSING, *, flag: str, help: str = "",
+            command_default: Any = SAME, chart: str | None = None, chart_default: Any = SAME,
+            chart_fixed: str | None = None, why: str = "", metavar: str | None = None,
+            choices: tuple[str, ...] | None = None,
+            commands: tuple[str, ...] = ("gateway", "serve"),
+            alternative: tuple[str, str] | None = None) -> Any:
+    """A ``GatewayConfig`` field with its declaration (no default: required)."""
+    spec = Setting(flag, help, command_default, chart, chart_default, chart_fixed, why,
+                   metavar, choices, commands, alternative)
+    return field(default=default, metadata={SETTING: spec})
+
+
+_CHART_TLS = ("the chart passes the files of its mounted TLS Secret: gateway.tls (HTTP, gRPC and "
+              "DIMSE) or else gateway.dicomTls (DIMSE only)")
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     """Everything the gateway needs; the model's manifest is read from the model repository."""
 
-    model_repository: Path
-    model_name: str
-    triton_grpc_url: str
-    spool_dir: Path
-    http_host: str = "127.0.0.1"
-    http_port: int = 8080
-    dicom_host: str = "127.0.0.1"
-    dicom_port: int = 11112
-    ae_title: str = "BEDSIDE"
+    model_repository: Path = setting(
+        flag="--repository", help="Triton model repository (the model's manifest.json is read)",
+        chart_fixed="/etc/bedside/models", why="the model ConfigMap's mount path")
+    model_name: str = setting(flag="--model", chart="model.name")
+    triton_grpc_url: str = setting(
+        flag="--triton-url", help="Triton gRPC host:port", commands=("gateway",),
+        command_default="127.0.0.1:8001",
+        why="`bedside serve` starts Triton and passes its address; the chart passes "
+            "gateway.tritonUrl, else this release's Triton or KServe predictor Service")
+    spool_dir: Path = setting(
+        flag="--spool", command_default=Path("bedside-spool"),
+        chart_fixed="/var/lib/bedside/spool", why="the spool volume's mount path")
+    http_host: str = setting(
+        "127.0.0.1", flag="--http-host", chart_fixed="0.0.0.0",
+        why="a pod listens on every address; Services and NetworkPolicies choose who connects")
+    http_port: int = setting(8080, flag="--http-port", chart="gateway.ports.http")
+    dicom_host: str = setting(
+        "127.0.0.1", flag="--dicom-host", chart_fixed="0.0.0.0",
+        why="a pod listens on every address; Services and NetworkPolicies choose who connects")
+    dicom_port: int = setting(11112, flag="--dicom-port", chart="gateway.ports.dicom")
+    ae_title: str = setting("BEDSIDE", flag="--ae-title", chart="gateway.aeTitle")
     # Calling AE titles allowed to associate; empty allows every calling AE title.
-    allowed_calling_aets: tuple[str, ...] = ()
-    max_associations: int = 8
+    allowed_calling_aets: tuple[str, ...] = setting(
+        (), flag="--allowed-ae", metavar="AE_TITLE", chart="gateway.allowedAETitles",
+        help="calling AE title allowed to associate (repeatable; none given: any calling AE "
+             "title)")
+    max_associations: int = setting(8, flag="--max-associations",
+                                     chart="gateway.maxAssociations")
     # Data-set bytes one association may carry; beyond, C-STORE answers 0xA700 (reason
     # association_too_large) until the peer opens a new association. 0 means no limit.
-    max_association_bytes: int = 0
+    max_association_bytes: int = setting(
+        0, flag="--max-association-bytes", chart="gateway.maxAssociationBytes",
+        help="data-set bytes one DIMSE association may carry; beyond, C-STORE answers 0xA700 "
+             "(0: no limit)")
     # Largest P-DATA PDU we accept (told to the peer at association); 0 means no limit.
     # 1 MiB: a 512x512 CT slice arrives in a few PDUs (dcmtk sends at most 128 KiB) instead of
     # 33 of 16 KiB, each one a trip through pynetdicom's Python reactor (loadtests.bench_ingest).
-    max_pdu_bytes: int = 1024 * 1024
+    max_pdu_bytes: int = setting(
+        1024 * 1024, flag="--max-pdu", chart="gateway.maxPduBytes",
+        help="largest DIMSE PDU accepted, bytes (0: no limit)")
     # DICOM TLS (PS3.15 B.1): certificate and key enable it; a CA file also requires and
     # verifies client certificates (mutual TLS).
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    # Open Inference Protocol v2 over gRPC, on http_host; 0 (the default here) leaves it off.
-    # The CLI turns it on at 8081 unless told otherwise.
-    grpc_port: int = 0
-    max_request_bytes: int = 64 * 1024 * 1024
+    tls_cert: Path | None = setting(
+        None, flag="--tls-cert", why=_CHART_TLS,
+        help="server certificate (PEM) for HTTP, gRPC and DICOM TLS; re-read when it changes")
+    tls_key: Path | None = setting(None, flag="--tls-key", why=_CHART_TLS,
+                                   help="private key of --tls-cert (PEM)")
+    tls_ca: Path | None = setting(
+        None, flag="--tls-ca",
+        why=_CHART_TLS + "; ca.crt when gateway.tls.clientCA / gateway.dicomTls.requireClientCert",
+        help="CA bundle for client certificates: required on DICOM TLS and gRPC, optional on "
+             "HTTP (else an API key)")
+    # Open Inference Protocol v2 over gRPC, on http_host; 0 leaves it off.
+    grpc_port: int = setting(
+        0, flag="--grpc-port", command_default=8081, chart="gateway.ports.grpc",
+        why="off for library use and tests (no fixed port taken); the commands serve it",
+        help="Open Inference Protocol v2 gRPC port on --http-host (0: off)")
+    max_request_bytes: int = setting(
+        64 * 1024 * 1024, flag="--max-request-bytes", chart="gateway.maxRequestBytes",
+        help="largest HTTP request body or gRPC message accepted, bytes")
     # Acknowledged-but-unfinished instances above which C-STORE answers 0xA700 (back-pressure).
-    max_spool_depth: int = 1000
+    max_spool_depth: int = setting(
+        1000, flag="--max-spool-depth", chart="gateway.spool.maxDepth",
+        help="acknowledged but unfinished instances above which new work is refused "
+             "(C-STORE 0xA700, HTTP 503)")
     # New work (C-STORE, STOW-RS, POST /v1/studies) is refused (0xA700 / 503 + Retry-After,
     # reason disk_full) while the spool's filesystem has less free space than this.
-    min_free_bytes: int = 1024**3
-    triton_timeout_s: float = 10.0
-    triton_retry_backoff_s: float = 0.5
+    min_free_bytes: int = setting(
+        1024**3, flag="--min-free-bytes", chart="gateway.spool.minFreeBytes",
+        help="refuse new work below this much free spool disk (0 = off)")
+    triton_timeout_s: float = setting(
+        10.0, flag="--triton-timeout", metavar="SECONDS",
+        chart="gateway.tritonClient.timeoutSeconds", help="deadline of one Triton call")
+    triton_retry_backoff_s: float = setting(
+        0.5, flag="--triton-retry-backoff", metavar="SECONDS",
+        chart="gateway.tritonClient.retryBackoffSeconds",
+        help="first wait before retrying while Triton is unavailable (doubles per attempt, "
+             "capped)")
     # Circuit breaker on the Triton client: open after this many consecutive "unavailable"
     # failures; while open, calls fail fast; after the cool-down one probe call is let through.
-    triton_breaker_failures: int = 5
-    triton_breaker_cooldown_s: float = 5.0
+    triton_breaker_failures: int = setting(
+        5, flag="--triton-breaker-failures", chart="gateway.tritonClient.breakerFailures",
+        help="consecutive Triton-unavailable failures that open the breaker")
+    triton_breaker_cooldown_s: float = setting(
+        5.0, flag="--triton-breaker-cooldown",
+        chart="gateway.tritonClient.breakerCooldownSeconds",
+        help="seconds before an open breaker lets one probe through")
     # Grouping (processing/): None takes the manifest's grouping.level / grouping.timeout_s.
-    group_level: str | None = None  # "instance" | "series" | "study"
-    group_timeout_s: float | None = None  # inactivity timeout closing a series/study group
+    group_level: str | None = setting(
+        None, flag="--group-level", choices=("instance", "series", "study"),
+        chart="gateway.grouping.level",
+        help="group instances before inferring (default: the manifest's grouping.level)")
+    group_timeout_s: float | None = setting(
+        None, flag="--group-timeout", metavar="SECONDS", chart="gateway.grouping.timeoutSeconds",
+        help="a group closes after this long without a new instance (default: the manifest's "
+             "grouping.timeout_s)")
     # Job-table rows in a final state are deleted after this many seconds (start-up, hourly).
-    job_retention_s: float = 7 * 86400.0
+    job_retention_s: float = setting(
+        7 * 86400.0, flag="--job-retention", metavar="SECONDS",
+        chart="gateway.jobRetentionSeconds",
+        help="finished job-table rows are deleted after this long")
     # Results delivery (delivery/): the routes file (YAML, or JSON by suffix),
     # loaded and validated once when the gateway is built; None delivers nothing.
-    routes_file: Path | None = None
+    routes_file: Path | None = setting(
+        None, flag="--routes", metavar="FILE",
+        why="gateway.delivery.routes becomes a ConfigMap; the chart passes its mounted file",
+        help="routes file (YAML/JSON): deliver DICOM results (SR/SEG) to destinations by "
+             "C-STORE or STOW-RS, optionally de-identified")
     # Security (README "Security"). The defaults here are permissive for library use and tests;
-    # the `bedside gateway` command makes the operator choose keys or --no-auth, TLS or
-    # --plaintext. api_keys: the keys file (security/auth.py); None turns authentication off.
-    api_keys: Path | None = None
+    # the commands make the operator choose keys or --no-auth, TLS or --plaintext.
+    # api_keys: the keys file (security/auth.py); None turns authentication off.
+    api_keys: Path | None = setting(
+        None, flag="--api-keys", metavar="FILE",
+        alternative=("--no-auth", "no authentication on HTTP and gRPC (trusted networks only)"),
+        why="gateway.auth.enabled: the chart passes keys.yaml of the Secret "
+            "gateway.auth.secretName, else --no-auth",
+        help="API keys file (YAML/JSON, hashed keys and scopes; re-read when it changes); see "
+             "`bedside keys new`")
     # HTTP and gRPC listeners serve TLS with tls_cert/tls_key (tls_ca: client certificates,
     # optional on HTTP, required on gRPC); DIMSE uses DICOM TLS with them unless dicom_tls is
     # False.
-    http_tls: bool = False
-    dicom_tls: bool = True
+    http_tls: bool = setting(
+        False, flag="--plaintext", command_default=True,
+        why="the commands make plaintext an explicit choice; the chart passes --plaintext "
+            "unless gateway.tls.enabled (TLS then ends at the ingress)",
+        help="HTTP and gRPC without TLS (required unless --tls-cert/--tls-key are given; with "
+             "them, only DIMSE keeps TLS)")
+    dicom_tls: bool = setting(
+        True, flag="--dicom-plaintext",
+        why="the chart passes --dicom-plaintext when gateway.tls.enabled and not "
+            "gateway.dicomTls.enabled",
+        help="DIMSE without TLS even though --tls-cert/--tls-key are given")
     # Source networks (CIDR) allowed on HTTP and gRPC; empty allows every address.
-    allowed_sources: tuple[str, ...] = ()
+    allowed_sources: tuple[str, ...] = setting(
+        (), flag="--allowed-source", metavar="CIDR", chart="gateway.allowedSources",
+        help="source network allowed on HTTP and gRPC (repeatable; none given: any)")
     # Per-principal token bucket (requests per second, burst); 0 turns it off.
-    rate_limit_per_s: float = 0.0
-    rate_limit_burst: float = 1.0
+    rate_limit_per_s: float = setting(
+        0.0, flag="--rate-limit", command_default=50.0, chart="gateway.rateLimit.perSecond",
+        why="off for library use and tests; on for the commands",
+        help="requests per second per API key / client certificate (0: off)")
+    rate_limit_burst: float = setting(
+        1.0, flag="--rate-burst", command_default=100.0, chart="gateway.rateLimit.burst",
+        why="unused while the rate limit is off (the library default)",
+        help="requests a key may send at once before --rate-limit applies")
     # Concurrent infer/submit calls over HTTP and gRPC; 0 means no cap.
-    max_concurrent_requests: int = 0
+    max_concurrent_requests: int = setting(
+        0, flag="--max-concurrent", command_default=64, chart="gateway.maxConcurrent",
+        why="no cap for library use and tests; capped for the commands",
+        help="infer/submit calls in progress at once over HTTP and gRPC; more get 503 / "
+             "RESOURCE_EXHAUSTED (0: no cap)")
     # Audit trail: JSON lines appended to this file ("-": standard output) and/or sent to
     # syslog (host:port over UDP, or a socket path such as /dev/log).
-    audit_log: Path | None = None
-    audit_syslog: str | None = None
+    audit_log: Path | None = setting(
+        None, flag="--audit-log", metavar="FILE", chart="gateway.audit.log", chart_default="-",
+        why="in a container the audit trail goes to stdout, apart from the log on stderr, "
+            "where the runtime's log shipper collects it",
+        help="append the audit trail (JSON lines) to FILE; '-' for stdout (default: the log)")
+    audit_syslog: str | None = setting(
+        None, flag="--audit-syslog", metavar="HOST:PORT|SOCKET", chart="gateway.audit.syslog",
+        help="also send audit records to syslog (UDP host:port or /dev/log)")
 
     def __post_init__(self) -> None:
         if not _AE_RE.match(self.ae_title) or self.ae_title != self.ae_title.strip():
@@ -174,3 +336,79 @@ class GatewayConfig:
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"DICOM TLS certificate, key or CA unusable: {exc}") from exc
         return ctx
+
+
+_REQUIRED = frozenset(f.name for f in dataclasses.fields(GatewayConfig)
+                      if f.default is dataclasses.MISSING)
+
+
+def settings() -> list[tuple[str, Setting]]:
+    """(field name, declaration) of every ``GatewayConfig`` field, in declaration order."""
+    return [(f.name, f.metadata[SETTING]) for f in dataclasses.fields(GatewayConfig)]
+
+
+def _value_type(name: str) -> tuple[type, bool]:
+    """(element type, repeatable) of a field: ``Path | None`` -> Path; tuple[str, ...] -> str."""
+    hint = typing.get_type_hints(GatewayConfig)[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def command_default(name: str, spec: Setting) -> Any:
+    """The setting's value when its flag is not given to the command."""
+    if spec.command_default is not SAME:
+        return spec.command_default
+    default = next(f.default for f in dataclasses.fields(GatewayConfig) if f.name == name)
+    return None if default is dataclasses.MISSING else default
+
+
+def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add the flag of every setting that ``command`` ("gateway" or "serve") takes."""
+    for name, spec in settings():
+        if command not in spec.commands:
+            continue
+        kind, repeatable = _value_type(name)
+        target: Any = parser
+        if spec.alternative is not None:
+            target = parser.add_mutually_exclusive_group(required=True)
+        default = command_default(name, spec)
+        if kind is bool:  # the flag turns the default off: --plaintext, --dicom-plaintext
+            target.add_argument(spec.flag, action="store_true", help=spec.help or None)
+        elif repeatable:
+            target.add_argument(spec.flag, action="append", default=[],
+                                metavar=spec.metavar, help=spec.help or None)
+        else:
+            target.add_argument(spec.flag, type=None if kind is str else kind, default=default,
+                                choices=spec.choices,
+                                metavar=spec.metavar, required=name in _REQUIRED
+                                and spec.command_default is SAME, help=spec.help or None)
+        if spec.alternative is not None:
+            alt_flag, alt_help = spec.alternative
+            target.add_argument(alt_flag, action="store_true", help=alt_help)
+
+
+
+def _absolute(path: Path) -> Path:
+    return path if str(path) == "-" else path.absolute()  # "-": standard output (audit_log)
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``GatewayConfig`` keyword arguments from a command line parsed by ``add_flags``' flags
+    (only the settings whose flag the command has)."""
+    out: dict[str, Any] = {}
+    for name, spec in settings():
+        if not hasattr(args, spec.dest):
+            continue
+        value = getattr(args, spec.dest)
+        kind, repeatable = _value_type(name)
+        if kind is bool:
+            value = not command_default(name, spec) if value else command_default(name, spec)
+        elif repeatable:
+            value = tuple(value)
+        elif kind is Path and value is not None:
+            value = _absolute(value)
+        out[name] = value
+    return out

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import _gateway_config, _parser, main
+from services.cli import _parser, main
+from services.commands.gateway import config_from_args
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.harness import model_repository
 
@@ -23,13 +24,13 @@ def test_gateway_flags_build_the_config(tmp_path: Path) -> None:
         "--min-free-bytes", "0", "--triton-breaker-failures", "3",
         "--triton-breaker-cooldown", "2.5", "--no-auth",
     ])
-    config = _gateway_config(args, args.triton_url)
+    config = config_from_args(args, args.triton_url)
     assert config.allowed_calling_aets == ("CT1", "PACS")
     assert (config.max_pdu_bytes, config.grpc_port) == (65536, 9001)
     assert config.tls_ca == tmp_path / "ca.pem"
     assert config.min_free_bytes == 0
     assert (config.triton_breaker_failures, config.triton_breaker_cooldown_s) == (3, 2.5)
-    defaults = _gateway_config(_parser().parse_args([
+    defaults = config_from_args(_parser().parse_args([
         "gateway", "--repository", str(repo), "--model", TINY_MANIFEST.name, "--no-auth",
         "--plaintext"]), "x:1")
     assert defaults.allowed_calling_aets == () and defaults.tls_cert is None

@@ -17,7 +17,8 @@ from pynetdicom.presentation import StoragePresentationContexts
 
 from optimizer.errors import ManifestError
 from optimizer.manifest import Grouping, Manifest, Selection
-from services.cli import _gateway_config, _parser
+from services.cli import _parser
+from services.commands.gateway import config_from_args
 from services.errors import ConfigError
 from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
@@ -564,10 +565,10 @@ def test_group_flags_build_the_config_and_bad_values_are_refused(tmp_path: Path)
             "--plaintext", "--spool", str(tmp_path / "spool")]
     args = _parser().parse_args([*base, "--group-level", "study", "--group-timeout", "45",
                                  "--job-retention", "3600"])
-    config = _gateway_config(args, "x:1")
+    config = config_from_args(args, "x:1")
     assert (config.group_level, config.group_timeout_s, config.job_retention_s) == (
         "study", 45.0, 3600.0)
-    defaults = _gateway_config(_parser().parse_args(base), "x:1")
+    defaults = config_from_args(_parser().parse_args(base), "x:1")
     assert (defaults.group_level, defaults.group_timeout_s) == (None, None)  # the manifest's
     assert defaults.job_retention_s == 7 * 86400
     with pytest.raises(SystemExit):

@@ -16,7 +16,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from services.cli import _gateway_config, _parser, main
+from services.cli import _parser, main
+from services.commands.gateway import config_from_args
 from services.errors import ConfigError
 from services.gateway.config import GatewayConfig
 from services.gateway.security.auth import normalize_subject
@@ -152,14 +153,14 @@ def test_plaintext_http_is_refused_unless_chosen_explicitly(
             "--spool", str(tmp_path / "spool"), "--no-auth"]
     assert main(base) == 2
     assert "--plaintext explicitly" in capsys.readouterr().err
-    config = _gateway_config(_parser().parse_args([*base, "--plaintext"]), "x:1")
+    config = config_from_args(_parser().parse_args([*base, "--plaintext"]), "x:1")
     assert not config.http_tls
     pki = make_pki(tmp_path / "pki")
-    tls = _gateway_config(_parser().parse_args([
+    tls = config_from_args(_parser().parse_args([
         *base, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")]),
         "x:1")
     assert tls.http_tls and tls.dicom_tls and tls.dicom_tls_context() is not None
-    no_dicom_tls = _gateway_config(_parser().parse_args([
+    no_dicom_tls = config_from_args(_parser().parse_args([
         *base, "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
         "--dicom-plaintext"]), "x:1")
     assert no_dicom_tls.http_tls and no_dicom_tls.dicom_tls_context() is None
