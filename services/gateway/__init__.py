@@ -13,7 +13,8 @@ Modules at this level:
 
     app.py, outbox_cli.py   the composition root: the only modules that may import edges/
                             (and anything else); they wire the packages together
-    config.py               the gateway's frozen configuration, validated once at start
+    config.py               the gateway's frozen configuration, validated once at start; each
+                            setting declared once: default, command flag, chart value
     errors.py               the gateway's errors (root ``GatewayError``), each with a bounded reason
     status.py               the one status table: error -> HTTP, gRPC, DIMSE, STOW-RS, Retry-After
     phi.py                  ``uid_hash``: how a UID may appear in logs, metrics and audit

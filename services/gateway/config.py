@@ -88,7 +88,9 @@ class GatewayConfig:
     model_repository: Path = setting(
         flag="--repository", help="Triton model repository (the model's manifest.json is read)",
         chart_fixed="/etc/bedside/models", why="the model ConfigMap's mount path")
-    model_name: str = setting(flag="--model", chart="model.name")
+    model_name: str = setting(
+        flag="--model", why="the chart passes model.name (`bedside deploy` sets it from the "
+                            "model repository): a model, not a default")
     triton_grpc_url: str = setting(
         flag="--triton-url", help="Triton gRPC host:port", commands=("gateway",),
         command_default="127.0.0.1:8001",
@@ -381,14 +383,13 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
             target.add_argument(spec.flag, action="append", default=[],
                                 metavar=spec.metavar, help=spec.help or None)
         else:
+            required = name in _REQUIRED and spec.command_default is SAME
             target.add_argument(spec.flag, type=None if kind is str else kind, default=default,
-                                choices=spec.choices,
-                                metavar=spec.metavar, required=name in _REQUIRED
-                                and spec.command_default is SAME, help=spec.help or None)
+                                required=required, choices=spec.choices, metavar=spec.metavar,
+                                help=spec.help or None)
         if spec.alternative is not None:
             alt_flag, alt_help = spec.alternative
             target.add_argument(alt_flag, action="store_true", help=alt_help)
-
 
 
 def _absolute(path: Path) -> Path:
