@@ -1,5 +1,6 @@
 """The worker's groups in memory (processing/groups.py) on a clock the tests move: no thread, no
-sleep, no disk (the members' datasets are bare headers, their paths never opened)."""
+sleep, no disk (the members' datasets are bare headers, their paths never opened); last, the
+same clock injected into the worker thread, with a fake Triton."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
+from services.gateway.inference.core import InferenceCore
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
 from services.gateway.processing.grouping import GroupingPolicy, group_key
 from services.gateway.processing.groups import Group, Groups, Job, Member
+from services.gateway.processing.worker import SpoolWorker
 from services.gateway.store.jobs import INFERRED, OPEN, GroupRow, JobRow
+from services.gateway.store.results import ResultStore
+from services.gateway.store.spool import Spool
+from tests.conftest import TINY_MANIFEST
+from tests.gateway.fakes import FakeInferer
+from tests.gateway.harness import wait_for
+from tests.gateway.util import dicom_bytes, make_study
 
 
 class Clock:
@@ -183,3 +193,43 @@ def test_wait_is_until_the_earliest_due_or_the_given_time_never_negative() -> No
     assert groups.wait_s(until=clock.now + 7.0) == pytest.approx(7.0)
     clock.now += 45.0
     assert groups.wait_s(until=clock.now + 7.0) == 0.0
+
+
+def test_the_worker_closes_groups_by_its_injected_clock_not_wall_time_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    """The thread's timers come from ``clock``: a frozen clock keeps a group open however long
+    the test takes, and moving it closes the group at the next turn of the loop (an arrival
+    wakes it). Arrivals are spooled and recorded as the ingest path does."""
+    fake, clock = FakeInferer(), Clock()
+    worker = SpoolWorker(InferenceCore(TINY_MANIFEST, fake), Spool(tmp_path),
+                         ResultStore(tmp_path), GatewayMetrics(), backoff_s=0.01,
+                         policy=GroupingPolicy(level="series", timeout_s=30.0), clock=clock)
+
+    def submit(ds: Dataset) -> str:
+        path = Spool(tmp_path).put(dicom_bytes(ds))
+        worker.jobs.insert(path.name, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                           ds.SOPInstanceUID, "dimse")
+        worker.submit(Job(path=path, protocol="dimse"))
+        return path.name
+
+    def grouped(name: str) -> bool:
+        row = worker.jobs.get(name)
+        return row is not None and row.group_key is not None
+
+    first, second = make_study(2, 0), make_study(2, 2)
+    worker.start()
+    try:
+        names = [submit(ds) for ds in first]  # acknowledged at 100: due at 130
+        assert wait_for(lambda: all(grouped(n) for n in names))
+        clock.now = 129.9
+        third = submit(second[0])  # wakes the loop: nothing is due yet
+        assert wait_for(lambda: grouped(third))
+        assert fake.calls == 0 and worker.open_groups == 2
+        clock.now = 130.0
+        submit(second[1])
+        assert wait_for(lambda: worker.depth == 2)  # the first series released
+        assert fake.calls == 2 and worker.open_groups == 1  # the second waits for 159.9
+        assert {worker.jobs.get(n).state for n in names} == {INFERRED}  # type: ignore[union-attr]
+    finally:
+        worker.stop()
