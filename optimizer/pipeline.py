@@ -2,7 +2,8 @@
 
 Steps: load -> golden outputs (PyTorch FP32) -> export ONNX -> FP16 -> INT8 (calibration method
 chosen on the validation set; accuracy recovery when it misses the budget) -> TensorRT (GPU
-nodes only) -> benchmark -> select -> repository -> report. Each step records its status
+nodes only) -> OpenVINO FP32 / BF16 / INT8 (CPU target; optimizer.ov_variants) -> benchmark
+(within a time budget) -> select -> repository -> report. Each step records its status
 (ok / failed / skipped) and duration in ``steps.json`` as soon as it ends.
 """
 
@@ -28,8 +29,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from optimizer import checkpoint
+from optimizer import checkpoint, ov_runtime, ov_variants
 from optimizer.benchmark import (
+    Budget,
     Profile,
     onnx_session,
     profile_onnx,
@@ -58,6 +60,9 @@ from optimizer.gpu_torch import (
 )
 from optimizer.gpu_torch import variants as gpu_variants
 from optimizer.manifest import Manifest
+from optimizer.ov_options import OvOptions
+from optimizer.ov_repository import drop_cluster_config, write_openvino_repository
+from optimizer.ov_variants import OvJob, hardware
 from optimizer.quantize import Int8Quantizer
 from optimizer.report import VariantResult, build_report, write_report
 from optimizer.repository import ServingOptions, write_repository
@@ -94,6 +99,11 @@ class StepLog:
             self._record(name, "failed", start, f"{type(exc).__name__}: {exc}")
             raise
         self._record(name, "ok", start, None)
+
+    def durations(self) -> list[dict[str, Any]]:
+        """Every step so far with its status and seconds (the report's timing table)."""
+        return [{"name": s["step"], "status": s["status"], "seconds": s["seconds"]}
+                for s in self._steps]
 
     def not_ok(self) -> list[dict[str, str]]:
         """Steps that were skipped or failed, with why: what the report says was not built."""
@@ -141,6 +151,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _ov_options(req: OptimizeRequest) -> OvOptions:
+    return OvOptions(threads=req.threads, streams=req.ov_streams, hint=req.ov_hint)
+
+
 @dataclass
 class _Candidate:
     name: str
@@ -148,6 +162,14 @@ class _Candidate:
     path: Path
     verification: Verification
     details: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "onnxruntime-cpu"
+
+
+def _size(path: Path) -> int:
+    """Bytes on disk: one ONNX file, or an IR (model.xml and its model.bin)."""
+    if path.suffix == ".xml":
+        return path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    return path.stat().st_size
 
 
 class _Optimizer:
@@ -178,6 +200,9 @@ class _Optimizer:
             outputs = self.session_outputs(path, self.validation.inputs)
         except Exception as exc:  # ONNX Runtime raises its own exception types
             raise QuantizationError(f"{path.name} does not run in ONNX Runtime: {exc}") from exc
+        return self.verify_outputs(precision, outputs)
+
+    def verify_outputs(self, precision: str, outputs: np.ndarray) -> Verification:
         return verify(precision, outputs, self.golden, self.validation.labels, self.manifest,
                       mae_tolerance=self.req.mae_tolerances.get(precision))
 
@@ -235,6 +260,39 @@ class _Optimizer:
                 **best.details, "recovery": [], "fp32_nodes": [],
                 "plain_int8_reasons": list(best.verification.reasons)})
         return current
+
+    def openvino_variants(self, fp32_path: Path) -> list[_Candidate]:
+        """OpenVINO FP32 / BF16 / INT8 (optimizer.ov_variants), on the CPU target only."""
+        req = self.req
+        if not req.openvino:
+            self.log.skipped("openvino", "not requested")
+            return []
+        if req.target != "cpu":
+            self.log.skipped("openvino", f"target {req.target}: OpenVINO variants serve CPU "
+                                         "nodes (--target cpu)")
+            return []
+        if (why := ov_runtime.available()) is not None:
+            self.log.skipped("openvino", why)
+            return []
+        job = OvJob(
+            fp32_onnx=fp32_path, variants_dir=self.out / "variants", manifest=self.manifest,
+            inputs=self.validation.inputs, labels=self.validation.labels, golden=self.golden,
+            calibration=self.calibration, options=_ov_options(req), precisions=req.openvino,
+            mae_tolerances=req.mae_tolerances, recovery=req.recovery,
+            recovery_max_fraction=req.recovery_max_fraction, verify=self.verify_outputs)
+        return [_Candidate(v.name, v.precision, v.path, v.verification, v.details,
+                           runtime=ov_runtime.RUNTIME) for v in ov_variants.build(job, self.log)]
+
+    def write_repository(self, repo: Path, chosen: VariantResult,
+                         serving: ServingOptions) -> tuple[Path, int]:
+        if chosen.runtime == ov_runtime.RUNTIME:
+            params = {k: str(v) for k, v in _ov_options(self.req).properties(
+                chosen.precision).items()}
+            return write_openvino_repository(repo, self.manifest, self.out / chosen.file,
+                                             chosen.precision, serving, params)
+        drop_cluster_config(repo, self.manifest)  # an older OpenVINO version's, now stale
+        return write_repository(repo, self.manifest, self.out / chosen.file, chosen.precision,
+                                serving, self.req.target)
 
     def _golden(self) -> np.ndarray:
         out = self.manifest.output
@@ -296,19 +354,26 @@ class _Optimizer:
             log.skipped("int8", "not requested")
         log.skipped("tensorrt", "TensorRT is not installed here; on a GPU node engines are built "
                                 "from model.fp32.onnx (FP16) and the INT8 QDQ graph")
+        candidates += self.openvino_variants(fp32_path)
 
         sample = self.validation.inputs[:1]
-        baseline = _run(log, "benchmark_pytorch",
-                        lambda: profile_torch(self.model, sample, req.threads, req.bench))
+        budget = Budget(req.bench_budget_s, len(candidates) + 1)
+        baseline = _run(log, "benchmark_pytorch", lambda: profile_torch(
+            self.model, sample, req.threads, req.bench, budget.deadline(0, "pytorch-eager")))
         variants: list[VariantResult] = []
-        for cand in tqdm(candidates, desc="benchmark", unit="variant", leave=False,
-                         disable=not sys.stderr.isatty()):
-            def bench(cand: _Candidate = cand) -> VariantResult:
-                prof = profile_onnx(cand.path, sample, req.threads, req.bench)
+        for i, cand in enumerate(tqdm(candidates, desc="benchmark", unit="variant", leave=False,
+                                      disable=not sys.stderr.isatty()), 1):
+            def bench(cand: _Candidate = cand, i: int = i) -> VariantResult:
+                deadline = budget.deadline(i, cand.name)
+                if cand.runtime == ov_runtime.RUNTIME:
+                    prof = ov_variants.profile(cand.path, cand.precision, sample,
+                                               _ov_options(req), req.bench, deadline)
+                else:
+                    prof = profile_onnx(cand.path, sample, req.threads, req.bench, deadline)
                 return VariantResult(
-                    name=cand.name, precision=cand.precision, runtime="onnxruntime-cpu",
+                    name=cand.name, precision=cand.precision, runtime=cand.runtime,
                     file=str(cand.path.relative_to(self.out)),
-                    size_bytes=cand.path.stat().st_size, verification=cand.verification,
+                    size_bytes=_size(cand.path), verification=cand.verification,
                     profile=prof, speedup=baseline.batch1.p50_ms / prof.batch1.p50_ms,
                     details=cand.details)
             variants.append(_run(log, f"benchmark_{cand.name}", bench))
@@ -317,14 +382,14 @@ class _Optimizer:
         chosen = _run(log, "select", lambda: select(
             variants, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
         repo = self.out / "repository"
-        model_dir, version = _run(log, "write_repository", lambda: write_repository(
-            repo, self.manifest, self.out / chosen.file, chosen.precision, serving, req.target))
+        model_dir, version = _run(log, "write_repository", lambda: self.write_repository(
+            repo, chosen, serving))
         report = build_report(
             manifest=self.manifest, threads=req.threads, objective=req.objective,
             target=req.target, inputs=inputs, validation_size=len(self.validation),
             baseline=baseline, variants=variants, selected=chosen.name,
             repository=str(model_dir.relative_to(self.out)), version=version,
-            not_built=log.not_ok(),
+            not_built=log.not_ok(), hardware=hardware(_ov_options(req)), steps=log.durations(),
         )
         js, md = _run(log, "write_report", lambda: write_report(self.out, report))
         _write_reproduce(self.out, req)

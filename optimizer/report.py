@@ -80,6 +80,7 @@ def build_report(
     repository: str, version: int, not_built: list[dict[str, str]],
     baseline_name: str = "pytorch-eager", baseline_runtime: str = "torch",
     device: dict[str, str] | None = None,
+    hardware: dict[str, Any] | None = None, steps: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The report's content; ``device`` describes the GPU for GPU targets (baseline and
     variants then ran on it, and peak memory is GPU memory)."""
@@ -90,6 +91,7 @@ def build_report(
         "version": version,
         "task": manifest.task,
         "machine": {**machine(), **({"device": device} if device else {})},
+        "hardware": hardware or {},
         "threads": threads,
         "objective": objective,
         "target": target,
@@ -124,6 +126,7 @@ def build_report(
         "selected": selected,
         "repository": repository,
         "plots": ["latency_vs_batch.png", "accuracy_vs_speed.png"],
+        "steps": steps or [],
     }
 
 
@@ -184,10 +187,50 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["not_built"]:
         lines += ["", "Not built: " + "; ".join(f"{s['name']} ({s['status']}: {s['reason']})"
                                                 for s in report["not_built"]) + "."]
+    lines += _hardware_lines(report)
+    if report.get("steps"):
+        total = sum(s["seconds"] for s in report["steps"])
+        lines += ["", f"Step durations ({total:.0f} s in all, report writing excluded): "
+                  + ", ".join(f"{s['name']} {s['seconds']:.1f} s"
+                              + ("" if s["status"] == "ok" else f" ({s['status']})")
+                              for s in report["steps"]) + "."]
     lines += ["",
               "![latency vs batch size](latency_vs_batch.png)",
               "![accuracy vs speed](accuracy_vs_speed.png)", ""]
     return "\n".join(lines)
+
+
+def _hardware_lines(report: dict[str, Any]) -> list[str]:
+    """The CPU features that decide speed, and what each OpenVINO variant used."""
+    hw = report.get("hardware") or {}
+    if not hw:
+        return []
+    have = [name for name, present in hw["cpu_features"].items() if present]
+    lacks = [name for name, present in hw["cpu_features"].items() if not present]
+    ov = hw["openvino_settings"]
+    lines = ["", f"CPU features: {', '.join(have) or 'none of note'}"
+             f"{'; lacks ' + ', '.join(lacks) if lacks else ''}. Paths: FP32 "
+             f"{hw['paths']['fp32']}, BF16 {hw['paths']['bf16']}, INT8 {hw['paths']['int8']}. "
+             f"OpenVINO {hw.get('openvino', 'not installed')} (NNCF {hw.get('nncf', '-')}): "
+             f"{ov['threads']} threads, {ov['streams']} stream(s), hint {ov['hint']}."]
+    for v in report["variants"]:
+        d = v["details"]
+        if "kernels" not in d:
+            continue
+        kernels = ", ".join(f"{k} x{n}" for k, n in d["kernels"].items())
+        check = d.get("cluster_check", {})
+        loads = ("loads in " + check["triton_image"] + f" (OpenVINO {check['openvino']}, IR v"
+                 f"{check['ir_version']}, newest opset{check['newest_opset']})") \
+            if check.get("loads") else f"does not load in the cluster image: " \
+            f"{'; '.join(check.get('problems', []))}"
+        lines.append(f"- {v['name']}: inference precision {d['inference_precision']}, "
+                     f"{d['cpu_path']}; kernels {kernels}; IR {loads}.")
+        if d.get("accuracy_control"):
+            ac = d["accuracy_control"]
+            lines.append(f"  NNCF accuracy control (at most {ac['max_iterations']} iterations): "
+                         f"{len(ac['fp32_ops'])} ops back in floating point; gate score "
+                         f"{ac['score_plain']} -> {ac['score_final']} (<= 1 passes).")
+    return lines
 
 
 def write_plots(out_dir: Path, report: dict[str, Any]) -> None:

@@ -7,8 +7,8 @@ are all generated from these declarations, so that ``from_args(parse(request.com
 equals the request (tests/optimizer/test_request.py). A new flag is one more field here.
 
 How a value is written on the command line follows the field's type: a path, number or string
-as itself; ``tuple[str, ...]`` comma-separated; ``dict[str, float]`` as a repeated
-``KEY=VALUE`` flag; ``bool`` as a flag that turns the default off.
+as itself; ``tuple[str, ...]`` comma-separated (``none`` when empty); ``dict[str, float]`` as a
+repeated ``KEY=VALUE`` flag; ``bool`` as a flag that turns the default off.
 
 Torch-free (the ``bedside`` command builds its parser from it, also in the gateway's image).
 """
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from optimizer.ov_options import HINTS, OV_PRECISIONS
+
 OBJECTIVES = ("latency", "throughput", "throughput-within-slo")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 TARGETS = ("cpu", "gpu", "gpu-torch")
@@ -31,7 +33,12 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 # What each target builds when --precisions is not given.
 DEFAULT_PRECISIONS = {"cpu": ("fp32", "fp16", "int8"), "gpu": ("fp32", "fp16", "int8"),
                       "gpu-torch": ("fp32", "fp16", "bf16")}
+# The OpenVINO variants each target builds when --openvino is not given (CPU nodes only). A
+# library caller gets none unless it asks (OptimizeRequest's own default).
+DEFAULT_OPENVINO: dict[str, tuple[str, ...]] = {"cpu": OV_PRECISIONS, "gpu": (),
+                                                "gpu-torch": ()}
 OPTION: Final = "option"  # the key of a field's declaration in its dataclass metadata
+NONE: Final = "none"  # an empty tuple on the command line
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,12 @@ class BenchOptions:
     min_seconds: float = 1.0
     max_batch: int = 32
     min_gain: float = 0.05  # stop doubling the batch when throughput gains less than this
+    max_seconds: float = 8.0  # one point stops here once it has floor_runs calls
+    floor_runs: int = 10
+
+    def __post_init__(self) -> None:
+        if self.max_seconds < self.min_seconds or self.floor_runs < 1:
+            raise ValueError("max_seconds must be >= min_seconds and floor_runs >= 1")
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,18 @@ class OptimizeRequest:
     mae_tolerances: dict[str, float] = option(
         {}, flag="--mae-tolerance", metavar="PRECISION=MAE",
         help="override a verification threshold, e.g. int8=0.1 (repeatable)")
+    # OpenVINO variants (optimizer.ov_variants), CPU target only; threads: ``threads``.
+    openvino: tuple[str, ...] = option(
+        (), flag="--openvino", default_by=("target", DEFAULT_OPENVINO),
+        help="OpenVINO variants, from fp32, bf16, int8, or none (default: all three for cpu, "
+             "none for the GPU targets); bf16 only where the CPU has native BF16")
+    ov_streams: int = option(1, flag="--ov-streams",
+                             help="OpenVINO CPU streams (1 for latency; more for throughput)")
+    ov_hint: str = option("latency", flag="--ov-hint", choices=HINTS,
+                          help="OpenVINO performance hint")
+    bench_budget_s: float = option(
+        240.0, flag="--bench-budget",
+        help="seconds for the whole benchmark step, all runtimes in turn (inf: unbounded)")
     # Not on the command line: the command benchmarks with the defaults; tests pass quick ones.
     bench: BenchOptions = field(default_factory=BenchOptions)
 
@@ -130,6 +155,12 @@ class OptimizeRequest:
             raise ValueError("fp16_io must be fp32 or fp16")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}")
+        if set(self.openvino) - set(OV_PRECISIONS):
+            raise ValueError(f"OpenVINO precisions come from {OV_PRECISIONS}")
+        if self.ov_streams < 1 or self.ov_hint not in HINTS:
+            raise ValueError(f"OpenVINO streams must be >= 1 and the hint one of {HINTS}")
+        if not self.bench_budget_s > 0:
+            raise ValueError("the benchmark budget must be > 0 seconds (inf: unbounded)")
         if self.target == "gpu-torch" and "int8" in self.precisions:
             raise ValueError("target gpu-torch builds fp32, fp16 and bf16 (INT8 on a GPU needs "
                              "TensorRT: use --target gpu)")
@@ -145,7 +176,7 @@ class OptimizeRequest:
             elif kind is dict:
                 argv += [a for k, v in sorted(value.items()) for a in (spec.flag, f"{k}={v}")]
             elif kind is tuple:
-                argv += [spec.flag, ",".join(value)]
+                argv += [spec.flag, ",".join(value) or NONE]
             elif kind is Path:
                 argv += [spec.flag, str(value.absolute())]
             else:
@@ -180,7 +211,7 @@ def _command_default(name: str, spec: Option, kind: type) -> Any:
     if spec.default_by is not None or default is None:
         return None
     if kind is tuple:
-        return ",".join(default)
+        return ",".join(default) or NONE
     if kind is dict:
         return []
     return default
@@ -220,7 +251,7 @@ def from_args(args: argparse.Namespace) -> OptimizeRequest:
         elif raw is None and spec.default_by is not None:
             later.append((name, spec))
         elif kind is tuple:
-            values[name] = tuple(raw.split(","))
+            values[name] = () if raw == NONE else tuple(raw.split(","))
         else:
             values[name] = raw
     for name, spec in later:
@@ -230,5 +261,5 @@ def from_args(args: argparse.Namespace) -> OptimizeRequest:
     return OptimizeRequest(**values)
 
 
-__all__ = ["CALIBRATION_METHODS", "DEFAULT_PRECISIONS", "OBJECTIVES", "PRECISIONS", "TARGETS",
-           "BenchOptions", "OptimizeRequest", "add_arguments", "from_args"]
+__all__ = ["CALIBRATION_METHODS", "DEFAULT_OPENVINO", "DEFAULT_PRECISIONS", "OBJECTIVES",
+           "PRECISIONS", "TARGETS", "BenchOptions", "OptimizeRequest", "add_arguments", "from_args"]
