@@ -1,7 +1,7 @@
 """``bedside demo``: the whole path on embedded defaults, all local, nothing downloaded.
 
-synthesize DICOM -> train a small MONAI DenseNet -> optimize (ONNX FP32, INT8 QDQ; verify,
-benchmark, select) -> real Triton on the repository -> gateway -> one study by C-STORE and one
+synthesize DICOM -> train a small MONAI DenseNet -> optimize (ONNX Runtime FP32, FP16, INT8
+QDQ; OpenVINO FP32, BF16, INT8; verify, benchmark, select) -> real Triton on the repository -> gateway -> one study by C-STORE and one
 image by REST -> findings with the latency split. Everything started is stopped on the way out,
 Ctrl-C included.
 """
@@ -23,6 +23,7 @@ from pynetdicom import AE
 from optimizer import checkpoint
 from optimizer.dataset import load_labelled
 from optimizer.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
+from optimizer.ov_options import OV_PRECISIONS
 from optimizer.pipeline import OptimizeRequest, optimize
 from optimizer.synthetic import CR_IMAGE_STORAGE, write_labelled_set, write_study
 from optimizer.train import DEMO_ARCHITECTURE, DEMO_KWARGS, train_classifier
@@ -129,11 +130,12 @@ def run_demo(out: Path, triton_env: Path, sizes: DemoSizes, threads: int = 2) ->
                                epochs=sizes.epochs, seed=0)
     checkpoint.save(model_dir / "model.pt", DEMO_ARCHITECTURE, DEMO_KWARGS, trained)
 
-    print("[3/5] optimizing: ONNX FP32, FP16 and INT8, verified and benchmarked")
+    print("[3/5] optimizing: ONNX Runtime FP32, FP16 and INT8, OpenVINO FP32, BF16 and INT8, "
+          "verified and benchmarked")
     result = optimize(OptimizeRequest(
         checkpoint=model_dir / "model.pt", manifest=model_dir / "manifest.json",
         calibration_dir=data / "calibration", validation_dir=data / "validation",
-        out_dir=out, threads=threads,
+        out_dir=out, threads=threads, openvino=OV_PRECISIONS,
     ))
     print(result.report_md.read_text(encoding="utf-8"))
 
