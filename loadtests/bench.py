@@ -35,7 +35,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +145,15 @@ def _checkpoint(optimized: Path) -> Path:
     return optimized / "model" / "model.pt"
 
 
-def variant_vs_eager(optimized: Path, onnx_file: Path, sample: np.ndarray,
+def variant_vs_eager(optimized: Path, version_dir: Path, sample: np.ndarray,
                      threads: int) -> list[dict[str, Any]]:
     """At the served thread count and at one thread: PyTorch's intra-op threads suffer badly
     when other work shares the cores (spinning OpenMP workers), one thread much less."""
     import torch
 
+    from loadtests.inprocess import load
     from optimizer import checkpoint
-    from optimizer.benchmark import input_dtype, onnx_session, time_calls
+    from optimizer.benchmark import time_calls
 
     model = checkpoint.load(_checkpoint(optimized))
     tensor = torch.from_numpy(sample)
@@ -165,33 +165,30 @@ def variant_vs_eager(optimized: Path, onnx_file: Path, sample: np.ndarray,
     rows = []
     for n in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(n)
-        session = onnx_session(onnx_file, n)
-        name, dtype = session.get_inputs()[0].name, input_dtype(session)
-        feed = {name: sample.astype(dtype)}
+        variant = load(version_dir, n)
         torch_lat = time_calls(eager, warmup=10, min_runs=100, min_seconds=3.0)
-        onnx_lat = time_calls(partial(session.run, None, feed), warmup=10, min_runs=100,
-                              min_seconds=3.0)
-        rows.append({"threads": n, "pytorch_eager_p50_ms": round(torch_lat.p50_ms, 3),
+        onnx_lat = time_calls(variant.make(sample.astype(variant.dtype)), warmup=10,
+                              min_runs=100, min_seconds=3.0)
+        rows.append({"threads": n, "runtime": variant.runtime,
+                     "pytorch_eager_p50_ms": round(torch_lat.p50_ms, 3),
                      "variant_p50_ms": round(onnx_lat.p50_ms, 3),
                      "speedup": round(torch_lat.p50_ms / onnx_lat.p50_ms, 2)})
     return rows
 
 
-def triton_vs_inprocess(ends: Endpoints, onnx_file: Path, manifest: Manifest,
+def triton_vs_inprocess(ends: Endpoints, version_dir: Path, manifest: Manifest,
                         sample: np.ndarray, threads: int, concurrencies: list[int],
                         seconds: float) -> list[dict[str, Any]]:
     import tritonclient.grpc as grpcclient
 
-    from optimizer.benchmark import input_dtype, onnx_session
+    from loadtests.inprocess import load
 
-    session = onnx_session(onnx_file, threads)
-    name, dtype = session.get_inputs()[0].name, input_dtype(session)
-    feed = {name: sample.astype(dtype)}
-    triton_sample = sample.astype(dtype)
-    datatype = "FP16" if dtype == np.float16 else "FP32"
+    variant = load(version_dir, threads)
+    triton_sample = sample.astype(variant.dtype)
+    datatype = "FP16" if variant.dtype == np.float16 else "FP32"
 
     def in_process() -> Callable[[], object]:
-        return lambda: session.run(None, feed)
+        return variant.make(triton_sample)
 
     def served() -> Callable[[], object]:
         client = grpcclient.InferenceServerClient(ends.triton_grpc_url)
@@ -335,18 +332,18 @@ def run(optimized: Path, out: Path, concurrencies: list[int], gateway_concurrenc
     manifest = Manifest.load(repo / model / "manifest.json")
     versions = sorted((d for d in (repo / model).iterdir() if d.name.isdigit()),
                       key=lambda d: int(d.name))
-    onnx_file = versions[-1] / "model.onnx"
+    version_dir = versions[-1]
     shape = (1, manifest.input.channels, manifest.input.height, manifest.input.width)
     sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     report: dict[str, Any] = {"machine": machine(), "model": model, "threads": threads,
                               "input": "x".join(map(str, shape)), "seconds_per_point": seconds}
     LOG.info("variant vs PyTorch eager")
-    report["variant_vs_eager"] = variant_vs_eager(optimized, onnx_file, sample, threads)
+    report["variant_vs_eager"] = variant_vs_eager(optimized, version_dir, sample, threads)
     with tempfile.TemporaryDirectory(prefix="bedside-bench-") as work, \
             Stack(repo, model, Path(work)) as ends:
         LOG.info("Triton vs in-process")
         report["triton_vs_inprocess"] = triton_vs_inprocess(
-            ends, onnx_file, manifest, sample, threads, concurrencies, seconds)
+            ends, version_dir, manifest, sample, threads, concurrencies, seconds)
         LOG.info("gateway vs direct Triton")
         report["gateway_vs_triton"] = gateway_vs_triton(ends, manifest, sample,
                                                         gateway_concurrencies, seconds)

@@ -1,9 +1,9 @@
 """``bedside demo``: the whole path on embedded defaults, all local, nothing downloaded.
 
 synthesize DICOM -> train a small MONAI DenseNet -> optimize (ONNX Runtime FP32, FP16, INT8
-QDQ; OpenVINO FP32, BF16, INT8; verify, benchmark, select) -> real Triton on the repository -> gateway -> one study by C-STORE and one
-image by REST -> findings with the latency split. Everything started is stopped on the way out,
-Ctrl-C included.
+QDQ; OpenVINO FP32, BF16, INT8; verify, benchmark, select) -> real Triton on the repository ->
+gateway -> one study by C-STORE and one image by REST -> findings with the latency split.
+Everything started is stopped on the way out, Ctrl-C included.
 """
 
 from __future__ import annotations
