@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -43,8 +42,9 @@ def test_budget_shares_time_in_order() -> None:
     assert first is not None and last is not None
     assert last - first == pytest.approx(75.0, abs=0.5)
     assert Budget(None, 3).deadline(1, "x") is None
+    assert Budget(float("inf"), 3).deadline(1, "x") is None  # --bench-budget inf
     with pytest.raises(ValueError):
-        BenchOptions(budget_s=0.0)
+        BenchOptions(max_seconds=0.5, min_seconds=1.0)
 
 
 def test_optimize_within_a_spent_budget_measures_batch_1_only(
@@ -53,7 +53,7 @@ def test_optimize_within_a_spent_budget_measures_batch_1_only(
         checkpoint=tiny_model / "model.pt", manifest=tiny_model / "manifest.json",
         calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
         out_dir=tmp_path, threads=1, precisions=("fp32",),
-        bench=dataclasses.replace(QUICK_BENCH, budget_s=1e-3)))
+        bench=QUICK_BENCH, bench_budget_s=1e-3))
     report = result.report
     assert [b["batch"] for b in report["baseline"]["batches"]] == [1]
     assert all([b["batch"] for b in v["batches"]] == [1] for v in report["variants"])

@@ -13,6 +13,7 @@ import pytest
 
 from optimizer.request import (
     CALIBRATION_METHODS,
+    DEFAULT_OPENVINO,
     DEFAULT_PRECISIONS,
     OPTION,
     OptimizeRequest,
@@ -38,7 +39,8 @@ def _every_option_changed(base: Path) -> OptimizeRequest:
         **_paths(base), threads=3, precisions=("fp32", "int8"),
         calibration_methods=("entropy", "minmax"), objective="throughput-within-slo",
         target="gpu", calibration_limit=16, recovery_max_fraction=0.25, fp16_io="fp16",
-        recovery=False, mae_tolerances={"int8": 0.125, "fp16": 0.002})
+        recovery=False, mae_tolerances={"int8": 0.125, "fp16": 0.002},
+        openvino=("fp32", "int8"), ov_streams=2, ov_hint="throughput", bench_budget_s=90.0)
 
 
 REQUESTS: dict[str, Callable[[Path], OptimizeRequest]] = {
@@ -50,6 +52,8 @@ REQUESTS: dict[str, Callable[[Path], OptimizeRequest]] = {
         **_paths(base), mae_tolerances={"fp32": 1e-05, "fp16": 0.003, "int8": 0.1}),
     "gpu-torch fp32 only, latency": lambda base: OptimizeRequest(
         **_paths(base), target="gpu-torch", precisions=("fp32",), objective="latency"),
+    "every OpenVINO variant, unbounded benchmark": lambda base: OptimizeRequest(
+        **_paths(base), openvino=("fp32", "bf16", "int8"), bench_budget_s=float("inf")),
 }
 
 
@@ -88,6 +92,21 @@ def test_precisions_default_per_target(target: str, tmp_path: Path) -> None:
     del argv[i:i + 2]
     argv[argv.index("--target") + 1] = target
     assert from_args(_parser().parse_args(argv[1:])).precisions == DEFAULT_PRECISIONS[target]
+
+
+@pytest.mark.parametrize("target", sorted(DEFAULT_OPENVINO))
+def test_openvino_variants_default_per_target(target: str, tmp_path: Path) -> None:
+    """The command builds every OpenVINO variant for the CPU target unless told otherwise; a
+    library caller's request builds none unless it asks."""
+    argv = OptimizeRequest(**_paths(tmp_path)).command()
+    i = argv.index("--openvino")
+    assert argv[i + 1] == "none"
+    del argv[i:i + 2]
+    argv[argv.index("--target") + 1] = target
+    if target == "gpu-torch":
+        argv[argv.index("--precisions") + 1] = "fp32"
+    assert from_args(_parser().parse_args(argv[1:])).openvino == DEFAULT_OPENVINO[target]
+    assert DEFAULT_OPENVINO["cpu"] == ("fp32", "bf16", "int8")
 
 
 def test_malformed_mae_tolerance_is_a_clean_exit_2(tmp_path: Path,
