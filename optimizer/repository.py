@@ -135,11 +135,7 @@ def write_repository(
     ``onnx_path`` is the TorchScript file instead."""
     if target == "gpu-torch":
         return _write_torch_version(repo, manifest, onnx_path, precision, options, cuda_graphs)
-    model_dir = repo / manifest.name
-    version = manifest.version if not model_dir.is_dir() else max(
-        manifest.version, next_version(model_dir))
-    version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True)
+    model_dir, version, version_dir = _new_version(repo, manifest)
     shutil.copyfile(onnx_path, version_dir / "model.onnx")
     if target == "cpu":
         backend = resources.files("optimizer.triton_backend").joinpath("model.py")
@@ -155,6 +151,23 @@ def write_repository(
         plan.default_model_filename = "model.plan"
         (model_dir / "config.tensorrt_plan.pbtxt").write_text(
             text_format.MessageToString(plan), encoding="utf-8")
+    return _finish_version(model_dir, version, manifest, cfg)
+
+
+def _new_version(repo: Path, manifest: Manifest) -> tuple[Path, int, Path]:
+    """The model folder, the version to write (the manifest's for a new model, else the next
+    free one) and its freshly made folder."""
+    model_dir = repo / manifest.name
+    version = manifest.version if not model_dir.is_dir() else max(
+        manifest.version, next_version(model_dir))
+    version_dir = model_dir / str(version)
+    version_dir.mkdir(parents=True)
+    return model_dir, version, version_dir
+
+
+def _finish_version(model_dir: Path, version: int, manifest: Manifest,
+                    cfg: mc.ModelConfig) -> tuple[Path, int]:
+    """config.pbtxt and the manifest beside it, once the version's files are in place."""
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg), encoding="utf-8")
     dataclasses.replace(manifest, version=version).save(model_dir / MANIFEST_FILE)
     return model_dir, version
@@ -162,17 +175,11 @@ def write_repository(
 
 def _write_torch_version(repo: Path, manifest: Manifest, torchscript: Path, precision: str,
                          options: ServingOptions, cuda_graphs: bool) -> tuple[Path, int]:
-    model_dir = repo / manifest.name
-    version = manifest.version if not model_dir.is_dir() else max(
-        manifest.version, next_version(model_dir))
-    version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True)
+    model_dir, version, version_dir = _new_version(repo, manifest)
     shutil.copyfile(torchscript, version_dir / "model.pt")
     backend = resources.files("optimizer.triton_backend")
     for src, dst in (("torch_model.py", "model.py"), ("torch_runner.py", "torch_runner.py")):
         (version_dir / dst).write_text(backend.joinpath(src).read_text(encoding="utf-8"),
                                        encoding="utf-8")
     cfg = model_config(manifest, options, precision, "gpu-torch", cuda_graphs=cuda_graphs)
-    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(cfg), encoding="utf-8")
-    dataclasses.replace(manifest, version=version).save(model_dir / MANIFEST_FILE)
-    return model_dir, version
+    return _finish_version(model_dir, version, manifest, cfg)
