@@ -43,7 +43,7 @@ import numpy as np
 
 from loadtests.payloads import Payloads
 from loadtests.stack import Endpoints, Stack
-from optimizer.manifest import Manifest
+from optimizer.contract.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from loadtests.stack import GatewayProcess
-from optimizer.manifest import (
+from optimizer.contract.manifest import (
     AccuracyBudget,
     InputSpec,
     Manifest,

@@ -44,10 +44,10 @@ def build(reference: Path, work: Path, threads: int, calibration: int
 
     from optimizer import checkpoint, ov_runtime
     from optimizer.benchmark import onnx_session, run_onnx, run_torch
+    from optimizer.contract.manifest import Manifest
     from optimizer.cpu_features import bf16_path, cpu_flags
     from optimizer.dataset import load_inputs, load_labelled
     from optimizer.export import export_onnx
-    from optimizer.manifest import Manifest
     from optimizer.ov_quantize import OvInt8
     from optimizer.quantize import Int8Quantizer
 

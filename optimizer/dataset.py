@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from optimizer.errors import DatasetError, PreprocessError
-from optimizer.manifest import Manifest
-from optimizer.preprocess import preprocess, resize
+from optimizer.contract.errors import PreprocessError
+from optimizer.contract.manifest import Manifest
+from optimizer.contract.preprocess import preprocess, resize
+from optimizer.errors import DatasetError
 from optimizer.synthetic import LABELS_FILE
 
 

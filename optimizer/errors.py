@@ -1,18 +1,14 @@
-"""Errors raised by the optimizer and by the shared preprocessing core.
+"""Errors raised by the optimizer's own steps (checkpoint, data sets, export, variants,
+selection, tuning).
 
-Each protocol edge (CLI, gateway REST/DIMSE) maps these to its own codes in one table;
-nothing below the edges formats user-facing statuses.
+The root ``BedsideError`` and the errors of the model contract (``ManifestError``,
+``PreprocessError``) live in ``optimizer.contract.errors``. Each protocol edge maps these to its
+own codes in one table; nothing below the edges formats user-facing statuses.
 """
 
 from __future__ import annotations
 
-
-class BedsideError(Exception):
-    """Base class for every error Bedside raises on purpose."""
-
-
-class ManifestError(BedsideError):
-    """The model manifest is missing, malformed or inconsistent."""
+from optimizer.contract.errors import BedsideError
 
 
 class CheckpointError(BedsideError):
@@ -21,10 +17,6 @@ class CheckpointError(BedsideError):
 
 class DatasetError(BedsideError):
     """A labelled DICOM folder (calibration, validation, training) is unusable."""
-
-
-class PreprocessError(BedsideError):
-    """A DICOM instance cannot be turned into a model input (bad pixels, wrong modality...)."""
 
 
 class ExportError(BedsideError):

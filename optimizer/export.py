@@ -12,8 +12,8 @@ import onnx
 import torch
 from torch import nn
 
+from optimizer.contract.manifest import Manifest
 from optimizer.errors import ExportError
-from optimizer.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from optimizer.benchmark import BenchOptions, Profile, sweep
-from optimizer.errors import BedsideError, ExportError
-from optimizer.manifest import Manifest
+from optimizer.contract.errors import BedsideError
+from optimizer.contract.manifest import Manifest
+from optimizer.errors import ExportError
 from optimizer.triton_backend.torch_runner import TorchRunner, load_torchscript
 
 RUNTIME = "torch-cuda"

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from optimizer.contract.findings import activate
+from optimizer.contract.manifest import Manifest
 from optimizer.errors import QuantizationError
-from optimizer.manifest import Manifest
 from optimizer.ov_runtime import nncf, openvino
-from optimizer.verify import activate, verify
+from optimizer.verify import verify
 
 LOG = logging.getLogger(__name__)
 

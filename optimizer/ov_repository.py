@@ -25,7 +25,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from optimizer.manifest import Manifest
+from optimizer.contract.manifest import Manifest
 from optimizer.repository import MANIFEST_FILE, ServingOptions, model_config, next_version
 
 CLUSTER_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from optimizer.benchmark import BenchOptions, Profile
+from optimizer.contract.manifest import Manifest
 from optimizer.cpu_features import bf16_path, cpu_flags, fp32_path, int8_path
 from optimizer.errors import QuantizationError
-from optimizer.manifest import Manifest
 from optimizer.ov_quantize import OvInt8
 from optimizer.ov_repository import ir_check
 from optimizer.ov_runtime import (

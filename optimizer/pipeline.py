@@ -39,14 +39,10 @@ from optimizer.benchmark import (
     run_onnx,
     run_torch,
 )
+from optimizer.contract.errors import BedsideError, ManifestError
+from optimizer.contract.manifest import Manifest
 from optimizer.dataset import LabelledSet, load_inputs, load_labelled
-from optimizer.errors import (
-    BedsideError,
-    CheckpointError,
-    ManifestError,
-    QuantizationError,
-    SelectionError,
-)
+from optimizer.errors import CheckpointError, QuantizationError, SelectionError
 from optimizer.export import export_onnx
 from optimizer.fp16 import convert_fp16
 from optimizer.gpu_torch import (
@@ -59,7 +55,6 @@ from optimizer.gpu_torch import (
     trace,
 )
 from optimizer.gpu_torch import variants as gpu_variants
-from optimizer.manifest import Manifest
 from optimizer.ov_options import OvOptions
 from optimizer.ov_repository import drop_cluster_config, write_openvino_repository
 from optimizer.ov_variants import OvJob, hardware

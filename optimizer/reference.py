@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from optimizer import checkpoint
-from optimizer.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
+from optimizer.contract.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
 from optimizer.synthetic import (
     SynthConfig,
     write_labelled_set,

@@ -16,7 +16,7 @@ import onnxruntime
 import torch
 
 from optimizer.benchmark import Latency, Profile
-from optimizer.manifest import Manifest
+from optimizer.contract.manifest import Manifest
 from optimizer.verify import Verification
 
 REPORT_VERSION = 2

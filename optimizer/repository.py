@@ -26,7 +26,7 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from optimizer.manifest import Manifest
+from optimizer.contract.manifest import Manifest
 
 MANIFEST_FILE = "manifest.json"
 

@@ -24,8 +24,8 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
+from optimizer.contract.manifest import Manifest
 from optimizer.errors import TuneError
-from optimizer.manifest import Manifest
 from optimizer.repository import MANIFEST_FILE
 
 LOG = logging.getLogger(__name__)

@@ -6,25 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optimizer.manifest import Manifest
+from optimizer.contract.findings import activate
+from optimizer.contract.manifest import Manifest
 
 # Mean absolute error ceilings on the raw model outputs, per precision (DESIGN.md ladder).
 # BF16 keeps FP32's range with an 8-bit significand (about 2-3 decimal digits): between FP16
 # and INT8 on the ladder.
 MAE_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-3, "bf16": 1e-2, "int8": 0.05}
-
-
-def activate(outputs: np.ndarray, activation: str) -> np.ndarray:
-    """Raw outputs -> scores in [0, 1] as the manifest says."""
-    if activation == "sigmoid":
-        return np.asarray(1.0 / (1.0 + np.exp(-outputs.astype(np.float64))))
-    if activation == "softmax":
-        # over the class axis: (N, C) scores, or (N, C, ...) maps for segmentation
-        axis = 1 if outputs.ndim >= 2 else 0
-        shifted = outputs - outputs.max(axis=axis, keepdims=True)
-        e = np.exp(shifted.astype(np.float64))
-        return np.asarray(e / e.sum(axis=axis, keepdims=True))
-    return outputs.astype(np.float64)
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -15,7 +15,7 @@ import sys
 import warnings
 from types import FrameType, ModuleType
 
-from optimizer.errors import BedsideError
+from optimizer.contract.errors import BedsideError
 from services.commands import (
     demo,
     deploy,

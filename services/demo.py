@@ -21,8 +21,8 @@ import pydicom
 from pynetdicom import AE
 
 from optimizer import checkpoint
+from optimizer.contract.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
 from optimizer.dataset import load_labelled
-from optimizer.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
 from optimizer.ov_options import OV_PRECISIONS
 from optimizer.pipeline import OptimizeRequest, optimize
 from optimizer.synthetic import CR_IMAGE_STORAGE, write_labelled_set, write_study

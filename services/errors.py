@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optimizer.errors import BedsideError
+from optimizer.contract.errors import BedsideError
 
 
 class ConfigError(BedsideError):

@@ -1,22 +1,26 @@
-"""Shared fixtures: small synthetic data sets, a tiny optimized model repository, real peers."""
+"""Shared, torch-free test helpers: the tiny model's manifest and the Triton environment.
+
+The gateway's tests must collect and run where torch is not installed, as in the gateway's
+image, so nothing here imports torch, ONNX Runtime or MONAI (tests/gateway/test_torch_free.py
+collects tests/gateway with them blocked). The fixtures that train, export or optimize a model
+(``tiny_data``, ``tiny_model``, ``optimized``) live with the optimizer's tests in
+``tests/optimizer/fixtures.py``; registering them here as a plugin keeps them session-wide (one
+optimizer run per session, shared by the optimizer, deploy, load and integration tests), and
+that module imports the optimizer's torch side only inside its fixtures.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from optimizer import checkpoint
-from optimizer.benchmark import BenchOptions
-from optimizer.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
-from optimizer.synthetic import write_labelled_set
-from optimizer.train import DEMO_ARCHITECTURE, DEMO_KWARGS
+from optimizer.contract.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
+
+pytest_plugins = ("tests.optimizer.fixtures",)
 
 ROOT = Path(__file__).resolve().parents[1]
-# Benchmarks in tests check the mechanics, not the figures: a few runs per point.
-QUICK_BENCH = BenchOptions(warmup=2, min_runs=5, min_seconds=0.02, max_batch=4)
 
 TINY_MANIFEST = Manifest(
     name="tiny-cxr",
@@ -37,40 +41,3 @@ def triton_env() -> Path:
     if not (env / "bin" / "python").exists():
         pytest.fail(f"no Triton environment at {env}: run scripts/dev.sh setup")
     return env
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Calibration and validation folders of 64x64-bound synthetic CR instances."""
-    root = tmp_path_factory.mktemp("data")
-    write_labelled_set(root / "calibration", 12, seed=11)
-    write_labelled_set(root / "validation", 24, seed=12)
-    return root
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised demo DenseNet checkpoint with its manifest beside it."""
-    import torch
-
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    model = checkpoint.build(DEMO_ARCHITECTURE, DEMO_KWARGS).eval()
-    checkpoint.save(root / "model.pt", DEMO_ARCHITECTURE, DEMO_KWARGS, model)
-    TINY_MANIFEST.save(root / "manifest.json")
-    return root
-
-
-@pytest.fixture(scope="session")
-def optimized(tiny_model: Path, tiny_data: Path,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The optimizer's output folder (report, variants, repository) for the tiny model."""
-    from optimizer.pipeline import OptimizeRequest, optimize
-
-    out = tmp_path_factory.mktemp("optimized")
-    optimize(OptimizeRequest(
-        checkpoint=tiny_model / "model.pt", manifest=tiny_model / "manifest.json",
-        calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
-        out_dir=out, threads=1, bench=QUICK_BENCH, calibration_methods=("minmax", "percentile"),
-    ))
-    yield out

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import ManifestError
-from optimizer.manifest import Manifest
+from optimizer.contract.errors import ManifestError
+from optimizer.contract.manifest import Manifest
 from services.deploy.errors import RepositoryError
 
 MANIFEST_FILE = "manifest.json"

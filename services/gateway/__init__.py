@@ -24,4 +24,9 @@ The modules at this level other than the composition root are leaves: they impor
 sub-package, and every sub-package may import them. Each sub-package's docstring says what it
 owns and, on its ``May import:`` line, which other sub-packages it may import;
 ``tests/gateway/test_layering.py`` enforces those lines.
+
+From the optimizer, any module here may import ``optimizer.contract`` (the torch-free model
+contract: manifest, preprocessing, series, findings, the root error) and nothing else, so the
+gateway runs without torch (``tests/optimizer/contract/test_boundary.py``,
+``tests/gateway/test_torch_free.py``).
 """

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 import uvicorn
 
-from optimizer.manifest import Manifest
+from optimizer.contract.manifest import Manifest
 from services.errors import ConfigError, ServiceError
 from services.gateway.config import GatewayConfig
 from services.gateway.delivery.routing import load_routes

@@ -7,7 +7,7 @@ message for the caller and never contains patient data.
 
 from __future__ import annotations
 
-from optimizer.errors import BedsideError
+from optimizer.contract.errors import BedsideError
 
 
 class GatewayError(BedsideError):

@@ -175,3 +175,19 @@ def test_no_secrets_baked_into_images() -> None:
                                  line), line
     ignored = set((ROOT / ".dockerignore").read_text(encoding="utf-8").split())
     assert ".git" in ignored  # history (and anything ever committed by mistake) stays out
+
+
+def test_gateway_image_installs_no_torch_onnx_or_monai() -> None:
+    """The gateway needs only the torch-free model contract from the optimizer
+    (tests/gateway/test_torch_free.py): neither its lock nor the core dependencies it installs
+    name an ML framework or a CUDA package."""
+    from packaging.requirements import Requirement
+
+    heavy = {"torch", "torchvision", "monai", "onnx", "onnxruntime", "onnxruntime-gpu",
+             "onnxscript", "tensorrt"}
+    pins = _lock("gateway")
+    assert not heavy & set(pins), sorted(heavy & set(pins))
+    assert not [name for name in pins if name.startswith("nvidia-")]
+    core = {_norm(Requirement(text).name) for text in _pyproject_requirements(())}
+    assert not heavy & core, sorted(heavy & core)
+    assert "torch" in {_norm(Requirement(t).name) for t in _pyproject_requirements(("optimizer",))}

@@ -3,7 +3,7 @@ not honoured shows up as a memory failure instead of needing gigabytes to notice
 
 from __future__ import annotations
 
-from optimizer.preprocess import PixelLimits
+from optimizer.contract.preprocess import PixelLimits
 from services.gateway.dicom.parsing import parse
 from services.gateway.edges import multipart
 from services.gateway.errors import BadRequest, GatewayError

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from optimizer.manifest import Manifest
+from optimizer.contract.manifest import Manifest
 from services.gateway.processing.grouping import CompletedGroup
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.util import make_study

@@ -25,8 +25,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from optimizer.manifest import Manifest, Normalize
-from optimizer.preprocess import preprocess, resize
+from optimizer.contract.manifest import Manifest, Normalize
+from optimizer.contract.preprocess import preprocess, resize
 from services.gateway.delivery.dicom_results import (
     DicomResultError,
     ResultDevice,

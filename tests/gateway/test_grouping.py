@@ -15,21 +15,16 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.presentation import StoragePresentationContexts
 
-from optimizer.errors import ManifestError
-from optimizer.manifest import Grouping, Manifest, Selection
+from optimizer.contract.errors import ManifestError
+from optimizer.contract.manifest import Grouping, Manifest, Selection
+from optimizer.contract.series import not_selected, orientation, slice_order
 from services.cli import _parser
 from services.commands.gateway import config_from_args
 from services.errors import ConfigError
 from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
-from services.gateway.processing.grouping import (
-    CompletedGroup,
-    GroupingPolicy,
-    not_selected,
-    orientation,
-    slice_order,
-)
+from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy
 from services.gateway.processing.worker import Job, SpoolWorker
 from services.gateway.store.jobs import CLOSED, INFERRED, OPEN, RECEIVED, SKIPPED, JobTable
 from services.gateway.store.results import ResultStore

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
-from optimizer.manifest import Selection
+from optimizer.contract.manifest import Selection
 from services.gateway.errors import InvalidInstance
 from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics

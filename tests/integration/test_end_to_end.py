@@ -24,8 +24,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from optimizer.benchmark import onnx_session, run_onnx
-from optimizer.preprocess import preprocess
-from optimizer.verify import activate
+from optimizer.contract.findings import activate
+from optimizer.contract.preprocess import preprocess
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
 from services.net import free_port

@@ -11,16 +11,17 @@ from starlette.testclient import TestClient
 from tritonclient.grpc import model_config_pb2 as mc
 
 from optimizer.benchmark import onnx_session, run_onnx
+from optimizer.contract.findings import activate
+from optimizer.contract.preprocess import preprocess
 from optimizer.pipeline import OptimizeRequest, optimize
-from optimizer.preprocess import preprocess
-from optimizer.verify import activate
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
 from services.gateway.edges.rest import create_app
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
-from tests.conftest import QUICK_BENCH, TINY_MANIFEST, triton_env
+from tests.conftest import TINY_MANIFEST, triton_env
 from tests.gateway.util import dicom_bytes, make_instance
+from tests.optimizer.quick_bench import QUICK_BENCH
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ import tritonclient.http as httpclient
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from optimizer.preprocess import preprocess
-from optimizer.verify import activate
+from optimizer.contract.findings import activate
+from optimizer.contract.preprocess import preprocess
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
 from services.gateway.inference.triton import TritonInferer

@@ -14,7 +14,8 @@ from optimizer.ov_runtime import OvOptions, compile_model, read, run
 from optimizer.pipeline import OptimizeRequest, optimize
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
-from tests.conftest import QUICK_BENCH, TINY_MANIFEST, triton_env
+from tests.conftest import TINY_MANIFEST, triton_env
+from tests.optimizer.quick_bench import QUICK_BENCH
 
 pytestmark = pytest.mark.integration
 

@@ -11,16 +11,17 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from optimizer.benchmark import onnx_session, run_onnx
+from optimizer.contract.manifest import Manifest
 from optimizer.dataset import load_labelled
-from optimizer.manifest import Manifest
 from optimizer.pipeline import OptimizeRequest, optimize
 from optimizer.reference import write_reference
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
-from tests.conftest import QUICK_BENCH, triton_env
+from tests.conftest import triton_env
 from tests.gateway.util import dicom_bytes, make_instance
+from tests.optimizer.quick_bench import QUICK_BENCH
 
 pytestmark = pytest.mark.integration
 MODELS = (("densenet121", 64), ("unet2d", 32))

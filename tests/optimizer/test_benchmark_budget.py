@@ -10,7 +10,7 @@ import pytest
 
 from optimizer.benchmark import BenchOptions, Budget, sweep, time_calls
 from optimizer.pipeline import OptimizeRequest, optimize
-from tests.conftest import QUICK_BENCH
+from tests.optimizer.quick_bench import QUICK_BENCH
 
 
 def test_a_slow_call_stops_at_max_seconds_once_it_has_its_floor() -> None:

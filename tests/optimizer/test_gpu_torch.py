@@ -20,7 +20,8 @@ from optimizer.pipeline import OptimizeRequest, optimize
 from optimizer.repository import ServingOptions, write_repository
 from optimizer.triton_backend.torch_runner import TorchRunner, buckets, load_torchscript
 from services.cli import main
-from tests.conftest import QUICK_BENCH, TINY_MANIFEST
+from tests.conftest import TINY_MANIFEST
+from tests.optimizer.quick_bench import QUICK_BENCH
 
 HAS_CUDA = torch.cuda.is_available()
 

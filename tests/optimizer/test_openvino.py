@@ -18,7 +18,8 @@ from optimizer.cpu_features import bf16_path, cpu_flags, int8_path, speed_featur
 from optimizer.ov_repository import CLUSTER_MAX_OPSET, ir_check
 from optimizer.ov_runtime import OvOptions, compile_model, read, run
 from optimizer.pipeline import OptimizeRequest, OptimizeResult, optimize
-from tests.conftest import QUICK_BENCH, ROOT, TINY_MANIFEST
+from tests.conftest import ROOT, TINY_MANIFEST
+from tests.optimizer.quick_bench import QUICK_BENCH
 
 HAS_BF16 = bf16_path(cpu_flags()) is not None
 

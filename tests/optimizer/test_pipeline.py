@@ -7,10 +7,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from optimizer.contract.manifest import Manifest
 from optimizer.errors import DatasetError
-from optimizer.manifest import Manifest
 from optimizer.pipeline import OptimizeRequest, optimize
-from tests.conftest import QUICK_BENCH, TINY_MANIFEST
+from tests.conftest import TINY_MANIFEST
+from tests.optimizer.quick_bench import QUICK_BENCH
 
 
 def test_report_has_stable_keys_and_both_variants(optimized: Path) -> None:
@@ -100,7 +101,7 @@ def test_output_shape_must_match_the_manifest(tiny_model: Path, tiny_data: Path,
                                               tmp_path: Path) -> None:
     import dataclasses
 
-    from optimizer.errors import ManifestError
+    from optimizer.contract.errors import ManifestError
 
     three = dataclasses.replace(TINY_MANIFEST, output=dataclasses.replace(
         TINY_MANIFEST.output, labels=("a", "b", "c"), activation="softmax",

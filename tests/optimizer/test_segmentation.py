@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from optimizer.contract.manifest import Manifest
 from optimizer.dataset import load_labelled
-from optimizer.manifest import Manifest
 from optimizer.pipeline import OptimizeRequest, optimize
 from optimizer.reference import write_reference
 from optimizer.verify import dice, verify
-from tests.conftest import QUICK_BENCH
+from tests.optimizer.quick_bench import QUICK_BENCH
 
 
 def test_dice() -> None:

@@ -22,7 +22,8 @@ from optimizer.quantize import Int8Quantizer
 from optimizer.report import VariantResult
 from optimizer.repository import ServingOptions, model_config, write_repository
 from optimizer.verify import Verification
-from tests.conftest import QUICK_BENCH, TINY_MANIFEST
+from tests.conftest import TINY_MANIFEST
+from tests.optimizer.quick_bench import QUICK_BENCH
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from optimizer.manifest import AccuracyBudget
-from optimizer.verify import activate, roc_auc, verify
+from optimizer.contract.findings import activate
+from optimizer.contract.manifest import AccuracyBudget
+from optimizer.verify import roc_auc, verify
 from tests.conftest import TINY_MANIFEST
 
 

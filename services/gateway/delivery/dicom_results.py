@@ -26,8 +26,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from optimizer.manifest import Manifest
-from optimizer.preprocess import resize
+from optimizer.contract.manifest import Manifest
+from optimizer.contract.preprocess import resize
 from services.gateway.errors import DicomResultError
 
 PRIVATE_SCHEME = "99BEDSIDE"

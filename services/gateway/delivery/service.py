@@ -35,7 +35,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from optimizer.manifest import Manifest
+from optimizer.contract.manifest import Manifest
 from services.gateway.delivery.destinations import Sender, make_sender
 from services.gateway.delivery.dicom_results import (
     DEFAULT_DEVICE,

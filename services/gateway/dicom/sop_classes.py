@@ -1,7 +1,7 @@
 """The image storage SOP classes the gateway takes in, with their names for error messages.
 
-The model manifest's modalities narrow them further; ``optimizer.preprocess`` decides, from the
-header, whether the pixels can become model input. A new image storage class goes here.
+The model manifest's modalities narrow them further; ``optimizer.contract.preprocess`` decides,
+from the header, whether the pixels can become model input. A new image storage class goes here.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
-from optimizer.preprocess import SUPPORTED_TRANSFER_SYNTAXES
+from optimizer.contract.preprocess import SUPPORTED_TRANSFER_SYNTAXES
 from services.errors import ServiceError
 from services.gateway.config import GatewayConfig
 from services.gateway.dicom.parsing import check_inflated, read_leniently

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from optimizer.errors import PreprocessError
-from optimizer.manifest import Manifest
-from optimizer.preprocess import (
+from optimizer.contract.errors import PreprocessError
+from optimizer.contract.findings import activate, findings
+from optimizer.contract.manifest import Manifest
+from optimizer.contract.preprocess import (
     DEFAULT_LIMITS,
     PixelLimits,
     check_image_header,
     preprocess_frames,
 )
-from optimizer.verify import activate
+from optimizer.contract.series import slice_spec
 from services.gateway.dicom.parsing import check_native_length
 from services.gateway.dicom.sop_classes import IMAGE_SOP_CLASSES
 from services.gateway.errors import (
@@ -100,7 +101,7 @@ class InferenceCore:
     def _check(self, ds: Dataset) -> None:
         spec = self.manifest.input
         if self.manifest.infer == "series" and spec.depth is not None:
-            spec = replace(spec, depth=None)  # a slice of the series volume, not a volume
+            spec = slice_spec(spec)  # a slice of the series volume, not a volume
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class not in IMAGE_SOP_CLASSES:
             raise UnsupportedSOPClass(
@@ -118,29 +119,6 @@ class InferenceCore:
         except PreprocessError as exc:
             raise UnsupportedInstance(str(exc), "not_for_model") from exc
         check_native_length(ds)
-
-    def _findings(self, scores: np.ndarray) -> list[dict[str, Any]]:
-        """``scores``: (frames, ...) activated outputs; one frame unless the manifest infers
-        every frame of a multi-frame instance, where a label's score is its highest."""
-        out = self.manifest.output
-        pairs = zip(out.labels, out.thresholds, strict=True)
-        if self.manifest.task == "classification":
-            best = scores.max(axis=0)
-            findings = [{"label": label, "score": round(float(best[k]), 6), "threshold": thr,
-                         "positive": bool(best[k] >= thr)}
-                        for k, (label, thr) in enumerate(pairs)]
-            if scores.shape[0] > 1:
-                for k, finding in enumerate(findings):
-                    finding["frame"] = int(scores[:, k].argmax()) + 1  # 1-based, as in DICOM
-            return findings
-        findings = []
-        for k, (label, thr) in enumerate(pairs):  # segmentation: a summary per class map
-            mask = scores[:, k] >= thr
-            findings.append({"label": label, "threshold": thr, "pixels": int(mask.sum()),
-                             "fraction": round(float(mask.mean()), 6),
-                             "max_score": round(float(scores[:, k].max()), 6),
-                             "positive": bool(mask.any())})
-        return findings
 
     def analyze(self, ds: Dataset, timings_ms: dict[str, float] | None = None) -> Result:
         """Check, preprocess, infer, postprocess; adds its stages to ``timings_ms``."""
@@ -169,7 +147,7 @@ class InferenceCore:
                     f"model returned shape {raw.shape}, manifest expects {expected}",
                     "output_shape")
         scores = activate(np.concatenate(raws), self.manifest.output.activation)
-        findings = self._findings(scores)
+        found = findings(self.manifest, scores)
         t3 = time.perf_counter()
         timings["preprocess"] = (t1 - t0) * 1000.0
         timings["inference"] = (t2 - t1) * 1000.0
@@ -180,6 +158,6 @@ class InferenceCore:
             model=self._inferer.model, model_version=self.manifest.version,
             study_instance_uid=str(ds.StudyInstanceUID),
             series_instance_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID), findings=findings, timings_ms=timings,
+            sop_instance_uid=str(ds.SOPInstanceUID), findings=found, timings_ms=timings,
             maps=scores if self.manifest.task == "segmentation" else None,
         )

@@ -7,6 +7,9 @@ inferred (per instance or per series), and the completed group goes to the ``Gro
 delivery outbox). Only after ``GroupSink.accept`` returned is the group closed and are its spool
 files released; an ``accept`` that raises is retried later, never dropped.
 
+Slice order, the selection rules and the series volume are the model contract's
+(``optimizer.contract.series``); this module holds only the gateway's groups.
+
 The key of a group is stable across restarts and carries no UID: a hash of the level, the
 hashed study/series UIDs and the name of the job that opened the group.
 """
@@ -14,16 +17,11 @@ hashed study/series UIDs and the name of the job that opened the group.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import numpy as np
-from pydicom.dataset import Dataset
-
-from optimizer.manifest import GroupLevel, InferUnit, Manifest, Orientation, Selection
-from optimizer.preprocess import resize
+from optimizer.contract.manifest import GroupLevel, InferUnit, Manifest, Selection
 from services.errors import ConfigError
 
 LEVELS: tuple[GroupLevel, ...] = ("instance", "series", "study")
@@ -90,114 +88,3 @@ class GroupingPolicy:
                               "be series or study")
         return cls(level=chosen, timeout_s=timeout,
                    infer=manifest.infer, selection=manifest.selection)
-
-
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    """``n`` numbers from a multi-valued DS element, or None when absent or malformed."""
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n and all(np.isfinite(out)) else None
-
-
-def _plane_item(ds: Dataset, keyword: str) -> Dataset | None:
-    """The first item of ``keyword`` in the shared (else first per-frame) functional groups of
-    an enhanced multi-frame instance."""
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        seq = ds.get(groups)
-        if seq:
-            inner = seq[0].get(keyword)
-            if inner:
-                return cast(Dataset, inner[0])
-    return None
-
-
-def _orientation_vector(ds: Dataset) -> tuple[float, ...] | None:
-    iop = _floats(ds.get("ImageOrientationPatient"), 6)
-    if iop is None:
-        item = _plane_item(ds, "PlaneOrientationSequence")
-        iop = _floats(item.get("ImageOrientationPatient"), 6) if item is not None else None
-    return iop
-
-
-def _normal(ds: Dataset) -> np.ndarray | None:
-    iop = _orientation_vector(ds)
-    if iop is None:
-        return None
-    normal = np.cross(np.array(iop[:3]), np.array(iop[3:]))
-    norm = float(np.linalg.norm(normal))
-    return normal / norm if norm > 1e-6 else None
-
-
-def orientation(ds: Dataset) -> Orientation | None:
-    """The plane an image lies in, from ImageOrientationPatient: the patient axis its normal is
-    closest to (x: sagittal, y: coronal, z: axial); None without a usable orientation."""
-    normal = _normal(ds)
-    if normal is None:
-        return None
-    planes: tuple[Orientation, ...] = ("sagittal", "coronal", "axial")
-    return planes[int(np.argmax(np.abs(normal)))]
-
-
-def _position(ds: Dataset) -> tuple[float, ...] | None:
-    ipp = _floats(ds.get("ImagePositionPatient"), 3)
-    if ipp is None:
-        item = _plane_item(ds, "PlanePositionSequence")
-        ipp = _floats(item.get("ImagePositionPatient"), 3) if item is not None else None
-    return ipp
-
-
-def _instance_number(ds: Dataset) -> int | None:
-    try:
-        return int(ds.get("InstanceNumber"))
-    except (TypeError, ValueError):
-        return None
-
-
-def slice_order(headers: Sequence[Dataset]) -> list[int]:
-    """Indices of ``headers`` (one series) in slice order: by ImagePositionPatient projected on
-    the normal of the first instance's plane when every instance has both; else by
-    InstanceNumber when every instance has one; else as given (arrival order)."""
-    n = len(headers)
-    normal = _normal(headers[0]) if n else None
-    positions = [_position(ds) for ds in headers]
-    if normal is not None and all(p is not None for p in positions):
-        along = [float(np.dot(normal, np.array(p))) for p in positions]
-        return sorted(range(n), key=lambda i: (along[i], i))
-    numbers = [_instance_number(ds) for ds in headers]
-    if all(k is not None for k in numbers):
-        return sorted(range(n), key=lambda i: (cast(int, numbers[i]), i))
-    return list(range(n))
-
-
-def not_selected(selection: Selection, headers: Sequence[Dataset]) -> str | None:
-    """Why a series (``headers`` in slice order, at least one) is not for the model, as a
-    bounded reason (``not_selected_<rule>``); None when every rule accepts it. Per-instance
-    facts are read from the series' first instance."""
-    first = headers[0]
-    if selection.modalities and str(first.get("Modality", "")).strip() \
-            not in selection.modalities:
-        return "not_selected_modality"
-    if selection.body_parts and str(first.get("BodyPartExamined", "")).strip().upper() \
-            not in selection.body_parts:
-        return "not_selected_body_part"
-    if selection.orientations and orientation(first) not in selection.orientations:
-        return "not_selected_orientation"
-    if selection.max_slice_thickness is not None:
-        thickness = _floats([first.get("SliceThickness")], 1)
-        if thickness is None or thickness[0] > selection.max_slice_thickness:
-            return "not_selected_slice_thickness"
-    if len(headers) < selection.min_instances:
-        return "not_selected_min_instances"
-    return None
-
-
-def series_volume(slices: Sequence[np.ndarray], depth: int) -> np.ndarray:
-    """Preprocessed slices (each (1, C, H, W), in slice order) -> the 3-D model input
-    (1, C, depth, H, W), resampled along the slices as ``optimizer.preprocess`` does for the
-    frames of one multi-frame instance."""
-    stack = np.concatenate(slices)  # (n, C, H, W)
-    n, c, h, w = stack.shape
-    volume = resize(stack.reshape(n, -1), depth, c * h * w).reshape(depth, c, h, w)
-    return np.ascontiguousarray(volume.transpose(1, 0, 2, 3))[None].astype(np.float32)

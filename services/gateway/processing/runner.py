@@ -4,9 +4,10 @@
 At close the group's series are put in slice order and checked against the manifest's selection
 rules (a series failing one is ``skipped``, its jobs finished with the rule as the reason); the
 rest is inferred per instance, or as one item per series (a 3-D model gets the series volume, a
-2-D model the middle slice). While Triton is unavailable the current item is retried with capped
-exponential backoff; it is never dropped. An item that fails for good gets an error result; a
-file that cannot even be read is quarantined. No exception escapes ``Runner.close``.
+2-D model the middle slice); order, rules and volume are the model contract's
+(``optimizer.contract.series``). While Triton is unavailable the current item is retried with
+capped exponential backoff; it is never dropped. An item that fails for good gets an error
+result; a file that cannot even be read is quarantined. No exception escapes ``Runner.close``.
 
 The order of the durable steps makes a crash at any point recoverable without inferring a job
 twice (recovery.py reads it back): result file (naming the job, or the group for a series
@@ -26,28 +27,21 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from optimizer.errors import PreprocessError
-from optimizer.preprocess import preprocess_frames
+from optimizer.contract.errors import PreprocessError
+from optimizer.contract.series import not_selected, series_volume, slice_input, slice_order
 from services.gateway.dicom.parsing import parse
 from services.gateway.errors import GatewayError, InvalidInstance, Unavailable
 from services.gateway.inference.core import InferenceCore, Result, complete_timings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
-from services.gateway.processing.grouping import (
-    CompletedGroup,
-    GroupingPolicy,
-    GroupSink,
-    not_selected,
-    series_volume,
-    slice_order,
-)
+from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy, GroupSink
 from services.gateway.processing.groups import Group, Job, Member, hashed
 from services.gateway.store.durable import fsync_dir
 from services.gateway.store.jobs import (
@@ -406,9 +400,8 @@ class Runner:
 
 
 def _slice_input(ds: Dataset, core: InferenceCore) -> np.ndarray:
-    """One slice of a series for a 3-D model: preprocessed as a 2-D image, (1, C, H, W)."""
-    spec = replace(core.manifest.input, depth=None, frames="middle")
+    """One slice of a series for a 3-D model (``optimizer.contract.series``), (1, C, H, W)."""
     try:
-        return preprocess_frames(ds, spec, header_checked=True)
+        return slice_input(ds, core.manifest.input, header_checked=True)
     except PreprocessError as exc:
         raise InvalidInstance(str(exc), "bad_pixels") from exc

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from optimizer.errors import ManifestError
+from optimizer.contract.errors import ManifestError
 
 SCHEMA_VERSION = 1
 Task = Literal["classification", "segmentation"]

@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from optimizer.errors import PreprocessError
-from optimizer.manifest import Normalize, Window
-from optimizer.preprocess import preprocess, resize
+from optimizer.contract.errors import PreprocessError
+from optimizer.contract.manifest import Normalize, Window
+from optimizer.contract.preprocess import preprocess, resize
 from optimizer.synthetic import to_dataset
 from tests.conftest import TINY_MANIFEST
 

@@ -12,9 +12,14 @@ import pytest
 from pydicom import uid
 from pydicom.dataset import Dataset
 
-from optimizer.errors import ManifestError, PreprocessError
-from optimizer.manifest import Manifest, Normalize, Window
-from optimizer.preprocess import PixelLimits, check_image_header, preprocess, preprocess_frames
+from optimizer.contract.errors import ManifestError, PreprocessError
+from optimizer.contract.manifest import Manifest, Normalize, Window
+from optimizer.contract.preprocess import (
+    PixelLimits,
+    check_image_header,
+    preprocess,
+    preprocess_frames,
+)
 from tests.conftest import TINY_MANIFEST
 from tests.optimizer.pixel_data import make_dataset
 

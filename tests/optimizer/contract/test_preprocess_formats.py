@@ -13,8 +13,8 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import convert_color_space
 
-from optimizer.manifest import Normalize
-from optimizer.preprocess import decode_frames, preprocess, preprocess_frames
+from optimizer.contract.manifest import Normalize
+from optimizer.contract.preprocess import decode_frames, preprocess, preprocess_frames
 from tests.conftest import TINY_MANIFEST
 from tests.optimizer.pixel_data import jpeg_baseline, make_dataset, roundtrip, smooth_image
 
@@ -174,7 +174,7 @@ def test_colour_to_one_or_three_channels(tmp_path: Path) -> None:
     np.testing.assert_allclose(three[:, 0, 0], [1.0, 0.0, 0.2], atol=1e-6)
     np.testing.assert_allclose(three[:, 0, -1], [1.0, 0.0, 0.0], atol=1e-6)
     # colour has no VOI: a manifest window does not touch it
-    from optimizer.manifest import Window
+    from optimizer.contract.manifest import Window
     windowed = preprocess(ds, dataclasses.replace(UNIT, channels=3, window=Window(10, 5)))
     np.testing.assert_allclose(windowed, three)
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from optimizer.errors import ManifestError
-from optimizer.manifest import Manifest
+from optimizer.contract.errors import ManifestError
+from optimizer.contract.manifest import Manifest
 from tests.conftest import TINY_MANIFEST
 
 

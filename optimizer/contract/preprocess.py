@@ -29,8 +29,8 @@ from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, pixel_array
 
-from optimizer.errors import PreprocessError
-from optimizer.manifest import InputSpec
+from optimizer.contract.errors import PreprocessError
+from optimizer.contract.manifest import InputSpec
 
 # Refuse absurd images before decoding anything: 64 Mpixel per frame is beyond any radiograph.
 MAX_PIXELS_PER_FRAME = 8192 * 8192
@@ -203,9 +203,9 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
     return arr[0]
 
 
-def _group_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
-    """An enhanced multi-frame object's functional group macro for one frame: the per-frame
-    item if it has one, else the shared one."""
+def functional_group(ds: Dataset, keyword: str, frame: int = 0) -> Dataset | None:
+    """An enhanced multi-frame object's functional group macro ``keyword`` for one frame: the
+    per-frame item if it has one, else the shared one; None when neither holds it."""
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
                           ("SharedFunctionalGroupsSequence", 0)):
         seq = ds.get(groups)
@@ -218,7 +218,7 @@ def _group_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
 
 def modality_values(ds: Dataset, stored: np.ndarray, frame: int = 0) -> np.ndarray:
     """Stored values -> modality values (e.g. Hounsfield units) for one frame."""
-    item = _group_item(ds, frame, "PixelValueTransformationSequence")
+    item = functional_group(ds, "PixelValueTransformationSequence", frame)
     if item is not None and "RescaleSlope" in item:
         slope = float(item.RescaleSlope)
         intercept = float(item.get("RescaleIntercept", 0.0))
@@ -310,7 +310,7 @@ def grey_to_unit(ds: Dataset, spec: InputSpec, stored: np.ndarray,
     else:
         out: list[np.ndarray] = []
         for i, f in enumerate(indices):
-            source = _group_item(ds, f, "FrameVOILUTSequence") or ds
+            source = functional_group(ds, "FrameVOILUTSequence", f) or ds
             if spec.voi == "window":
                 mapped = _window(source, values[i])
                 if mapped is None:
@@ -415,8 +415,16 @@ def _preprocess(ds: Dataset, spec: InputSpec) -> np.ndarray:
             out[i, k] = resize(planes[i, k], spec.height, spec.width)
     out = (out - spec.normalize.mean) / spec.normalize.std
     if spec.depth is not None:  # the frames are the volume: resample along the slices
-        flat = out.reshape(n, -1)
-        volume = resize(flat, spec.depth, flat.shape[1]).reshape(spec.depth, c, spec.height,
-                                                                  spec.width)
-        return np.ascontiguousarray(volume.transpose(1, 0, 2, 3))[None].astype(np.float32)
+        return stack_volume(out, spec.depth)
     return out.astype(np.float32)
+
+
+def stack_volume(planes: np.ndarray, depth: int) -> np.ndarray:
+    """Preprocessed planes (n, C, H, W), in slice order -> one 3-D model input
+    (1, C, depth, H, W), resampled along the slices (area-averaged, then linear, as ``resize``).
+
+    The frames of one multi-frame instance and the slices of a series
+    (``optimizer.contract.series``) become a volume through this one function."""
+    n, c, h, w = planes.shape
+    volume = resize(planes.reshape(n, -1), depth, c * h * w).reshape(depth, c, h, w)
+    return np.ascontiguousarray(volume.transpose(1, 0, 2, 3))[None].astype(np.float32)
