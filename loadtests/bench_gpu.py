@@ -207,7 +207,7 @@ def served_vs_in_process(url: str, name: str, report: dict[str, Any]) -> float:
     import torch
     import tritonclient.grpc as grpcclient
 
-    from optimizer.manifest import Manifest
+    from optimizer.contract.manifest import Manifest
     from optimizer.triton_backend.torch_runner import TorchRunner, load_torchscript
 
     model_dir = Path(report["repository_path"]) / name
@@ -289,7 +289,7 @@ def serve_and_load(reports: dict[str, dict[str, Any]], work: Path, dist: Path, l
 
 
 def report_shape(report: dict[str, Any]) -> list[int]:
-    from optimizer.manifest import Manifest
+    from optimizer.contract.manifest import Manifest
 
     return list(Manifest.load(Path(report["repository_path"]) / report["model"]
                               / "manifest.json").input.shape)
