@@ -1,8 +1,9 @@
 """The background worker: spooled instances -> groups (series, study) -> selection ->
 inference -> stored results -> the group sink (delivery), with retries and crash recovery.
 
-    grouping.py   grouping policy, group keys, slice order, selection rules, series volumes;
-                  ``CompletedGroup`` and ``GroupSink``, what is handed on
+    grouping.py   grouping policy, group keys; ``CompletedGroup`` and ``GroupSink``, what is
+                  handed on (slice order, selection rules and series volumes are the model
+                  contract's: ``optimizer.contract.series``)
     groups.py     ``Groups``: open and closing groups and their timers (an injected clock)
     recovery.py   ``plan_recovery``: what a stop left in the spool and the job table, and what
                   to re-queue, rejoin, hand on again, finish or remove (a pure plan)
