@@ -15,12 +15,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "onnx", "onnxruntime", "onnxscript", "monai")
 
-# Every module of the gateway, the CLI that starts it, and the model contract it imports.
+# Every module of the gateway, the CLI and subcommand that start it, and the model contract.
 _IMPORT_ALL = """
 import importlib, json, pkgutil, sys
 import services.gateway
 import optimizer.contract
-names = ["services.cli"]
+names = ["services.cli", "services.commands.gateway"]
 for package in (services.gateway, optimizer.contract):
     names += [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
 for name in names:
