@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -40,10 +40,8 @@ from optimizer.ov_runtime import (
     run,
     save,
 )
+from optimizer.steps import StepLog, optional_step
 from optimizer.verify import MAE_TOLERANCE, Verification
-
-if TYPE_CHECKING:
-    from optimizer.pipeline import StepLog
 
 LOG = logging.getLogger(__name__)
 
@@ -96,7 +94,6 @@ def _checked(job: OvJob, name: str, precision: str, xml: Path,
 def build(job: OvJob, log: StepLog) -> list[OvVariant]:
     """Every requested OpenVINO variant that can be built; the others are logged as skipped
     or failed with their reason, and the pipeline goes on."""
-    from optimizer.pipeline import _optional  # the pipeline's failure policy for variants
 
     flags = cpu_flags()
     built: list[OvVariant] = []
@@ -104,7 +101,7 @@ def build(job: OvJob, log: StepLog) -> list[OvVariant]:
     def fp32_ir() -> Path:
         return save(read(job.fp32_onnx), job.variants_dir / "openvino-fp32")
 
-    xml = _optional(log, "openvino_ir", fp32_ir)
+    xml = optional_step(log, "openvino_ir", fp32_ir)
     if xml is None:
         for p in job.precisions:
             log.skipped(f"openvino_{p}", "the FP32 ONNX could not be converted to OpenVINO IR")
@@ -126,7 +123,7 @@ def build(job: OvJob, log: StepLog) -> list[OvVariant]:
         why_not = _bf16_unsupported(flags) if precision == "bf16" else None
         if why_not:
             log.skipped(f"openvino_{precision}", why_not)
-        elif (v := _optional(log, f"openvino_{precision}", step)) is not None:
+        elif (v := optional_step(log, f"openvino_{precision}", step)) is not None:
             built.append(v)
     return built
 

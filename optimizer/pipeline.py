@@ -12,17 +12,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import shlex
 import shutil
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +35,7 @@ from optimizer.benchmark import (
     run_onnx,
     run_torch,
 )
-from optimizer.contract.errors import BedsideError, ManifestError
+from optimizer.contract.errors import ManifestError
 from optimizer.contract.manifest import Manifest
 from optimizer.dataset import LabelledSet, load_inputs, load_labelled
 from optimizer.errors import CheckpointError, QuantizationError, SelectionError
@@ -62,11 +58,11 @@ from optimizer.quantize import Int8Quantizer
 from optimizer.report import VariantResult, build_report, write_report
 from optimizer.repository import ServingOptions, write_repository
 from optimizer.request import DEFAULT_PRECISIONS, OBJECTIVES, PRECISIONS, OptimizeRequest
+from optimizer.steps import StepLog, optional_step, run_step
 from optimizer.triton_backend.torch_runner import TorchRunner
 from optimizer.verify import Verification, verify
 
 LOG = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,63 +71,6 @@ class OptimizeResult:
     repository: Path
     report_json: Path
     report_md: Path
-
-
-class StepLog:
-    """Writes the status of every step to ``steps.json`` right after the step ends."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._steps: list[dict[str, Any]] = []
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        LOG.info("step %s", name)
-        try:
-            yield
-        except BaseException as exc:
-            self._record(name, "failed", start, f"{type(exc).__name__}: {exc}")
-            raise
-        self._record(name, "ok", start, None)
-
-    def durations(self) -> list[dict[str, Any]]:
-        """Every step so far with its status and seconds (the report's timing table)."""
-        return [{"name": s["step"], "status": s["status"], "seconds": s["seconds"]}
-                for s in self._steps]
-
-    def not_ok(self) -> list[dict[str, str]]:
-        """Steps that were skipped or failed, with why: what the report says was not built."""
-        return [{"name": s["step"], "status": s["status"], "reason": s["detail"] or ""}
-                for s in self._steps if s["status"] != "ok"]
-
-    def skipped(self, name: str, why: str) -> None:
-        LOG.info("step %s skipped: %s", name, why)
-        self._steps.append({"step": name, "status": "skipped", "seconds": 0.0, "detail": why})
-        self._flush()
-
-    def _record(self, name: str, status: str, start: float, detail: str | None) -> None:
-        self._steps.append({"step": name, "status": status,
-                            "seconds": round(time.perf_counter() - start, 3), "detail": detail})
-        self._flush()
-
-    def _flush(self) -> None:
-        self._path.write_text(json.dumps(self._steps, indent=2) + "\n", encoding="utf-8")
-
-
-def _run(log: StepLog, name: str, fn: Callable[[], T]) -> T:
-    with log.step(name):
-        return fn()
-
-
-def _optional(log: StepLog, name: str, fn: Callable[[], T]) -> T | None:
-    """A variant that cannot be built is reported and left out; the others go on."""
-    try:
-        with log.step(name):
-            return fn()
-    except BedsideError as exc:
-        LOG.warning("variant step %s failed: %s", name, exc)
-        return None
 
 
 def sha256_of(path: Path) -> str:
@@ -310,24 +249,24 @@ class _Optimizer:
         req, log = self.req, self.log
         torch.set_num_threads(req.threads)
         if req.target == "gpu-torch":  # refuse before minutes of loading, not after
-            _run(log, "require_cuda", require_cuda)
-        self.manifest = _run(log, "load_manifest", lambda: Manifest.load(req.manifest))
-        self.model = _run(log, "load_checkpoint", lambda: checkpoint.load(req.checkpoint))
-        self.validation = _run(log, "load_validation",
+            run_step(log, "require_cuda", require_cuda)
+        self.manifest = run_step(log, "load_manifest", lambda: Manifest.load(req.manifest))
+        self.model = run_step(log, "load_checkpoint", lambda: checkpoint.load(req.checkpoint))
+        self.validation = run_step(log, "load_validation",
                                lambda: load_labelled(req.validation_dir, self.manifest))
-        self.calibration = _run(log, "load_calibration", lambda: load_inputs(
+        self.calibration = run_step(log, "load_calibration", lambda: load_inputs(
             req.calibration_dir, self.manifest, limit=req.calibration_limit))
-        inputs = _run(log, "hash_inputs", lambda: {
+        inputs = run_step(log, "hash_inputs", lambda: {
             "checkpoint": sha256_of(req.checkpoint), "manifest": sha256_of(req.manifest),
             "calibration": sha256_of(req.calibration_dir),
             "validation": sha256_of(req.validation_dir)})
-        self.golden = _run(log, "golden_outputs", self._golden)
+        self.golden = run_step(log, "golden_outputs", self._golden)
         if req.target == "gpu-torch":
             return self.run_gpu_torch(inputs)
 
         fp32_path = self.out / "variants" / "model.fp32.onnx"
-        _run(log, "export_onnx_fp32", lambda: export_onnx(self.model, self.manifest, fp32_path))
-        candidates = [_run(log, "verify_fp32", lambda: _Candidate(
+        run_step(log, "export_onnx_fp32", lambda: export_onnx(self.model, self.manifest, fp32_path))
+        candidates = [run_step(log, "verify_fp32", lambda: _Candidate(
             "onnx-fp32", "fp32", fp32_path, self.check("fp32", fp32_path)))]
         if "fp16" in req.precisions:
             def fp16() -> _Candidate:
@@ -336,14 +275,14 @@ class _Optimizer:
                 return _Candidate("onnx-fp16", "fp16", path, self.check("fp16", path),
                                   {"io": req.fp16_io,
                                    "fp32_ops": "normalisation, exp/log, reductions"})
-            if (half := _optional(log, "fp16", fp16)) is not None:
+            if (half := optional_step(log, "fp16", fp16)) is not None:
                 candidates.append(half)
         else:
             log.skipped("fp16", "not requested")
         if "bf16" in req.precisions:
             log.skipped("bf16", "no BF16 variant for ONNX Runtime on the CPU")
         if "int8" in req.precisions:
-            if (int8 := _optional(log, "int8", lambda: self.int8(fp32_path))) is not None:
+            if (int8 := optional_step(log, "int8", lambda: self.int8(fp32_path))) is not None:
                 candidates.append(int8)
         else:
             log.skipped("int8", "not requested")
@@ -353,7 +292,7 @@ class _Optimizer:
 
         sample = self.validation.inputs[:1]
         budget = Budget(req.bench_budget_s, len(candidates) + 1)
-        baseline = _run(log, "benchmark_pytorch", lambda: profile_torch(
+        baseline = run_step(log, "benchmark_pytorch", lambda: profile_torch(
             self.model, sample, req.threads, req.bench, budget.deadline(0, "pytorch-eager")))
         variants: list[VariantResult] = []
         for i, cand in enumerate(tqdm(candidates, desc="benchmark", unit="variant", leave=False,
@@ -371,13 +310,13 @@ class _Optimizer:
                     size_bytes=_size(cand.path), verification=cand.verification,
                     profile=prof, speedup=baseline.batch1.p50_ms / prof.batch1.p50_ms,
                     details=cand.details)
-            variants.append(_run(log, f"benchmark_{cand.name}", bench))
+            variants.append(run_step(log, f"benchmark_{cand.name}", bench))
 
         serving = ServingOptions(intra_op_threads=req.threads)
-        chosen = _run(log, "select", lambda: select(
+        chosen = run_step(log, "select", lambda: select(
             variants, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
         repo = self.out / "repository"
-        model_dir, version = _run(log, "write_repository", lambda: self.write_repository(
+        model_dir, version = run_step(log, "write_repository", lambda: self.write_repository(
             repo, chosen, serving))
         report = build_report(
             manifest=self.manifest, threads=req.threads, objective=req.objective,
@@ -386,7 +325,7 @@ class _Optimizer:
             repository=str(model_dir.relative_to(self.out)), version=version,
             not_built=log.not_ok(), hardware=hardware(_ov_options(req)), steps=log.durations(),
         )
-        js, md = _run(log, "write_report", lambda: write_report(self.out, report))
+        js, md = run_step(log, "write_report", lambda: write_report(self.out, report))
         _write_reproduce(self.out, req)
         return OptimizeResult(report=report, repository=repo, report_json=js, report_md=md)
 
@@ -399,7 +338,7 @@ class _Optimizer:
         gpu = require_cuda()
         LOG.info("gpu-torch on %s", gpu)
         ts_path = self.out / "variants" / "model.pt"
-        _run(log, "trace_torchscript", lambda: trace(self.model, self.manifest, ts_path))
+        run_step(log, "trace_torchscript", lambda: trace(self.model, self.manifest, ts_path))
         log.skipped("export_onnx_fp32", "target gpu-torch serves TorchScript, not ONNX")
         log.skipped("tensorrt", "TensorRT is not installed here (use --target gpu on a node "
                                 "with TensorRT)")
@@ -415,7 +354,7 @@ class _Optimizer:
             finally:
                 del runner
                 torch.cuda.empty_cache()
-        baseline = _run(log, "benchmark_pytorch_cuda", eager_baseline)
+        baseline = run_step(log, "benchmark_pytorch_cuda", eager_baseline)
         results: list[VariantResult] = []
         for variant in gpu_variants(req.precisions):
             def build(variant: GpuVariant = variant) -> VariantResult:
@@ -435,14 +374,14 @@ class _Optimizer:
                     verification=check, profile=prof,
                     speedup=baseline.batch1.p50_ms / prof.batch1.p50_ms,
                     details={"cuda_graphs": variant.cuda_graphs, "gpu": gpu})
-            if (res := _optional(log, f"variant_{variant.name}", build)) is not None:
+            if (res := optional_step(log, f"variant_{variant.name}", build)) is not None:
                 results.append(res)
         if not results:
             raise SelectionError("no GPU variant could run; see steps.json")
-        chosen = _run(log, "select", lambda: select(
+        chosen = run_step(log, "select", lambda: select(
             results, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
         repo = self.out / "repository"
-        model_dir, version = _run(log, "write_repository", lambda: write_repository(
+        model_dir, version = run_step(log, "write_repository", lambda: write_repository(
             repo, self.manifest, ts_path, chosen.precision, serving, req.target,
             cuda_graphs=bool(chosen.details["cuda_graphs"])))
         report = build_report(
@@ -452,7 +391,7 @@ class _Optimizer:
             repository=str(model_dir.relative_to(self.out)), version=version,
             not_built=log.not_ok(), baseline_name="pytorch-eager-cuda",
             baseline_runtime="torch-cuda", device=device_info())
-        js, md = _run(log, "write_report", lambda: write_report(self.out, report))
+        js, md = run_step(log, "write_report", lambda: write_report(self.out, report))
         _write_reproduce(self.out, req)
         return OptimizeResult(report=report, repository=repo, report_json=js, report_md=md)
 
