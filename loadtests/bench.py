@@ -73,10 +73,10 @@ def interleaved(a: Callable[[], Callable[[], object]], b: Callable[[], Callable[
                 concurrency: int, seconds: float, rounds: int = 3) -> tuple[Load, Load]:
     """``a`` and ``b`` measured in alternating slices, so that other work on the machine,
     which comes and goes, weighs on both alike; each side's figures over all its slices."""
-    parts: tuple[list[Load], list[Load]] = ([], [])
-    for _ in range(rounds):
-        for side, make in zip(parts, (a, b), strict=True):
-            side.append(closed_loop(make, concurrency, seconds / rounds))
+    from optimizer.benchmark import alternate  # the optimizer's comparisons take turns alike
+
+    parts = alternate([lambda: closed_loop(a, concurrency, seconds / rounds),
+                       lambda: closed_loop(b, concurrency, seconds / rounds)], rounds)
     merged = [_load(concurrency, [x for p in side for x in p.samples_ms],
                     sum(p.errors for p in side), sum(p.seconds for p in side))
               for side in parts]

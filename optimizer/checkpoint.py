@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,29 @@ from torch import nn
 from optimizer.errors import CheckpointError
 
 FORMAT = "bedside-checkpoint/1"
+# MONAI's optional imports say "(No module named 'einops')"; Python's ModuleNotFoundError
+# carries the name itself.
+_NO_MODULE = re.compile(r"No module named '([A-Za-z0-9_.]+)'")
+# The extra that installs what MONAI's networks import optionally (pyproject.toml).
+MONAI_EXTRA = "bedside[monai-nets]"
+
+
+def missing_package(exc: BaseException) -> str | None:
+    """The top-level package an import error is about, or None."""
+    name = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if not name and (m := _NO_MODULE.search(str(exc))):
+        name = m.group(1)
+    return name.split(".")[0] if name else None
+
+
+def needs_package(what: str, exc: ImportError) -> CheckpointError:
+    """The error for a model whose code imports a package that is not installed."""
+    package = missing_package(exc)
+    if package is None:
+        return CheckpointError(f"{what} failed to import a dependency: {exc}")
+    return CheckpointError(
+        f"{what} needs the Python package '{package}', which is not installed here: "
+        f"pip install {package} (for MONAI's networks: pip install '{MONAI_EXTRA}')")
 
 
 def build(architecture: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -29,6 +53,8 @@ def build(architecture: str, kwargs: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"{architecture!r} is not a network in monai.networks.nets")
     try:
         return cls(**kwargs)
+    except ImportError as exc:  # MONAI's OptionalImportError is one
+        raise needs_package(f"monai.networks.nets.{architecture}", exc) from exc
     except (TypeError, ValueError, AssertionError) as exc:
         raise CheckpointError(f"cannot build {architecture}: {exc}") from exc
 
@@ -46,6 +72,14 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as zf:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def format_of(path: Path) -> str:
+    """``torchscript``, ``exported-program`` or ``bedside-checkpoint``: the form the model
+    came in, which names what the PyTorch baseline runs."""
+    if path.suffix == ".pt2":
+        return "exported-program"
+    return "torchscript" if path.is_file() and _is_torchscript(path) else "bedside-checkpoint"
 
 
 def load(path: Path) -> nn.Module:

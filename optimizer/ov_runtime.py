@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.benchmark import BenchOptions, PeakMemory, Profile, sweep
+from optimizer.benchmark import BenchOptions, Contender, PeakMemory, Profile, sweep
 from optimizer.errors import QuantizationError
 from optimizer.ov_options import OvOptions
 
@@ -105,10 +105,15 @@ def save(model: Any, folder: Path) -> Path:
     return xml
 
 
-def compile_model(model: Any, precision: str, options: OvOptions) -> Any:
-    """Compile for the CPU with explicit precision, threads, streams and hint."""
+def compile_model(model: Any, precision: str, options: OvOptions,
+                  flush_denormals: bool = False) -> Any:
+    """Compile for the CPU with explicit precision, threads, streams and hint;
+    ``flush_denormals`` for timing beside a PyTorch that flushes them (benchmark.measure)."""
+    properties = options.properties(precision)
+    if flush_denormals:
+        properties["CPU_DENORMALS_OPTIMIZATION"] = True
     try:
-        return openvino().Core().compile_model(model, "CPU", options.properties(precision))
+        return openvino().Core().compile_model(model, "CPU", properties)
     except QuantizationError:
         raise
     except Exception as exc:
@@ -153,3 +158,17 @@ def profile_openvino(model: Any, precision: str, sample: np.ndarray, options: Ov
 
         points = sweep(make, bench, deadline)
     return Profile(points=tuple(points), peak_memory_mb=mem.mb)
+
+
+def contender(name: str, xml: Path, precision: str, sample: np.ndarray,
+              options: OvOptions) -> Contender:
+    """An OpenVINO variant in a benchmark window (optimizer.benchmark.measure)."""
+    def open_() -> Callable[[int], Callable[[], object]]:
+        request = compile_model(read(xml), precision, options,
+                                flush_denormals=True).create_infer_request()
+
+        def make(batch: int) -> Callable[[], object]:
+            x = np.ascontiguousarray(np.repeat(sample[:1], batch, axis=0))
+            return lambda: request.infer([x])
+        return make
+    return Contender(name, open_)

@@ -5,7 +5,7 @@ OpenVINO IR (model.xml + model.bin) and verified like the ONNX Runtime ones.
   precision (the CPU plugin would otherwise pick BF16 on CPUs that have it).
 - ``openvino-bf16``: the same IR with the BF16 inference-precision hint; built only where the
   CPU has native BF16 (AVX-512 BF16 or AMX), since elsewhere OpenVINO would emulate it slowly.
-  Verified against its own MAE ceiling (optimizer.verify.MAE_TOLERANCE['bf16']).
+  Verified against its own rung of the ladder (optimizer.verify, 'bf16').
 - ``openvino-int8``: NNCF post-training quantization on the calibration inputs; when it fails
   verification, NNCF's accuracy-controlled quantization (optimizer.ov_quantize) with the
   recovery bound of the request, recording the ops kept in floating point.
@@ -41,7 +41,7 @@ from optimizer.ov_runtime import (
     save,
 )
 from optimizer.steps import StepLog, optional_step
-from optimizer.verify import MAE_TOLERANCE, Verification
+from optimizer.verify import Verification
 
 LOG = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _int8(job: OvJob, fp32_xml: Path, flags: frozenset[str]) -> OvVariant:
                      {"quantizer": "nncf", "calibration_inputs": len(job.calibration)})
     if plain.verification.passed or not job.recovery:
         return plain
-    tolerance = job.mae_tolerances.get("int8", MAE_TOLERANCE["int8"])
+    tolerance = plain.verification.mae_ceiling  # the rule that failed it, in absolute MAE
     LOG.info("OpenVINO INT8 failed (%s): accuracy-controlled quantization",
              "; ".join(plain.verification.reasons))
     model, control = quantizer.accuracy_controlled(

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import shlex
 import shutil
-import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,17 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from optimizer import checkpoint, ov_runtime, ov_variants
 from optimizer.benchmark import (
     Budget,
+    Contender,
     Profile,
+    measure,
+    onnx_contender,
     onnx_session,
-    profile_onnx,
-    profile_torch,
     run_onnx,
     run_torch,
+    torch_contender,
 )
 from optimizer.contract.errors import ManifestError
 from optimizer.contract.manifest import Manifest
@@ -51,6 +52,7 @@ from optimizer.gpu_torch import (
     trace,
 )
 from optimizer.gpu_torch import variants as gpu_variants
+from optimizer.outputs import prediction
 from optimizer.ov_options import OvOptions
 from optimizer.ov_repository import drop_cluster_config, write_openvino_repository
 from optimizer.ov_variants import OvJob, hardware
@@ -63,6 +65,9 @@ from optimizer.triton_backend.torch_runner import TorchRunner
 from optimizer.verify import Verification, verify
 
 LOG = logging.getLogger(__name__)
+# What the PyTorch baseline is, by the form the model came in (checkpoint.format_of).
+BASELINE_NAMES = {"bedside-checkpoint": "pytorch-eager", "torchscript": "pytorch-torchscript",
+                  "exported-program": "pytorch-exported-program"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class _Optimizer:
         self.validation: LabelledSet
         self.calibration: np.ndarray
         self.golden: np.ndarray
+        self.model_format = "bedside-checkpoint"
         for stale in ("variants", "report.json", "report.md", "steps.json", "reproduce.sh",
                       "latency_vs_batch.png", "accuracy_vs_speed.png"):
             target = self.out / stale  # never mix this run's results with an earlier one's
@@ -144,15 +150,26 @@ class _Optimizer:
         quantizer = Int8Quantizer(fp32_path, self.out / "variants" / "int8-work",
                                   self.manifest.input.name, self.calibration)
         tried: list[_Candidate] = []
+        failed: list[dict[str, Any]] = []
         for method in self.req.calibration_methods:
             path = self.out / "variants" / f"model.int8.{method}.onnx"
-            quantizer.quantize(path, method)
-            tried.append(_Candidate(f"onnx-int8-{method}", "int8", path,
-                                    self.check("int8", path), {"calibration_method": method}))
+            try:  # one method failing (a histogram's bins on a narrow range) leaves the others
+                quantizer.quantize(path, method)
+                check = self.check("int8", path)
+            except QuantizationError as exc:
+                LOG.warning("INT8 calibration %s failed: %s", method, exc)
+                failed.append({"calibration_method": method, "passed": False,
+                               "error": str(exc)})
+                continue
+            tried.append(_Candidate(f"onnx-int8-{method}", "int8", path, check,
+                                    {"calibration_method": method}))
         trials = [{"calibration_method": c.details["calibration_method"],
                    "mae": c.verification.mae, "metric_delta": c.verification.metric_delta,
                    "agreement": c.verification.agreement, "passed": c.verification.passed}
-                  for c in tried]
+                  for c in tried] + failed
+        if not tried:
+            raise QuantizationError("every INT8 calibration method failed: " + "; ".join(
+                f"{f['calibration_method']}: {f['error']}" for f in failed))
         passing = [c for c in tried if c.verification.passed]
         if passing:
             chosen = min(passing, key=lambda c: c.verification.mae)
@@ -252,6 +269,9 @@ class _Optimizer:
             run_step(log, "require_cuda", require_cuda)
         self.manifest = run_step(log, "load_manifest", lambda: Manifest.load(req.manifest))
         self.model = run_step(log, "load_checkpoint", lambda: checkpoint.load(req.checkpoint))
+        self.model_format = checkpoint.format_of(req.checkpoint)
+        self.model = run_step(log, "select_prediction",
+                              lambda: prediction(self.model, self.manifest))
         self.validation = run_step(log, "load_validation",
                                lambda: load_labelled(req.validation_dir, self.manifest))
         self.calibration = run_step(log, "load_calibration", lambda: load_inputs(
@@ -291,43 +311,65 @@ class _Optimizer:
         candidates += self.openvino_variants(fp32_path)
 
         sample = self.validation.inputs[:1]
-        budget = Budget(req.bench_budget_s, len(candidates) + 1)
-        baseline = run_step(log, "benchmark_pytorch", lambda: profile_torch(
-            self.model, sample, req.threads, req.bench, budget.deadline(0, "pytorch-eager")))
-        variants: list[VariantResult] = []
-        for i, cand in enumerate(tqdm(candidates, desc="benchmark", unit="variant", leave=False,
-                                      disable=not sys.stderr.isatty()), 1):
-            def bench(cand: _Candidate = cand, i: int = i) -> VariantResult:
-                deadline = budget.deadline(i, cand.name)
-                if cand.runtime == ov_runtime.RUNTIME:
-                    prof = ov_variants.profile(cand.path, cand.precision, sample,
-                                               _ov_options(req), req.bench, deadline)
-                else:
-                    prof = profile_onnx(cand.path, sample, req.threads, req.bench, deadline)
-                return VariantResult(
-                    name=cand.name, precision=cand.precision, runtime=cand.runtime,
-                    file=str(cand.path.relative_to(self.out)),
-                    size_bytes=_size(cand.path), verification=cand.verification,
-                    profile=prof, speedup=baseline.batch1.p50_ms / prof.batch1.p50_ms,
-                    details=cand.details)
-            variants.append(run_step(log, f"benchmark_{cand.name}", bench))
+        baseline_name = BASELINE_NAMES[self.model_format]
+        contenders: list[Contender] = [torch_contender("pytorch", self.model, sample,
+                                                       req.threads)]
+        for cand in candidates:
+            if cand.runtime == ov_runtime.RUNTIME:
+                contenders.append(ov_runtime.contender(cand.name, cand.path, cand.precision,
+                                                       sample, _ov_options(req)))
+            else:
+                contenders.append(onnx_contender(cand.name, cand.path, sample, req.threads))
+        deadline = Budget(req.bench_budget_s, 1).deadline(0, "every runtime, alternating")
+        start = time.perf_counter()
+        try:
+            window = measure(contenders, req.bench, deadline)
+        except Exception as exc:  # recorded, then raised: the window is all or nothing
+            log.measured("benchmark", time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+            raise
+        for c in contenders:
+            log.measured(f"benchmark_{c.name}", window.seconds.get(c.name, 0.0),
+                         window.failed.get(c.name))
+        if "pytorch" not in window.profiles:
+            raise CheckpointError(f"the PyTorch baseline does not run: "
+                                  f"{window.failed.get('pytorch')}")
+        baseline = window.profiles["pytorch"]
+        variants = [VariantResult(
+            name=cand.name, precision=cand.precision, runtime=cand.runtime,
+            file=str(cand.path.relative_to(self.out)), size_bytes=_size(cand.path),
+            verification=cand.verification, profile=window.profiles[cand.name],
+            speedup=baseline.batch1.p50_ms / window.profiles[cand.name].batch1.p50_ms,
+            details=cand.details) for cand in candidates if cand.name in window.profiles]
 
         serving = ServingOptions(intra_op_threads=req.threads)
-        chosen = run_step(log, "select", lambda: select(
-            variants, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
+
+        def report(selected: str | None, repository: str | None, version: int | None,
+                   why_none: str | None = None) -> dict[str, Any]:
+            return build_report(
+                manifest=self.manifest, threads=req.threads, objective=req.objective,
+                target=req.target, inputs=inputs, validation_size=len(self.validation),
+                baseline=baseline, variants=variants, selected=selected,
+                repository=repository, version=version, not_built=log.not_ok(),
+                hardware=hardware(_ov_options(req)), steps=log.durations(),
+                baseline_name=baseline_name, benchmark=window.as_dict(),
+                selection_error=why_none)
+
+        try:
+            chosen = run_step(log, "select", lambda: select(
+                variants, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
+        except SelectionError as exc:  # still a report: every measurement and every reason
+            why = str(exc)
+            run_step(log, "write_report", lambda: write_report(self.out, report(
+                None, None, None, why)))
+            _write_reproduce(self.out, req)
+            raise
         repo = self.out / "repository"
         model_dir, version = run_step(log, "write_repository", lambda: self.write_repository(
             repo, chosen, serving))
-        report = build_report(
-            manifest=self.manifest, threads=req.threads, objective=req.objective,
-            target=req.target, inputs=inputs, validation_size=len(self.validation),
-            baseline=baseline, variants=variants, selected=chosen.name,
-            repository=str(model_dir.relative_to(self.out)), version=version,
-            not_built=log.not_ok(), hardware=hardware(_ov_options(req)), steps=log.durations(),
-        )
-        js, md = run_step(log, "write_report", lambda: write_report(self.out, report))
+        done = report(chosen.name, str(model_dir.relative_to(self.out)), version)
+        js, md = run_step(log, "write_report", lambda: write_report(self.out, done))
         _write_reproduce(self.out, req)
-        return OptimizeResult(report=report, repository=repo, report_json=js, report_md=md)
+        return OptimizeResult(report=done, repository=repo, report_json=js, report_md=md)
 
     def run_gpu_torch(self, inputs: dict[str, str]) -> OptimizeResult:
         """The ``gpu-torch`` target: TorchScript on the GPU at each precision, eager and with
@@ -417,13 +459,17 @@ def select(variants: list[VariantResult], objective: str, slo_ms: float,
     (``max_batch``); a SelectionError says why none fits.
 
     Every objective requires batch-1 p95 within the SLO; ``throughput-within-slo`` also keeps
-    only the batch sizes whose p95 fits it.
+    only the batch sizes whose p95 fits it. Figures marked unstable (benchmark.measure) are not
+    selected on while a passing variant has stable ones; when none has (a loaded machine
+    weighs on every runtime alike), the choice is made on them and the report says so.
     """
     passing = [v for v in variants if v.verification.passed]
     if not passing:
         why = "; ".join(f"{v.name}: {', '.join(v.verification.reasons)}" for v in variants)
         raise SelectionError(f"no variant passed verification ({why})")
-    in_slo = [v for v in passing if v.profile.batch1.p95_ms <= slo_ms]
+    stable = [v for v in passing if not v.profile.unstable]
+    trusted = stable or passing
+    in_slo = [v for v in trusted if v.profile.batch1.p95_ms <= slo_ms]
     if not in_slo:
         raise SelectionError(f"no passing variant has p95 <= {slo_ms:g} ms even at batch 1")
 
@@ -440,7 +486,7 @@ def select(variants: list[VariantResult], objective: str, slo_ms: float,
     def within(v: VariantResult) -> float:
         return best_throughput(v, slo_ms)
 
-    fitting = [v for v in passing if within(v) > 0]
+    fitting = [v for v in trusted if within(v) > 0]
     if not fitting:
         raise SelectionError(f"no passing variant has p95 <= {slo_ms:g} ms even at batch 1")
     return max(fitting, key=within)

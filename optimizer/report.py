@@ -67,7 +67,10 @@ def _profile(prof: Profile) -> dict[str, Any]:
         "latency_ms": _latency(prof.batch1),
         "batches": [{"batch": p.batch, "p50_ms": round(p.latency.p50_ms, 4),
                      "p95_ms": round(p.latency.p95_ms, 4), "p99_ms": round(p.latency.p99_ms, 4),
-                     "throughput_per_s": round(p.throughput, 2)} for p in prof.points],
+                     "throughput_per_s": round(p.throughput, 2),
+                     "spread": None if p.spread is None else round(p.spread, 4)}
+                    for p in prof.points],
+        "unstable": list(prof.unstable),
         "best_throughput_per_s": round(prof.best.throughput, 2),
         "best_throughput_batch": prof.best.batch,
         "peak_memory_mb": None if prof.peak_memory_mb is None else round(prof.peak_memory_mb, 1),
@@ -76,14 +79,19 @@ def _profile(prof: Profile) -> dict[str, Any]:
 
 def build_report(
     manifest: Manifest, threads: int, objective: str, target: str, inputs: dict[str, str],
-    validation_size: int, baseline: Profile, variants: list[VariantResult], selected: str,
-    repository: str, version: int, not_built: list[dict[str, str]],
+    validation_size: int, baseline: Profile, variants: list[VariantResult],
+    selected: str | None, repository: str | None, version: int | None,
+    not_built: list[dict[str, str]],
     baseline_name: str = "pytorch-eager", baseline_runtime: str = "torch",
     device: dict[str, str] | None = None,
     hardware: dict[str, Any] | None = None, steps: list[dict[str, Any]] | None = None,
+    benchmark: dict[str, Any] | None = None, selection_error: str | None = None,
 ) -> dict[str, Any]:
     """The report's content; ``device`` describes the GPU for GPU targets (baseline and
-    variants then ran on it, and peak memory is GPU memory)."""
+    variants then ran on it, and peak memory is GPU memory). ``selected`` is None when
+    nothing could be selected (``selection_error`` says why): the report still holds every
+    measurement and every variant's reasons. ``benchmark`` describes the timing window (how,
+    load average, denormals); without it the runtimes were measured one after another."""
     ref = variants[0].verification
     return {
         "report_version": REPORT_VERSION,
@@ -97,7 +105,9 @@ def build_report(
         "target": target,
         "inputs_sha256": inputs,
         "validation": {"instances": validation_size, "metric": ref.metric,
-                       "reference": ref.metric_reference},
+                       "reference": ref.metric_reference,
+                       "output_spread": ref.reference_spread},
+        "benchmark": benchmark or {"method": "one runtime after another", "unstable": []},
         "baseline": {"name": baseline_name, "runtime": baseline_runtime, "precision": "fp32",
                      **_profile(baseline)},
         "variants": [
@@ -110,6 +120,8 @@ def build_report(
                 "mae": v.verification.mae,
                 "max_abs_error": v.verification.max_abs,
                 "mae_tolerance": v.verification.mae_tolerance,
+                "relative_mae": v.verification.relative_mae,
+                "tolerance_rule": v.verification.rule,
                 "metric": v.verification.metric,
                 "metric_value": v.verification.metric_value,
                 "metric_delta": v.verification.metric_delta,
@@ -124,6 +136,7 @@ def build_report(
         ],
         "not_built": not_built,
         "selected": selected,
+        "selection_error": selection_error,
         "repository": repository,
         "plots": ["latency_vs_batch.png", "accuracy_vs_speed.png"],
         "steps": steps or [],
@@ -145,11 +158,13 @@ def render_markdown(report: dict[str, Any]) -> str:
            "variants ran on it, peak memory is GPU memory."] if "device" in m else []),
         f"Validation: {report['validation']['instances']} labelled instances, PyTorch FP32 "
         f"{metric} {report['validation']['reference']:.4f}. Latency at batch 1.",
+        *_benchmark_lines(report),
         "",
         f"| variant | precision | runtime | MAE | {metric} delta | agreement | verdict "
         "| p50 ms | p95 ms | p99 ms | best throughput /s (batch) | speed-up vs PyTorch | MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {base['name']} (baseline) | fp32 | {base['runtime']} | - | - | - | reference "
+        f"| {base['name']} (baseline{', unstable' if base.get('unstable') else ''}) | fp32 "
+        f"| {base['runtime']} | - | - | - | reference "
         f"| {base['latency_ms']['p50']:.3f} | {base['latency_ms']['p95']:.3f} "
         f"| {base['latency_ms']['p99']:.3f} | {base['best_throughput_per_s']:.1f} "
         f"({base['best_throughput_batch']}) | 1.00x | - |",
@@ -161,20 +176,34 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {v['metric_delta']:+.4f} | {v['decision_agreement']:.4f} | {v['verdict']} "
             f"| {lat['p50']:.3f} | {lat['p95']:.3f} | {lat['p99']:.3f} "
             f"| {v['best_throughput_per_s']:.1f} ({v['best_throughput_batch']}) "
-            f"| {v['speedup_vs_pytorch']:.2f}x | {v['size_bytes'] / 1e6:.2f} |"
+            f"| {v['speedup_vs_pytorch']:.2f}x{' (unstable)' if v.get('unstable') else ''} "
+            f"| {v['size_bytes'] / 1e6:.2f} |"
         )
-    lines += ["", f"Selected: **{report['selected']}** (objective: {report['objective']}).",
-              f"Triton model repository: `{report['repository']}` (version "
-              f"{report['version']}, target {report['target']}).", ""]
-    lines += ["Throughput by batch size (items/s):", "",
-              "| runtime | " + " | ".join(f"b{p['batch']}" for p in base["batches"]) + " |",
-              "|---|" + "---|" * len(base["batches"])]
+    if report["selected"] is None:
+        lines += ["", f"Selected: **none**: {report.get('selection_error')}. No repository "
+                      "was written; every measurement and reason is above and below.", ""]
+    else:
+        lines += ["", f"Selected: **{report['selected']}** (objective: {report['objective']}).",
+                  f"Triton model repository: `{report['repository']}` (version "
+                  f"{report['version']}, target {report['target']}).", ""]
+    # every batch size any runtime reached: a variant's best batch is never left out
+    sizes = sorted({p["batch"] for row in [base, *report["variants"]] for p in row["batches"]})
+    lines += ["Throughput by batch size (items/s; - where that runtime's sweep had stopped):",
+              "", "| runtime | " + " | ".join(f"b{b}" for b in sizes) + " |",
+              "|---|" + "---|" * len(sizes)]
     for row in [base, *report["variants"]]:
         cells = {p["batch"]: f"{p['throughput_per_s']:.1f}" for p in row["batches"]}
-        lines.append(f"| {row['name']} | "
-                     + " | ".join(cells.get(p["batch"], "-") for p in base["batches"]) + " |")
+        lines.append(f"| {row['name']} | " + " | ".join(cells.get(b, "-") for b in sizes) + " |")
+    lines.append("")
+    lines += [f"Tolerance for {v['name']}: {v['tolerance_rule']}." for v in report["variants"]
+              if v.get("tolerance_rule")]
     lines.append("")
     for v in report["variants"]:
+        broken = [t for t in v["details"].get("calibration_trials", []) if t.get("error")]
+        if broken:
+            lines.append(f"INT8 calibration methods that failed for {v['name']} (the others "
+                         "went on): " + "; ".join(f"{t['calibration_method']}: {t['error']}"
+                                                  for t in broken) + ".")
         if v["details"].get("fp32_nodes"):
             nodes = v["details"]["fp32_nodes"]
             lines.append(f"Accuracy recovery for {v['name']}: {len(nodes)} nodes kept in FP32 "
@@ -198,6 +227,24 @@ def render_markdown(report: dict[str, Any]) -> str:
               "![latency vs batch size](latency_vs_batch.png)",
               "![accuracy vs speed](accuracy_vs_speed.png)", ""]
     return "\n".join(lines)
+
+
+def _benchmark_lines(report: dict[str, Any]) -> list[str]:
+    """How the figures were taken, and which ones cannot be trusted and why."""
+    bench = report.get("benchmark") or {}
+    if "load_average" not in bench:
+        return [f"Timing: {bench.get('method', 'one runtime after another')}."]
+    load = bench["load_average"]
+    lines = [f"Timing: {bench['method']}, in one window ({bench['attempts']} batch-1 "
+             f"window(s)); load average {load[0]} at its start, {load[1]} at its end, on "
+             f"{bench['cpus']} CPUs. Denormals: {bench['denormals']}."]
+    rows = [report["baseline"], *report["variants"]]
+    shaky = [f"{r['name']} ({'; '.join(r['unstable'])})" for r in rows if r.get("unstable")]
+    if shaky:
+        lines.append("**Unstable figures** (not selected on while a stable passing variant "
+                     "exists; re-run on a quiet machine before trusting them): "
+                     + ", ".join(shaky) + ".")
+    return lines
 
 
 def _hardware_lines(report: dict[str, Any]) -> list[str]:

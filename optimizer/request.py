@@ -52,10 +52,21 @@ class BenchOptions:
     min_gain: float = 0.05  # stop doubling the batch when throughput gains less than this
     max_seconds: float = 8.0  # one point stops here once it has floor_runs calls
     floor_runs: int = 10
+    # The runtimes take turns in this many slices per batch size (optimizer.benchmark.measure).
+    rounds: int = 3
+    # A batch-1 figure is unstable when its slices' p50s lie further apart than this share of
+    # their median, or its p95 exceeds this many times its p50; the window is unstable when the
+    # 1-minute load average exceeds this many runnable tasks per CPU (other work competed).
+    max_spread: float = 0.25
+    max_tail: float = 3.0
+    max_load_per_cpu: float = 1.0
+    remeasure: int = 1  # extra batch-1 windows when a figure is unstable
 
     def __post_init__(self) -> None:
         if self.max_seconds < self.min_seconds or self.floor_runs < 1:
             raise ValueError("max_seconds must be >= min_seconds and floor_runs >= 1")
+        if self.rounds < 1 or self.remeasure < 0:
+            raise ValueError("rounds must be >= 1 and remeasure >= 0")
 
 
 @dataclass(frozen=True)
@@ -116,10 +127,12 @@ class OptimizeRequest:
                           help="I/O of the FP16 variant (fp32 keeps callers unchanged)")
     recovery: bool = option(True, flag="--no-recovery",
                             help="do not keep sensitive nodes in FP32 when INT8 misses the budget")
-    # Per-precision MAE ceilings overriding optimizer.verify.MAE_TOLERANCE, e.g. {"int8": 0.1}.
+    # Per-precision absolute MAE ceilings replacing the scale-aware ladder (optimizer.verify),
+    # e.g. {"int8": 0.1}.
     mae_tolerances: dict[str, float] = option(
         {}, flag="--mae-tolerance", metavar="PRECISION=MAE",
-        help="override a verification threshold, e.g. int8=0.1 (repeatable)")
+        help="an absolute MAE ceiling instead of the scale-aware rung, e.g. int8=0.1 "
+             "(repeatable)")
     # OpenVINO variants (optimizer.ov_variants), CPU target only; threads: ``threads``.
     openvino: tuple[str, ...] = option(
         (), flag="--openvino", default_by=("target", DEFAULT_OPENVINO),

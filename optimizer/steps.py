@@ -46,6 +46,14 @@ class StepLog:
         return [{"name": s["step"], "status": s["status"], "reason": s["detail"] or ""}
                 for s in self._steps if s["status"] != "ok"]
 
+    def measured(self, name: str, seconds: float, failed: str | None = None) -> None:
+        """A step whose time was spent inside a shared one (a runtime's share of the
+        benchmark window), recorded with that time."""
+        LOG.info("step %s: %.1f s%s", name, seconds, f", failed: {failed}" if failed else "")
+        self._steps.append({"step": name, "status": "failed" if failed else "ok",
+                            "seconds": round(seconds, 3), "detail": failed})
+        self._flush()
+
     def skipped(self, name: str, why: str) -> None:
         LOG.info("step %s skipped: %s", name, why)
         self._steps.append({"step": name, "status": "skipped", "seconds": 0.0, "detail": why})

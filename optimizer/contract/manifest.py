@@ -85,6 +85,10 @@ class OutputSpec:
     labels: tuple[str, ...]
     activation: Activation
     thresholds: tuple[float, ...]
+    # For a model that returns a tuple, list or dict: which of its outputs is the prediction
+    # (an index, or a key). Only that one is exported and served. None: the model returns one
+    # tensor.
+    prediction: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,8 @@ class Manifest:
                 "labels": list(self.output.labels),
                 "activation": self.output.activation,
                 "thresholds": list(self.output.thresholds),
+                **({} if self.output.prediction is None
+                   else {"prediction": self.output.prediction}),
             },
             "accuracy_budget": {
                 "max_auc_drop": self.accuracy_budget.max_auc_drop,
@@ -241,11 +247,18 @@ class Manifest:
             raise ManifestError(
                 f"manifest.output.activation: {activation!r} is not sigmoid, softmax or none"
             )
+        prediction = ro.get_optional("prediction", object)
+        if prediction is not None and (
+                isinstance(prediction, bool) or not isinstance(prediction, int | str)
+                or (isinstance(prediction, int) and prediction < 0) or prediction == ""):
+            raise ManifestError("manifest.output.prediction: the index (>= 0) or key of the "
+                                "model output that is the prediction")
         output = OutputSpec(
             name=ro.get("name", str),
             labels=labels,
             activation=activation,
             thresholds=thresholds,
+            prediction=prediction,
         )
 
         rb = r.child("accuracy_budget")

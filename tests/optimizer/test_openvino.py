@@ -36,11 +36,13 @@ def _request(tiny_model: Path, tiny_data: Path, out: Path, **kw: object) -> Opti
 def ov_result(tiny_model: Path, tiny_data: Path,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[OptimizeResult]:
     """ONNX Runtime FP32 and every OpenVINO variant. An FP32 MAE ceiling of 0 fails both FP32
-    variants, so that an OpenVINO one (BF16 or INT8) is selected and written."""
+    variants, so that an OpenVINO one (BF16 or INT8) is selected and written. INT8 is judged
+    by the absolute seed rung: the random model's outputs barely vary, so it would miss its
+    scale-aware one (optimizer.verify) and accuracy control would replace it."""
     out = tmp_path_factory.mktemp("ov")
     yield optimize(_request(tiny_model, tiny_data, out, precisions=("fp32",),
                             openvino=("fp32", "bf16", "int8"), ov_streams=1, ov_hint="latency",
-                            mae_tolerances={"fp32": 0.0}))
+                            mae_tolerances={"fp32": 0.0, "int8": 0.05}))
 
 
 def _variants(result: OptimizeResult) -> dict[str, dict[str, object]]:

@@ -92,9 +92,20 @@ def test_nothing_passing_is_a_selection_error(tiny_model: Path, tiny_data: Path,
             mae_tolerances={"fp32": 0.0}, bench=QUICK_BENCH,
         ))
     steps = json.loads((tmp_path / "steps.json").read_text())
-    assert steps[-1]["step"] == "select" and steps[-1]["status"] == "failed"
-    assert steps[-1]["detail"].startswith("SelectionError")
+    # the select step failed, and the report was still written after it (issue 15)
+    assert [s["step"] for s in steps[-2:]] == ["select", "write_report"]
+    assert steps[-2]["status"] == "failed" and steps[-2]["detail"].startswith("SelectionError")
+    assert steps[-1]["status"] == "ok"
     assert not (tmp_path / "repository").exists()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["selected"] is None and report["repository"] is None
+    assert "onnx-fp32: MAE" in report["selection_error"]
+    [fp32] = report["variants"]
+    assert fp32["verdict"] == "fail"
+    assert fp32["reasons"] == [f"MAE {fp32['mae']:.3g} >= tolerance 0"]
+    assert fp32["latency_ms"]["p50"] > 0 and report["baseline"]["latency_ms"]["p50"] > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Selected: **none**" in md and "Why variants failed:" in md
 
 
 def test_output_shape_must_match_the_manifest(tiny_model: Path, tiny_data: Path,
