@@ -66,7 +66,8 @@ from optimizer.verify import Verification, verify
 
 LOG = logging.getLogger(__name__)
 # What the PyTorch baseline is, by the form the model came in (checkpoint.format_of).
-BASELINE_NAMES = {"bedside-checkpoint": "pytorch-eager", "torchscript": "pytorch-torchscript",
+BASELINE_NAMES = {"bedside-checkpoint": "pytorch-eager", "state-dict": "pytorch-eager",
+                  "torchscript": "pytorch-torchscript",
                   "exported-program": "pytorch-exported-program"}
 
 
@@ -268,8 +269,9 @@ class _Optimizer:
         if req.target == "gpu-torch":  # refuse before minutes of loading, not after
             run_step(log, "require_cuda", require_cuda)
         self.manifest = run_step(log, "load_manifest", lambda: Manifest.load(req.manifest))
-        self.model = run_step(log, "load_checkpoint", lambda: checkpoint.load(req.checkpoint))
-        self.model_format = checkpoint.format_of(req.checkpoint)
+        self.model = run_step(log, "load_checkpoint", lambda: checkpoint.load(
+            req.checkpoint, req.builder or None))
+        self.model_format = checkpoint.format_of(req.checkpoint, req.builder or None)
         self.model = run_step(log, "select_prediction",
                               lambda: prediction(self.model, self.manifest))
         self.validation = run_step(log, "load_validation",

@@ -145,6 +145,13 @@ class OptimizeRequest:
     bench_budget_s: float = option(
         240.0, flag="--bench-budget",
         help="seconds for the whole benchmark step, all runtimes in turn (inf: unbounded)")
+    # A state dict (--checkpoint) with the code that builds the network: "module:function" or
+    # "path/to/file.py:function", a function without arguments returning the nn.Module. Empty:
+    # the checkpoint is a Bedside checkpoint, TorchScript or an exported program.
+    builder: str = option(
+        "", flag="--builder", metavar="MODULE:FUNCTION",
+        help="with --checkpoint STATE_DICT.pt: the function building the network, as "
+             "package.module:function or path/to/file.py:function (called without arguments)")
     # Not on the command line: the command benchmarks with the defaults; tests pass quick ones.
     bench: BenchOptions = field(default_factory=BenchOptions)
 
@@ -174,6 +181,8 @@ class OptimizeRequest:
             raise ValueError(f"OpenVINO streams must be >= 1 and the hint one of {HINTS}")
         if not self.bench_budget_s > 0:
             raise ValueError("the benchmark budget must be > 0 seconds (inf: unbounded)")
+        if self.builder and (":" not in self.builder or not all(self.builder.rsplit(":", 1))):
+            raise ValueError("--builder takes module:function or path/to/file.py:function")
         if self.target == "gpu-torch" and "int8" in self.precisions:
             raise ValueError("target gpu-torch builds fp32, fp16 and bf16 (INT8 on a GPU needs "
                              "TensorRT: use --target gpu)")

@@ -218,3 +218,85 @@ def test_every_calibration_method_failing_leaves_int8_out_with_the_reasons(
     [int8] = [s for s in result.report["not_built"] if s["name"] == "int8"]
     assert "every INT8 calibration method failed" in int8["reason"]
     assert "percentile" in int8["reason"] and "minmax" in int8["reason"]
+
+
+BUILDER = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, stride=4, padding=1)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def build():
+    return Net()
+'''
+
+
+def _state_dict_and_builder(folder: Path) -> tuple[torch.nn.Module, Path, str]:
+    """A research checkpoint: the weights of a trained (here: seeded) network, and the file
+    with the code that builds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nets.py").write_text(BUILDER)
+    torch.manual_seed(7)
+    trained = checkpoint.builder_function(f"{folder / 'nets.py'}:build")()  # type: ignore[operator]
+    assert isinstance(trained, torch.nn.Module)
+    # DataParallel's prefix, under "state_dict", as many training scripts save it
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v
+                                          for k, v in trained.state_dict().items()}},
+               folder / "weights.pt")
+    TINY_MANIFEST.save(folder / "manifest.json")
+    return trained.eval(), folder / "weights.pt", f"{folder / 'nets.py'}:build"
+
+
+def test_a_state_dict_with_its_builder_loads_the_trained_weights(tmp_path: Path) -> None:
+    trained, weights, builder = _state_dict_and_builder(tmp_path)
+    loaded = checkpoint.load(weights, builder)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), trained(x))
+    assert checkpoint.format_of(weights, builder) == "state-dict"
+
+
+def test_a_state_dict_without_a_builder_says_to_give_one(tmp_path: Path) -> None:
+    _, weights, _ = _state_dict_and_builder(tmp_path)
+    with pytest.raises(CheckpointError, match=r"holds a state dict .* --builder"):
+        checkpoint.load(weights)
+
+
+def test_builder_errors_name_the_problem(tmp_path: Path) -> None:
+    _, weights, _ = _state_dict_and_builder(tmp_path)
+    cases = {
+        f"{tmp_path / 'nets.py'}:missing": "has no function 'missing'",
+        f"{tmp_path / 'none.py'}:build": "builder file not found",
+        "no_such_package_here.nets:build": "builder module 'no_such_package_here.nets' not found",
+    }
+    for spec, message in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(weights, spec)
+    (tmp_path / "wrong.py").write_text("import torch\ndef build():\n"
+                                       "    return torch.nn.Linear(3, 3)\n")
+    with pytest.raises(CheckpointError, match="do not fit the network"):
+        checkpoint.load(weights, f"{tmp_path / 'wrong.py'}:build")
+    (tmp_path / "needs.py").write_text("import einops_not_installed_here\ndef build(): pass\n")
+    with pytest.raises(CheckpointError, match=r"needs the Python package "
+                                              r"'einops_not_installed_here'"):
+        checkpoint.load(weights, f"{tmp_path / 'needs.py'}:build")
+
+
+def test_optimize_takes_a_state_dict_and_a_builder(tiny_data: Path, tmp_path: Path) -> None:
+    _, weights, builder = _state_dict_and_builder(tmp_path / "m")
+    result = optimize(OptimizeRequest(
+        checkpoint=weights, manifest=tmp_path / "m" / "manifest.json",
+        calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
+        out_dir=tmp_path / "out", threads=1, bench=QUICK_BENCH, precisions=("fp32",),
+        builder=builder))
+    assert result.report["variants"][0]["verdict"] == "pass"
+    assert result.report["baseline"]["name"] == "pytorch-eager"
+    assert f"--builder {builder}" in (tmp_path / "out" / "reproduce.sh").read_text()

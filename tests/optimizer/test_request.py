@@ -40,7 +40,8 @@ def _every_option_changed(base: Path) -> OptimizeRequest:
         calibration_methods=("entropy", "minmax"), objective="throughput-within-slo",
         target="gpu", calibration_limit=16, recovery_max_fraction=0.25, fp16_io="fp16",
         recovery=False, mae_tolerances={"int8": 0.125, "fp16": 0.002},
-        openvino=("fp32", "int8"), ov_streams=2, ov_hint="throughput", bench_budget_s=90.0)
+        openvino=("fp32", "int8"), ov_streams=2, ov_hint="throughput", bench_budget_s=90.0,
+        builder="my_models.nets:build")
 
 
 REQUESTS: dict[str, Callable[[Path], OptimizeRequest]] = {
@@ -52,6 +53,8 @@ REQUESTS: dict[str, Callable[[Path], OptimizeRequest]] = {
         **_paths(base), mae_tolerances={"fp32": 1e-05, "fp16": 0.003, "int8": 0.1}),
     "gpu-torch fp32 only, latency": lambda base: OptimizeRequest(
         **_paths(base), target="gpu-torch", precisions=("fp32",), objective="latency"),
+    "state dict with a builder file": lambda base: OptimizeRequest(
+        **_paths(base), builder=str(base / "nets.py") + ":build"),
     "every OpenVINO variant, unbounded benchmark": lambda base: OptimizeRequest(
         **_paths(base), openvino=("fp32", "bf16", "int8"), bench_budget_s=float("inf")),
 }
