@@ -56,6 +56,7 @@ from optimizer.outputs import prediction
 from optimizer.ov_options import OvOptions
 from optimizer.ov_repository import drop_cluster_config, write_openvino_repository
 from optimizer.ov_variants import OvJob, hardware
+from optimizer.progress import progress
 from optimizer.quantize import Int8Quantizer
 from optimizer.report import VariantResult, build_report, write_report
 from optimizer.repository import ServingOptions, write_repository
@@ -152,7 +153,8 @@ class _Optimizer:
                                   self.manifest.input.name, self.calibration)
         tried: list[_Candidate] = []
         failed: list[dict[str, Any]] = []
-        for method in self.req.calibration_methods:
+        for method in progress(self.req.calibration_methods, "INT8 calibration",
+                               unit="method"):
             path = self.out / "variants" / f"model.int8.{method}.onnx"
             try:  # one method failing (a histogram's bins on a narrow range) leaves the others
                 quantizer.quantize(path, method)
@@ -191,7 +193,7 @@ class _Optimizer:
         limit = max(1, int(len(quantizer.nodes) * self.req.recovery_max_fraction))
         attempts: list[dict[str, Any]] = []
         current = best
-        for k in _schedule(ranked, limit):
+        for k in progress(_schedule(ranked, limit), "INT8 recovery", unit="attempt"):
             kept = [node for group in ranked[:k] for node in group.nodes]
             path = self.out / "variants" / f"model.int8.{method}.recovered.onnx"
             quantizer.quantize(path, method, exclude=kept)

@@ -13,7 +13,6 @@ import contextlib
 import io
 import logging
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from tqdm import tqdm
 
 from optimizer.errors import QuantizationError
+from optimizer.progress import progress
 
 LOG = logging.getLogger(__name__)
 
@@ -150,8 +149,7 @@ class Int8Quantizer:
         size = -(-len(self.nodes) // max_probes)  # ceil
         groups = [self.nodes[i : i + size] for i in range(0, len(self.nodes), size)]
         ranked = []
-        for group in tqdm(groups, desc="INT8 sensitivity", unit="probe", leave=False,
-                          disable=not sys.stderr.isatty()):
+        for group in progress(groups, "INT8 sensitivity", unit="probe"):
             self.quantize(probe, method, only=[name for name, _ in group])
             err = float(np.abs(run(probe, samples) - golden).mean())
             if err > 0.0:
