@@ -40,7 +40,11 @@ def _load_input(path: Path, manifest: Manifest) -> np.ndarray:
     if path.suffix == ".npy":
         arr = np.load(path, allow_pickle=False).astype(np.float32)
         if arr.shape != manifest.input.shape:
-            raise DatasetError(f"{path}: shape {arr.shape}, model takes {manifest.input.shape}")
+            batch = " (drop the batch axis: one input per file)" \
+                if arr.shape[1:] == manifest.input.shape and arr.shape[0] == 1 else ""
+            raise DatasetError(f"{path}: shape {arr.shape}, model takes {manifest.input.shape}"
+                               f"{batch}; .npy inputs are used as they are, already windowed "
+                               "and normalized")
         return arr
     return preprocess(pydicom.dcmread(path), manifest.input)
 

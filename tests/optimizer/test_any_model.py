@@ -300,3 +300,18 @@ def test_optimize_takes_a_state_dict_and_a_builder(tiny_data: Path, tmp_path: Pa
     assert result.report["variants"][0]["verdict"] == "pass"
     assert result.report["baseline"]["name"] == "pytorch-eager"
     assert f"--builder {builder}" in (tmp_path / "out" / "reproduce.sh").read_text()
+
+
+def test_a_npy_patch_with_a_batch_axis_is_refused_with_the_fix(tmp_path: Path) -> None:
+    import numpy as np
+
+    from optimizer.dataset import load_inputs
+    from optimizer.errors import DatasetError
+
+    patch3d = dataclasses.replace(TINY_MANIFEST, input=dataclasses.replace(
+        TINY_MANIFEST.input, height=16, width=16, depth=16))
+    np.save(tmp_path / "p.npy", np.zeros((1, 1, 16, 16, 16), np.float32))
+    with pytest.raises(DatasetError, match=r"drop the batch axis.*used as they are"):
+        load_inputs(tmp_path, patch3d)
+    np.save(tmp_path / "p.npy", np.zeros((1, 16, 16, 16), np.float32))
+    assert load_inputs(tmp_path, patch3d).shape == (1, 1, 16, 16, 16)
