@@ -424,22 +424,33 @@ class _Optimizer:
                 results.append(res)
         if not results:
             raise SelectionError("no GPU variant could run; see steps.json")
-        chosen = run_step(log, "select", lambda: select(
-            results, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
+        def report(selected: str | None, repository: str | None, version: int | None,
+                   why_none: str | None = None) -> dict[str, Any]:
+            return build_report(
+                manifest=self.manifest, threads=req.threads, objective=req.objective,
+                target=req.target, inputs=inputs, validation_size=len(self.validation),
+                baseline=baseline, variants=results, selected=selected,
+                repository=repository, version=version, not_built=log.not_ok(),
+                baseline_name="pytorch-eager-cuda", baseline_runtime="torch-cuda",
+                device=device_info(), steps=log.durations(), selection_error=why_none)
+
+        try:
+            chosen = run_step(log, "select", lambda: select(
+                results, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
+        except SelectionError as exc:  # still a report: every measurement and every reason
+            why = str(exc)
+            run_step(log, "write_report", lambda: write_report(self.out, report(
+                None, None, None, why)))
+            _write_reproduce(self.out, req)
+            raise
         repo = self.out / "repository"
         model_dir, version = run_step(log, "write_repository", lambda: write_repository(
             repo, self.manifest, ts_path, chosen.precision, serving, req.target,
             cuda_graphs=bool(chosen.details["cuda_graphs"])))
-        report = build_report(
-            manifest=self.manifest, threads=req.threads, objective=req.objective,
-            target=req.target, inputs=inputs, validation_size=len(self.validation),
-            baseline=baseline, variants=results, selected=chosen.name,
-            repository=str(model_dir.relative_to(self.out)), version=version,
-            not_built=log.not_ok(), baseline_name="pytorch-eager-cuda",
-            baseline_runtime="torch-cuda", device=device_info())
-        js, md = run_step(log, "write_report", lambda: write_report(self.out, report))
+        done = report(chosen.name, str(model_dir.relative_to(self.out)), version)
+        js, md = run_step(log, "write_report", lambda: write_report(self.out, done))
         _write_reproduce(self.out, req)
-        return OptimizeResult(report=report, repository=repo, report_json=js, report_md=md)
+        return OptimizeResult(report=done, repository=repo, report_json=js, report_md=md)
 
 
 def _schedule(ranked: list[Any], limit: int) -> list[int]:
