@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from services.gateway.store import spool as spool_mod
-from services.gateway.store.spool import DirSync, Spool
+from services.gateway.store.spool import DirSync, Spool, write_durably
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
@@ -94,3 +95,12 @@ def test_dir_sync_alone_fsyncs_every_time(tmp_path: Path) -> None:
     for _ in range(3):
         sync.sync()
     assert sync.fsyncs == 3
+
+
+def test_concurrent_writers_of_one_path_leave_one_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "same.json"
+    blobs = [bytes([k]) * 4096 for k in range(32)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda b: write_durably(target, b), blobs))
+    assert [p.name for p in tmp_path.iterdir()] == ["same.json"]  # no temporary file left
+    assert target.read_bytes() in blobs

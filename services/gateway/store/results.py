@@ -30,7 +30,10 @@ class ResultStore:
 
     def save(self, study_uid: str, sop_uid: str, result: dict[str, Any],
              job: str | None = None) -> None:
-        """Durable (fsynced file and directory) before it returns."""
+        """Durable (fsynced file and directory) before it returns. Safe under any concurrency
+        and idempotent per instance: writers of the same instance (the same file sent over REST
+        and DIMSE at once) each write a temporary file of their own and rename it over the one
+        result file, so one whole result stays."""
         folder = self.root / uid_hash(study_uid)
         durable_mkdir(folder)
         doc = {**result, self.JOB_KEY: job} if job is not None else result

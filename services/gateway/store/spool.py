@@ -62,17 +62,26 @@ def write_durably(path: Path, data: bytes | bytearray | memoryview,
                    dir_sync: DirSync | None = None) -> None:
     """``data`` under ``path``, atomically and durably: written to a temporary name with plain
     ``os.write`` calls (no buffered copy), fsynced, renamed, and the directory fsynced
-    (through ``dir_sync``, shared by concurrent writers, when given)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    (through ``dir_sync``, shared by concurrent writers, when given).
+
+    The temporary name is this write's own (``O_EXCL``, a random part), so any number of
+    writers of the same ``path`` may run at once: each renames a complete file of its own over
+    ``path``, readers see one whole file or another, and the last rename stays. A write that
+    fails before its rename removes its temporary file."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if dir_sync is not None:
         dir_sync.sync()
     else:
