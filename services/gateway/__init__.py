@@ -19,6 +19,7 @@ Modules at this level:
     status.py               the one status table: error -> HTTP, gRPC, DIMSE, STOW-RS, Retry-After
     phi.py                  ``uid_hash``: how a UID may appear in logs, metrics and audit
     metrics.py              every gateway metric, defined once
+    jsonbody.py             bounded JSON parsing (size, depth) of every JSON body read
 
 The modules at this level other than the composition root are leaves: they import no
 sub-package, and every sub-package may import them. Each sub-package's docstring says what it

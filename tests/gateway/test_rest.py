@@ -213,3 +213,23 @@ def test_submit_study_refuses_bad_requests_and_spools_nothing(tmp_path: Path) ->
         assert httpx.post(url, json={"instances": [_b64(good)]}).status_code == 202
     finally:
         gw.stop()
+
+
+def test_deeply_nested_json_bodies_are_400_with_the_reason(tmp_path: Path) -> None:
+    gw = fake_gateway(tmp_path, FakeInferer(), max_request_bytes=1024 * 1024)
+    try:
+        deep = b"[" * 100_000 + b"]" * 100_000
+        r = httpx.post(f"{base_url(gw)}/v1/studies", content=deep,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["reason"] == "json_too_deep"
+        assert "nested deeper than" in r.json()["error"]["message"]
+        nested_object = b'{"instances": ' + b'{"a": ' * 200 + b"1" + b"}" * 201
+        r = httpx.post(f"{base_url(gw)}/v1/studies", content=nested_object,
+                       headers={"Content-Type": "application/json"})
+        assert (r.status_code, r.json()["error"]["reason"]) == (400, "json_too_deep")
+        r = httpx.post(f"{base_url(gw)}/v2/models/{TINY_MANIFEST.name}/infer", content=deep)
+        assert r.status_code == 400 and "nested deeper than" in r.json()["error"], r.text
+        assert httpx.get(f"{base_url(gw)}/healthz").status_code == 200  # still serving
+    finally:
+        gw.stop()

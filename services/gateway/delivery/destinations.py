@@ -10,7 +10,6 @@ statuses and HTTP codes is in the two tables below, one per protocol.
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import ssl
 import uuid
@@ -24,7 +23,8 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from services.gateway.delivery.routing import Destination, DimseDestination, StowDestination
-from services.gateway.errors import DeliveryFailed, DeliveryRejected
+from services.gateway.errors import DeliveryFailed, DeliveryRejected, GatewayError
+from services.gateway.jsonbody import parse_json
 
 LOG = logging.getLogger(__name__)
 OnStored = Callable[[Path], None]
@@ -144,8 +144,8 @@ FAILED_SOP_SEQUENCE, FAILURE_REASON = "00081198", "00081197"
 def failed_reasons(body: bytes) -> list[int]:
     """Failure Reason of each item of the response's Failed SOP Sequence (DICOM JSON)."""
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = parse_json(body, "STOW-RS response", max(len(body), 1))
+    except GatewayError:  # not JSON, or nested absurdly deep: no reasons to read
         return []
     if isinstance(doc, list):
         doc = doc[0] if doc else {}

@@ -30,6 +30,7 @@ from services.gateway.errors import (
     GatewayError,
     PayloadTooLarge,
 )
+from services.gateway.jsonbody import parse_json
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.status import http_headers, http_status
 
@@ -66,9 +67,11 @@ def _parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, An
             raise BadRequest(f"{HEADER_LENGTH} does not fit the body", "bad_request")
         head, binary = body[:int(header_length)], body[int(header_length):]
     try:
-        doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"inference request header is not JSON: {exc}", "bad_request") from exc
+        doc = parse_json(head, "inference request header", len(body))
+    except GatewayError as exc:
+        if exc.reason != "bad_json":
+            raise
+        raise BadRequest(str(exc), "bad_request") from exc
     if not isinstance(doc, dict):
         raise BadRequest("inference request must be a JSON object", "bad_request")
     return doc, binary

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from services.gateway.errors import (
 )
 from services.gateway.inference.core import InferenceCore, Result, complete_timings
 from services.gateway.intake.ingest import Ingestor, with_preamble
+from services.gateway.jsonbody import parse_json
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.status import http_headers, http_status
 from services.gateway.store.results import ResultStore
@@ -74,11 +74,8 @@ async def read_body(request: Request, max_request_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decode_study_request(body: bytes) -> list[bytes]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not JSON: {exc}", "bad_json") from exc
+def _decode_study_request(body: bytes, max_request_bytes: int) -> list[bytes]:
+    doc = parse_json(body, "body", max_request_bytes)
     instances = doc.get("instances") if isinstance(doc, dict) else None
     if not isinstance(instances, list) or not instances:
         raise BadRequest('expected {"instances": ["<base64 DICOM>", ...]} with at least one',
@@ -162,7 +159,8 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
                 raise UnsupportedMediaType("Content-Type must be application/json",
                                            "media_type")
             ingestor.check_capacity()
-            blobs = _decode_study_request(await read_body(request, max_request_bytes))
+            body = await read_body(request, max_request_bytes)
+            blobs = _decode_study_request(body, max_request_bytes)
             checked = await run_in_threadpool(check_study, blobs)
             await run_in_threadpool(spool_study, checked, arrival)
         except GatewayError as exc:
