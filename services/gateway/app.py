@@ -100,7 +100,8 @@ class Gateway:
         self.guard = Guard(
             KeyStore(config.api_keys) if config.api_keys is not None else None, self.audit,
             RateLimiter(config.rate_limit_per_s, config.rate_limit_burst),
-            ConcurrencyCap(config.max_concurrent_requests), config.allowed_sources)
+            ConcurrencyCap(config.max_concurrent_requests), config.allowed_sources,
+            self.metrics)
         cert_files = (CertFiles(config.tls_cert, config.tls_key, config.tls_ca)
                       if config.http_tls and config.tls_cert and config.tls_key else None)
         self.dimse = DicomServer(config, self.ingestor, self.metrics, audit=self.audit)

@@ -141,6 +141,38 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def refused_count(gw: Gateway, protocol: str, reason: str) -> float:
+    """``bedside_gateway_requests_total`` for refusals of ``protocol`` with ``reason``."""
+    value = gw.metrics.registry.get_sample_value(
+        "bedside_gateway_requests_total",
+        {"protocol": protocol, "outcome": "refused", "reason": reason})
+    return value or 0.0
+
+
+def test_refusals_by_the_guard_are_counted_by_edge_and_reason_with_fake_triton(
+        gateway: Gateway, keys: dict[str, str]) -> None:
+    data = dicom_bytes(make_instance(1))
+    with httpx.Client(base_url=base_url(gateway), timeout=30) as c:
+        assert c.post("/v1/infer", content=data, headers=DICOM).status_code == 401
+        assert c.post("/v1/infer", content=data,
+                      headers={**DICOM, **bearer("bsk_" + "0" * 40)}).status_code == 401
+        assert c.post("/v1/infer", content=data,
+                      headers={**DICOM, **bearer(keys["reader"])}).status_code == 403
+        assert c.get("/v2").status_code == 401
+        exposed = c.get("/metrics", headers=bearer(keys["scraper"])).text
+    client = _grpc_client(gateway)
+    with pytest.raises(InferenceServerException):
+        client.get_server_metadata()
+    client.close()
+    assert refused_count(gateway, "rest", "no_credentials") == 1
+    assert refused_count(gateway, "rest", "bad_key") == 1
+    assert refused_count(gateway, "rest", "scope") == 1
+    assert refused_count(gateway, "oip_rest", "no_credentials") == 1
+    assert refused_count(gateway, "oip_grpc", "no_credentials") == 1
+    assert ('bedside_gateway_requests_total{outcome="refused",protocol="rest",'
+            'reason="no_credentials"} 1.0') in exposed
+
+
 def test_rest_401_without_key_403_wrong_scope_200_right_scope_with_fake_triton(
         gateway: Gateway, keys: dict[str, str]) -> None:
     url = base_url(gateway)
@@ -276,6 +308,8 @@ def test_rate_limit_429_with_retry_after_and_grpc_resource_exhausted_with_fake_t
         gw.stop()
     outcomes = [(r["protocol"], r["outcome"]) for r in audit_records(gw)]
     assert outcomes[-2:] == [("oip_rest", "rate_limited"), ("oip_grpc", "rate_limited")]
+    assert refused_count(gw, "oip_rest", "rate_limited") == 1
+    assert refused_count(gw, "oip_grpc", "rate_limited") == 1
 
 
 def test_source_allowlist_refuses_other_addresses_with_fake_triton(tmp_path: Path) -> None:
@@ -295,6 +329,8 @@ def test_source_allowlist_refuses_other_addresses_with_fake_triton(tmp_path: Pat
     finally:
         gw.stop()
     assert [r["outcome"] for r in audit_records(gw)] == ["source_not_allowed"] * 2
+    assert refused_count(gw, "rest", "source_not_allowed") == 1
+    assert refused_count(gw, "oip_grpc", "source_not_allowed") == 1
 
 
 class GatedFakeInferer(FakeInferer):
@@ -343,3 +379,5 @@ def test_concurrency_cap_refuses_work_beyond_it_with_gated_fake_triton(tmp_path:
     outcomes = [(r["principal"], r["outcome"]) for r in audit_records(gw)]
     assert {who for who, _ in outcomes} == {"anonymous"}
     assert [o for _, o in outcomes].count("busy") == 2
+    assert refused_count(gw, "rest", "busy") == 1
+    assert refused_count(gw, "oip_grpc", "busy") == 1

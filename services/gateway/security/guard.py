@@ -37,6 +37,7 @@ from services.gateway.errors import (
     RateLimited,
     Unauthenticated,
 )
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.security import audit as audit_mod
 from services.gateway.security.audit import AuditLog
 from services.gateway.security.auth import SCOPES, KeyStore, Principal
@@ -121,7 +122,13 @@ class Guard:
     every scope); the source allowlist, rate limit and concurrency cap still apply."""
 
     def __init__(self, keys: KeyStore | None, audit: AuditLog, limiter: RateLimiter,
-                 cap: ConcurrencyCap, allowed_sources: Iterable[str] = ()) -> None:
+                 cap: ConcurrencyCap, allowed_sources: Iterable[str] = (),
+                 metrics: GatewayMetrics | None = None) -> None:
+        """``metrics``: where refusals are counted (``bedside_gateway_requests_total`` with
+        outcome ``refused``, the edge's protocol and the bounded reason: ``no_credentials``,
+        ``bad_key``, ``unknown_certificate``, ``scope``, ``source_not_allowed``,
+        ``rate_limited``, ``busy``), as the edges count their own refusals."""
+        self.metrics = metrics
         self.keys = keys
         self.audit = audit
         self.limiter = limiter
@@ -158,7 +165,16 @@ class Guard:
 
     def admit(self, rule: Rule, source: str | None, key: str | None,
               cert_subject: str | None) -> tuple[Principal, Callable[[], None]]:
-        """The caller and a release callable, or a GatewayError saying why not."""
+        """The caller and a release callable, or a GatewayError saying why not (counted)."""
+        try:
+            return self._admit(rule, source, key, cert_subject)
+        except GatewayError as exc:
+            if self.metrics is not None:
+                self.metrics.requests.labels(rule.protocol, "refused", exc.reason).inc()
+            raise
+
+    def _admit(self, rule: Rule, source: str | None, key: str | None,
+               cert_subject: str | None) -> tuple[Principal, Callable[[], None]]:
         if not self.source_allowed(source):
             raise Forbidden("source address not allowed", "source_not_allowed")
         principal = self.authenticate(key, cert_subject)
