@@ -27,6 +27,7 @@ from services.commands import (
     serve,
     tune,
 )
+from services.gateway.phi import quiet_identifier_quoting_loggers
 
 # In `bedside --help` order.
 COMMANDS: dict[str, ModuleType] = {m.NAME: m for m in (
@@ -43,8 +44,8 @@ def _configure_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # pydicom's own warnings can quote element values (names, UIDs): keep them out of logs.
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    for noisy in ("onnxscript", "onnx_ir", "torch", "pynetdicom"):
+    quiet_identifier_quoting_loggers()  # pydicom, pynetdicom, highdicom
+    for noisy in ("onnxscript", "onnx_ir", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -29,6 +29,7 @@ from services.gateway.inference.core import InferenceCore, Inferer
 from services.gateway.inference.triton import BREAKER_STATES, CircuitBreaker, TritonInferer
 from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.phi import quiet_identifier_quoting_loggers
 from services.gateway.processing.grouping import GroupingPolicy
 from services.gateway.processing.worker import SpoolWorker
 from services.gateway.security.audit import AuditLog
@@ -161,6 +162,7 @@ class Gateway:
             LOG.warning("warm-up inference failed (%s); starting anyway", exc.reason)
 
     def start(self, timeout_s: float = 10.0) -> None:
+        quiet_identifier_quoting_loggers()  # before anything builds or parses a data set
         self._warm_up()
         if self.delivery is not None:
             self.delivery.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -308,3 +309,20 @@ def test_core_infers_every_frame_when_the_manifest_says_all() -> None:
     middle = InferenceCore(TINY_MANIFEST, FakeInferer()).analyze(source)
     assert middle.findings[0]["score"] == finding["score"]  # the middle frame is frame 2
     assert "frame" not in middle.findings[0]
+
+
+def test_building_sr_and_seg_in_a_started_gateway_logs_no_raw_uid(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """highdicom logs "copy Patient-related attributes from dataset <UID>" at INFO; the
+    gateway's start keeps the libraries that quote identifiers above INFO."""
+    from tests.gateway.harness import fake_gateway
+
+    fake_gateway(tmp_path / "gw").stop()
+    caplog.set_level(logging.DEBUG)
+    source = make_instance(size=128)
+    build_sr([source], _findings({"lesion": 0.8, "pleural effusion": 0.1}), CLASSIFIER, DEVICE)
+    build_seg([source], _maps(1), SEGMENTER, DEVICE)
+    logging.getLogger("services.gateway.delivery").debug("scan marker")
+    assert "scan marker" in caplog.text  # DEBUG records are captured
+    for uid in (source.SOPInstanceUID, source.StudyInstanceUID, source.SeriesInstanceUID):
+        assert uid not in caplog.text

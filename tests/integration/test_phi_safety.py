@@ -9,7 +9,9 @@ non-image SOP class, an oversized request, an unknown calling AE, missing and wr
 Then every line of the gateway's and Triton's output, the /metrics text and the audit log is
 scanned: no PHI value and no raw UID may appear, and the hashed UIDs must (so the scan is
 known to see the traffic); nor may the API keys used. The result store legitimately keeps
-UIDs and is not scanned.
+UIDs and is not scanned. Every inferred group is also built into an SR (highdicom) and
+delivered over C-STORE to a real dcmtk storescp, so the result-building and delivery paths are
+scanned too.
 
 Supersedes nothing: tests/gateway/test_dimse.py keeps its in-process, DIMSE-only check.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pydicom
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -44,6 +47,7 @@ from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import TINY_MANIFEST, triton_env
 from tests.gateway.util import make_instance
+from tests.integration.test_delivery_peers import StoreScp
 
 pytestmark = pytest.mark.integration
 MODEL = TINY_MANIFEST.name
@@ -120,13 +124,28 @@ class Stack:
         self.triton.start()
         self.log = work / "gateway.log"
         self.audit = work / "audit.jsonl"
+        # Every inferred group becomes an SR (built by highdicom) delivered by C-STORE to a
+        # real storescp: the result-building and delivery paths log at DEBUG too.
+        routes = work / "routes.yaml"
+        self.pacs: StoreScp | None = None
         try:
+            self.pacs = StoreScp(work / "pacs", free_port())
+            routes.write_text(f"""
+destinations:
+  pacs: {{type: dimse, host: 127.0.0.1, port: {self.pacs.port}, called_aet: DEST,
+         timeout_s: 10, retry: {{base_s: 0.2, cap_s: 0.5}}}}
+routes:
+  - {{name: all, default: true, destinations: [pacs]}}
+""")
             self.gateway = GatewayProcess(
                 repository, MODEL, work / "spool", self.triton.grpc_url, self.log,
                 "--allowed-ae", "TESTSCU", "--audit-log", str(self.audit), "--min-free-bytes",
-                "0", security=("--api-keys", str(keys), "--plaintext"), grpc=True,
+                "0", "--routes", str(routes),
+                security=("--api-keys", str(keys), "--plaintext"), grpc=True,
                 verbose=True, ready_path="/readyz")
         except BaseException:
+            if self.pacs is not None:
+                self.pacs.stop()
             self.triton.stop()
             raise
         self.proc = self.gateway.proc
@@ -144,6 +163,8 @@ class Stack:
     def stop(self) -> None:
         self.gateway.terminate()
         self.triton.stop()
+        if self.pacs is not None:
+            self.pacs.stop()
 
     def storescu(self, calling: str, files: list[Path]) -> str:
         proc = subprocess.run(
@@ -291,6 +312,18 @@ def test_no_phi_in_logs_metrics_or_audit_across_every_edge(stack: Stack) -> None
     phis = {name: Phi(name[:2].upper()) for name in ("dimse", "stow", "rest", "grpc")}
     inferred = {"dimse": _dimse(stack, phis["dimse"]), "stow": _stow(stack, phis["stow"]),
                 "rest": _rest(stack, phis["rest"]), "grpc": _grpc(stack, phis["grpc"])}
+    assert stack.pacs is not None
+    # the SRs of the acknowledged studies (DIMSE, STOW-RS, /v1/studies) reach the destination
+    delivered: list[Dataset] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and len(delivered) < 3:
+        time.sleep(0.5)
+        delivered = [pydicom.dcmread(p) for p in stack.pacs.files()]
+    assert len(delivered) >= 3, stack.pacs.log.read_text(errors="replace")
+    assert {str(ds.Modality) for ds in delivered} == {"SR"}
+    names = " ".join(str(ds.PatientName) for ds in delivered)  # from the patients' data
+    assert all(any(n in names for n in phi.names) for edge, phi in phis.items()
+               if edge in ("dimse", "stow")), names
     metrics = httpx.get(f"{stack.url}/metrics", headers=stack.headers, timeout=10)
     assert metrics.status_code == 200
     time.sleep(0.5)  # the last audit records and log lines are flushed

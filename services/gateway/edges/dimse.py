@@ -33,7 +33,7 @@ from services.gateway.errors import (
 )
 from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.phi import uid_hash
+from services.gateway.phi import quiet_identifier_quoting_loggers, uid_hash
 from services.gateway.security.audit import AuditContext, AuditLog
 from services.gateway.security.tls import CertFiles, ReloadingSSLContext, subject_of
 from services.gateway.status import dimse_status
@@ -87,8 +87,9 @@ class DicomServer:
             and config.tls_key is not None else None)
 
     def start(self) -> None:
-        # pynetdicom's INFO/DEBUG output dumps DIMSE messages, UIDs included: never below WARNING.
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        # pynetdicom's INFO/DEBUG output dumps DIMSE messages, UIDs included: never below WARNING
+        # (also when the server runs without the gateway around it).
+        quiet_identifier_quoting_loggers()
         read_leniently()
         ae = AE(ae_title=self._config.ae_title)
         ae.maximum_associations = self._config.max_associations
