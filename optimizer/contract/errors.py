@@ -19,3 +19,11 @@ class ManifestError(BedsideError):
 
 class PreprocessError(BedsideError):
     """A DICOM instance cannot be turned into a model input (bad pixels, wrong modality...)."""
+
+
+class UnsupportedTransferSyntax(PreprocessError):
+    """The instance's pixels are encoded in a transfer syntax the contract cannot decode."""
+
+
+class PixelLimitExceeded(PreprocessError):
+    """The image (per frame, or decoded as a whole) is larger than the configured limits."""

@@ -29,7 +29,7 @@ from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, pixel_array
 
-from optimizer.contract.errors import PreprocessError
+from optimizer.contract.errors import PixelLimitExceeded, PreprocessError, UnsupportedTransferSyntax
 from optimizer.contract.manifest import InputSpec
 
 # Refuse absurd images before decoding anything: 64 Mpixel per frame is beyond any radiograph.
@@ -89,9 +89,12 @@ def transfer_syntax(ds: Dataset) -> uid.UID:
         raise PreprocessError("the instance has no Transfer Syntax UID (0002,0010)")
     ts = uid.UID(str(ts))
     if ts not in SUPPORTED_TRANSFER_SYNTAXES:
-        name = ts.name if ts.is_transfer_syntax else "unknown"
-        raise PreprocessError(f"transfer syntax {ts} ({name}) is not supported; supported: "
-                              + ", ".join(SUPPORTED_TRANSFER_SYNTAXES.values()))
+        # a garbled value is not echoed back: only a well-formed UID is quoted
+        shown = f"{ts} ({ts.name if ts.is_transfer_syntax else 'unknown'})" if ts.is_valid \
+            else "(not a valid UID)"
+        raise UnsupportedTransferSyntax(
+            f"transfer syntax {shown} is not supported; supported: "
+            + ", ".join(SUPPORTED_TRANSFER_SYNTAXES.values()))
     return ts
 
 
@@ -109,7 +112,7 @@ def check_image_header(ds: Dataset, spec: InputSpec,
     if rows <= 0 or cols <= 0:
         raise PreprocessError("Rows and Columns must be positive")
     if rows * cols > limits.max_pixels_per_frame:
-        raise PreprocessError(f"image of {rows}x{cols} pixels exceeds the limit "
+        raise PixelLimitExceeded(f"image of {rows}x{cols} pixels exceeds the limit "
                               f"({limits.max_pixels_per_frame} pixels per frame)")
     frames = _int(ds, "NumberOfFrames", 1)
     if frames < 1:
@@ -138,7 +141,7 @@ def check_image_header(ds: Dataset, spec: InputSpec,
         raise PreprocessError(f"JPEG Baseline holds 8-bit samples, BitsAllocated is {allocated}")
     decoded = rows * cols * frames * samples * (allocated // 8)
     if decoded > limits.max_decoded_bytes:
-        raise PreprocessError(
+        raise PixelLimitExceeded(
             f"decoded pixel data would be {decoded} bytes ({frames} frame(s) of {rows}x{cols}"
             f"x{samples} at {allocated} bits), which exceeds the limit of "
             f"{limits.max_decoded_bytes} bytes")

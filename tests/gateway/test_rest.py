@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydicom.encaps import encapsulate
 from starlette.testclient import TestClient
 
 from services.gateway.edges.rest import create_app
@@ -233,3 +234,27 @@ def test_deeply_nested_json_bodies_are_400_with_the_reason(tmp_path: Path) -> No
         assert httpx.get(f"{base_url(gw)}/healthz").status_code == 200  # still serving
     finally:
         gw.stop()
+
+
+def test_error_texts_name_the_problem_in_the_clients_terms(client: TestClient) -> None:
+    garbage = client.post("/v1/infer", content=b"\x00" * 300, headers=DICOM).json()["error"]
+    assert garbage["reason"] == "not_dicom" and "force" not in garbage["message"]
+    assert "DICM" in garbage["message"]
+
+    jpeg = make_instance(1)
+    jpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"  # JPEG Lossless SV1: not yet
+    jpeg.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+    r = client.post("/v1/infer", content=dicom_bytes(jpeg), headers=DICOM)
+    assert (r.status_code, r.json()["error"]["reason"]) == (400, "unsupported_transfer_syntax")
+    assert "1.2.840.10008.1.2.4.70" in r.json()["error"]["message"]
+
+    huge = make_instance(2)
+    huge.Rows = huge.Columns = 60000
+    r = client.post("/v1/infer", content=dicom_bytes(huge), headers=DICOM)
+    assert (r.status_code, r.json()["error"]["reason"]) == (400, "pixel_limit"), r.text
+
+    garbled = make_instance(3)
+    garbled.SOPClassUID = "1.2.3.GARBLED\x07\x01"
+    r = client.post("/v1/infer", content=dicom_bytes(garbled), headers=DICOM)
+    assert r.json()["error"]["reason"] == "unsupported_sop_class", r.text
+    assert "GARBLED" not in r.text and "not a valid UID" in r.json()["error"]["message"]

@@ -8,6 +8,7 @@ logs patient data: ``parse`` records hashed UIDs into the current request's audi
 from __future__ import annotations
 
 import io
+import re
 import zlib
 
 import pydicom
@@ -70,11 +71,33 @@ def parse(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
     except GatewayError:
         raise
     except InvalidDicomError as exc:
-        raise InvalidInstance(f"not a DICOM Part-10 file: {exc}", "not_dicom") from exc
+        raise InvalidInstance("not a DICOM Part-10 file: expected a 128-byte preamble, 'DICM' "
+                              "and the File Meta Information (PS3.10 7.1)", "not_dicom") from exc
     except Exception as exc:  # truncated elements raise EOFError, OSError, ValueError...
-        raise InvalidInstance(f"unreadable DICOM file: {exc}", "unreadable") from exc
+        raise InvalidInstance(f"unreadable DICOM file: {client_text(exc)}",
+                              "unreadable") from exc
     audit.note_dataset(ds)  # hashed UIDs into the current request's audit record, if any
     return ds
+
+
+def shown_uid(value: str) -> str:
+    """A UID as it may be quoted back to a client: itself when well formed, else a note (a
+    garbled value is not echoed)."""
+    if not value:
+        return "(none)"
+    return value if UID(value).is_valid else "(not a valid UID)"
+
+
+_ADVICE = re.compile(r"[^.]*\bforce\s*=\s*True\b[^.]*\.?", re.I)
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def client_text(exc: BaseException, limit: int = 200) -> str:
+    """A library's error message as a client may read it: without pydicom's advice to read
+    with ``force=True`` (a reader's option, not the client's), printable ASCII only, short."""
+    text = _UNPRINTABLE.sub("?", _ADVICE.sub("", str(exc))).strip()
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_native_length(ds: Dataset) -> None:

@@ -15,7 +15,11 @@ from typing import Any, Protocol
 import numpy as np
 from pydicom.dataset import Dataset
 
-from optimizer.contract.errors import PreprocessError
+from optimizer.contract.errors import (
+    PixelLimitExceeded,
+    PreprocessError,
+    UnsupportedTransferSyntax,
+)
 from optimizer.contract.findings import activate, findings
 from optimizer.contract.manifest import Manifest
 from optimizer.contract.preprocess import (
@@ -25,7 +29,7 @@ from optimizer.contract.preprocess import (
     preprocess_frames,
 )
 from optimizer.contract.series import slice_spec
-from services.gateway.dicom.parsing import check_native_length
+from services.gateway.dicom.parsing import check_native_length, client_text, shown_uid
 from services.gateway.dicom.sop_classes import IMAGE_SOP_CLASSES
 from services.gateway.errors import (
     GatewayError,
@@ -96,7 +100,8 @@ class InferenceCore:
         except GatewayError:
             raise
         except Exception as exc:  # pydicom converts raw elements lazily; bad values raise here
-            raise InvalidInstance(f"malformed data element: {exc}", "malformed") from exc
+            raise InvalidInstance(f"malformed data element: {client_text(exc)}",
+                                  "malformed") from exc
 
     def _check(self, ds: Dataset) -> None:
         spec = self.manifest.input
@@ -105,7 +110,7 @@ class InferenceCore:
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class not in IMAGE_SOP_CLASSES:
             raise UnsupportedSOPClass(
-                f"SOP class {sop_class or '(none)'} is not an image storage class this gateway "
+                f"SOP class {shown_uid(sop_class)} is not an image storage class this gateway "
                 "takes", "unsupported_sop_class")
         if "PixelData" not in ds:
             raise MissingPixelData(
@@ -116,7 +121,11 @@ class InferenceCore:
                 raise InvalidInstance(f"missing {uid}", "missing_uid")
         try:
             check_image_header(ds, spec, self._limits)
-        except PreprocessError as exc:
+        except UnsupportedTransferSyntax as exc:
+            raise UnsupportedInstance(str(exc), "unsupported_transfer_syntax") from exc
+        except PixelLimitExceeded as exc:
+            raise UnsupportedInstance(str(exc), "pixel_limit") from exc
+        except PreprocessError as exc:  # modality, photometric, bit depth: not for this model
             raise UnsupportedInstance(str(exc), "not_for_model") from exc
         check_native_length(ds)
 
