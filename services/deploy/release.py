@@ -13,6 +13,9 @@ from optimizer.contract.manifest import Manifest
 from services.deploy.errors import RepositoryError
 
 MANIFEST_FILE = "manifest.json"
+# The custom Triton config an OpenVINO version carries for the openvino backend of the stock NGC
+# image (optimizer.ov_repository writes <model>/configs/openvino.pbtxt beside config.pbtxt).
+OPENVINO_CONFIG_NAME = "openvino"
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,13 @@ class ModelRelease:
     version: int
     manifest: dict[str, Any]
     target: str  # "cpu" (python backend) or "gpu" (onnxruntime + TensorRT)
+    # "onnxruntime" (model.onnx) or "openvino" (model.xml + configs/openvino.pbtxt)
+    runtime: str = "onnxruntime"
+
+    @property
+    def model_config_name(self) -> str:
+        """Triton's --model-config-name for this version in a cluster ("" = config.pbtxt)."""
+        return OPENVINO_CONFIG_NAME if self.runtime == "openvino" else ""
 
     @classmethod
     def from_repository(cls, repository: Path, model: str | None = None) -> ModelRelease:
@@ -47,14 +57,19 @@ class ModelRelease:
         except ManifestError as exc:
             raise RepositoryError(f"{model_dir / MANIFEST_FILE}: {exc}") from exc
         version_dir = model_dir / str(manifest.version)
-        if not (version_dir / "model.onnx").is_file():
+        runtime = "openvino" if (version_dir / "model.xml").is_file() else "onnxruntime"
+        if runtime == "onnxruntime" and not (version_dir / "model.onnx").is_file():
             raise RepositoryError(f"version {manifest.version} of {model!r} has no model.onnx "
-                                  f"in {version_dir}")
+                                  f"(or OpenVINO model.xml) in {version_dir}")
         if not (model_dir / "config.pbtxt").is_file():
             raise RepositoryError(f"{model_dir} has no config.pbtxt")
+        cluster_config = model_dir / "configs" / f"{OPENVINO_CONFIG_NAME}.pbtxt"
+        if runtime == "openvino" and not cluster_config.is_file():
+            raise RepositoryError(f"version {manifest.version} of {model!r} is OpenVINO IR but "
+                                  f"{cluster_config} (the openvino backend's config) is missing")
         target = "cpu" if (version_dir / "model.py").is_file() else "gpu"
         return cls(name=manifest.name, version=manifest.version,
-                   manifest=manifest.to_dict(), target=target)
+                   manifest=manifest.to_dict(), target=target, runtime=runtime)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,13 +85,21 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 def release_values(model: ModelRelease, user_values: Mapping[str, Any]) -> dict[str, Any]:
     """The user's values with the model's name, version and manifest on top: the chart always
-    serves exactly what the repository holds."""
+    serves exactly what the repository holds, with the Triton config that serves it (an
+    OpenVINO version: configs/openvino.pbtxt, the stock image's openvino backend)."""
     overlay: dict[str, Any] = {"model": {"name": model.name, "version": model.version,
                                          "manifest": model.manifest}}
+    triton: dict[str, Any] = {}
     if model.target == "cpu":
         # The python-backend (CPU) variant needs no GPU; keep the user's choice otherwise.
-        overlay["triton"] = {"gpu": {"enabled": bool(
-            user_values.get("triton", {}).get("gpu", {}).get("enabled", False))}}
+        triton["gpu"] = {"enabled": bool(
+            user_values.get("triton", {}).get("gpu", {}).get("enabled", False))}
+    if model.model_config_name:
+        # A user's other name would load config.pbtxt (the python backend) on an image that
+        # may lack OpenVINO; a version without configs/ falls back to config.pbtxt by itself.
+        triton["modelConfigName"] = model.model_config_name
+    if triton:
+        overlay["triton"] = triton
     return deep_merge(user_values, overlay)
 
 

@@ -129,6 +129,38 @@ def test_triton_image_and_ports(case: tuple[dict[str, Any], list[dict]]) -> None
     assert {p["port"] for p in service["spec"]["ports"]} == {8000, 8001, 8002}
 
 
+# The CPU path for an OpenVINO repository: the stock NGC image's openvino backend, selected by
+# configs/openvino.pbtxt, with no custom Triton image (values as `bedside deploy` writes them).
+OPENVINO_CPU: dict[str, Any] = {
+    "triton": {"gpu": {"enabled": False}, "nodeSelector": {}, "tolerations": [],
+               "modelConfigName": "openvino"}}
+
+
+@pytest.mark.parametrize("kserve", [False, True], ids=["deployment", "kserve"])
+def test_openvino_cpu_path_runs_the_stock_image_with_the_openvino_config(kserve: bool) -> None:
+    values = {**OPENVINO_CPU, "kserve": {"enabled": kserve}}
+    result = helm.lint(str(CHART), values, strict=True, kube_version=KUBE_VERSION)
+    assert result["errors"] == [], result
+    rendered = render(values)
+    docs = objects(rendered)
+    if kserve:
+        (runtime,) = of_kind(docs, "ServingRuntime")
+        (c,) = runtime["spec"]["containers"]
+    else:
+        (deployment,) = of_kind(docs, "Deployment")
+        kv.validate(deployment, KUBE_VERSION, strict=True)
+        (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert c["args"].count("--model-config-name=openvino") == 1
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert "configs/openvino.pbtxt" in rendered["bedside/templates/NOTES.txt"]
+    # without the setting Triton keeps config.pbtxt: no flag at all
+    default = objects(render({"kserve": {"enabled": kserve}}))
+    (plain,) = [c for _, spec in pod_specs(default) for c in spec["containers"]
+                if c["name"] in ("triton", "kserve-container")]
+    assert not any(a.startswith("--model-config-name") for a in plain["args"])
+
+
 def test_model_repository_source(case: tuple[dict[str, Any], list[dict]]) -> None:
     values, docs = case
     if values.get("kserve", {}).get("enabled"):
@@ -270,6 +302,7 @@ def test_engine_build_job_is_a_hook_on_gpu_nodes() -> None:
     ({"triton": {"replica": 2}}, "replica"),
     ({"model": {"repository": {"source": "nfs"}}}, "/model/repository/source"),
     ({"triton": {"podSecurityContext": {"runAsNonRoot": False}}}, "runAsNonRoot"),
+    ({"triton": {"modelConfigName": "../openvino"}}, "/triton/modelConfigName"),
 ])
 def test_values_schema_refuses_bad_values(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmError, match=message.replace("/", ".")):

@@ -65,6 +65,69 @@ def test_release_values_put_the_model_on_top_of_user_values() -> None:
     assert user["model"]["name"] == "stale"  # inputs are not modified
 
 
+@pytest.fixture(scope="module")
+def openvino_repository(optimized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The optimizer's repository with a newer version written by the OpenVINO writer (the IR
+    read from the served ONNX), as `bedside optimize` leaves it when OpenVINO is selected."""
+    from optimizer import ov_runtime
+    from optimizer.manifest import Manifest
+    from optimizer.ov_options import OvOptions
+    from optimizer.ov_repository import write_openvino_repository
+    from optimizer.repository import ServingOptions
+
+    repo = tmp_path_factory.mktemp("ov-deploy") / "repository"
+    shutil.copytree(optimized / "repository", repo)
+    (model_dir,) = [p for p in repo.iterdir() if (p / "manifest.json").is_file()]
+    manifest = Manifest.load(model_dir / "manifest.json")
+    xml = ov_runtime.save(ov_runtime.read(model_dir / str(manifest.version) / "model.onnx"),
+                          repo.parent / "ir")
+    params = {k: str(v) for k, v in OvOptions(threads=2).properties("fp32").items()}
+    write_openvino_repository(repo, manifest, xml, "fp32", ServingOptions(), params)
+    return repo
+
+
+def test_model_release_of_an_openvino_repository(openvino_repository: Path,
+                                                 tmp_path: Path) -> None:
+    from optimizer.ov_repository import CLUSTER_CONFIG_NAME
+
+    model = ModelRelease.from_repository(openvino_repository)
+    assert (model.runtime, model.target) == ("openvino", "cpu")
+    version_dir = openvino_repository / model.name / str(model.version)
+    assert (version_dir / "model.xml").is_file() and not (version_dir / "model.onnx").exists()
+    # the name deploy passes is the file the optimizer wrote
+    assert model.model_config_name == CLUSTER_CONFIG_NAME
+    assert (openvino_repository / model.name / "configs" /
+            f"{model.model_config_name}.pbtxt").is_file()
+    assert ModelRelease.from_repository(openvino_repository.parent).runtime == "openvino"
+    broken = tmp_path / "repository"
+    shutil.copytree(openvino_repository, broken)
+    (broken / model.name / "configs" / "openvino.pbtxt").unlink()
+    with pytest.raises(RepositoryError, match=r"configs/openvino\.pbtxt.*missing"):
+        ModelRelease.from_repository(broken)
+
+
+def test_release_values_select_the_openvino_config_for_an_openvino_release() -> None:
+    ov = ModelRelease("cxr", 4, {}, "cpu", runtime="openvino")
+    user: dict[str, Any] = {"triton": {"modelConfigName": "other", "replicas": 2}}
+    values = release_values(ov, user)
+    assert values["triton"] == {"modelConfigName": "openvino", "replicas": 2,
+                                "gpu": {"enabled": False}}
+    assert user["triton"]["modelConfigName"] == "other"  # inputs are not modified
+    onnx = release_values(ModelRelease("cxr", 3, {}, "cpu"), {})
+    assert "modelConfigName" not in onnx["triton"]  # the chart's default: config.pbtxt
+
+
+def test_dry_run_of_an_openvino_repository_serves_it_on_the_stock_image(
+        openvino_repository: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rendered"
+    assert main(["deploy", "--repository", str(openvino_repository), "--dry-run",
+                 "--out", str(out)]) == 0
+    triton = (out / "bedside" / "templates" / "triton-deployment.yaml").read_text()
+    assert "- --model-config-name=openvino" in triton
+    assert "image: nvcr.io/nvidia/tritonserver:24.10-py3" in triton
+    assert "nvidia.com/gpu" not in triton
+
+
 def test_dry_run_renders_the_model_from_the_repository(optimized: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     values = tmp_path / "values.yaml"

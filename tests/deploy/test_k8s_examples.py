@@ -40,7 +40,10 @@ def test_example_objects_are_valid(env: Path) -> None:
     assert ("nvidia.com/gpu" in limits) is (env.name == "gpu-prod")
     if env.name == "cpu-dev":
         assert not of_kind(docs, "PrometheusRule")
-        assert runtime["spec"]["containers"][0]["image"].startswith("ghcr.io/bedside/triton-cpu:")
+        # the OpenVINO path: the stock NGC image's openvino backend, no custom Triton image
+        (container,) = runtime["spec"]["containers"]
+        assert container["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+        assert "--model-config-name=openvino" in container["args"]
     else:
         (sts,) = of_kind(docs, "StatefulSet")
         args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
