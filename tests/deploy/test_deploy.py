@@ -70,7 +70,7 @@ def openvino_repository(optimized: Path, tmp_path_factory: pytest.TempPathFactor
     """The optimizer's repository with a newer version written by the OpenVINO writer (the IR
     read from the served ONNX), as `bedside optimize` leaves it when OpenVINO is selected."""
     from optimizer import ov_runtime
-    from optimizer.manifest import Manifest
+    from optimizer.contract.manifest import Manifest
     from optimizer.ov_options import OvOptions
     from optimizer.ov_repository import write_openvino_repository
     from optimizer.repository import ServingOptions
