@@ -27,7 +27,10 @@ def test_triton_serves_an_openvino_variant_like_in_process(tiny_model: Path, tin
         calibration_dir=tiny_data / "calibration", validation_dir=tiny_data / "validation",
         out_dir=tmp_path / "out", threads=1, precisions=("fp32",), openvino=("bf16", "int8"),
         calibration_methods=("minmax",), bench=QUICK_BENCH,
-        mae_tolerances={"fp32": 0.0},  # ONNX Runtime FP32 fails: an OpenVINO variant is chosen
+        # ONNX Runtime FP32 fails: an OpenVINO variant is chosen. The random model's outputs
+        # barely vary, so the spread-relative ladder would fail its BF16/INT8 too: absolute
+        # ceilings (an explicit tolerance is absolute) keep this a test of serving.
+        mae_tolerances={"fp32": 0.0, "bf16": 0.01, "int8": 0.05},
     ))
     chosen = next(v for v in result.report["variants"] if v["name"] == result.report["selected"])
     assert chosen["runtime"] == "openvino-cpu"
