@@ -13,6 +13,11 @@ VENV="$ROOT/.venv"
 TRITON_VENV="$ROOT/.venv-triton"
 export BEDSIDE_TRITON_ENV="$TRITON_VENV"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# The Helm SDK is a Go shared library; the suite loads it in the same process as OpenVINO and
+# ONNX Runtime, whose pool threads Go's signal-based preemption can hit: the Go scheduler then
+# crashed with SIGSEGV. Go reads GODEBUG from the environment the process started with, so it
+# is set here, before Python starts.
+export GODEBUG="${GODEBUG:+$GODEBUG,}asyncpreemptoff=1"
 
 log() { printf '[dev.sh] %s\n' "$*" >&2; }
 
