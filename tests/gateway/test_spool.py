@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.gateway.store import spool as spool_mod
+from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import DirSync, Spool, write_durably
 
 
@@ -104,3 +105,15 @@ def test_concurrent_writers_of_one_path_leave_one_whole_file(tmp_path: Path) -> 
         list(pool.map(lambda b: write_durably(target, b), blobs))
     assert [p.name for p in tmp_path.iterdir()] == ["same.json"]  # no temporary file left
     assert target.read_bytes() in blobs
+
+
+def test_result_store_drops_temporaries_a_crashed_write_left_and_keeps_results(
+        tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    store.save("1.2.3", "1.2.3.4", {"study_instance_uid": "1.2.3", "findings": []}, job="a.dcm")
+    folder = next(store.root.iterdir())
+    stale = folder / "abc.json.0123456789abcdef.tmp"  # what a write stopped by a crash leaves
+    stale.write_bytes(b"{partial")
+    reopened = ResultStore(tmp_path)
+    assert not stale.exists()
+    assert reopened.for_study("1.2.3") and reopened.for_study("1.2.3")[0]["findings"] == []

@@ -24,7 +24,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 from optimizer.contract.preprocess import SUPPORTED_TRANSFER_SYNTAXES
 from services.errors import ServiceError
 from services.gateway.config import GatewayConfig
-from services.gateway.dicom.parsing import check_inflated, read_leniently
+from services.gateway.dicom.parsing import (
+    check_inflated,
+    client_text,
+    read_leniently,
+    shown_uid,
+)
 from services.gateway.errors import (
     GatewayError,
     InvalidInstance,
@@ -203,12 +208,14 @@ class DicomServer:
                 ds = decoded = event.dataset
                 ds.file_meta = event.file_meta
             except Exception as exc:  # pynetdicom decodes lazily; any decode error lands here
-                raise InvalidInstance(f"cannot decode data set: {exc}", "unreadable") from exc
+                raise InvalidInstance(f"cannot decode data set: {client_text(exc)}",
+                                      "unreadable") from exc
             announced = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
             if announced and str(ds.get("SOPClassUID", "")) != announced:
                 raise SOPClassMismatch(
-                    f"the data set's SOP Class UID {ds.get('SOPClassUID', '(none)')} is not "
-                    f"the {announced} its C-STORE request announced", "sop_class_mismatch")
+                    f"the data set's SOP Class UID {shown_uid(str(ds.get('SOPClassUID', '')))}"
+                    f" is not the {shown_uid(announced)} its C-STORE request announced",
+                    "sop_class_mismatch")
             self._ingestor.core.check(ds)
             self._ingestor.accept(event.encoded_dataset(), ds, "dimse", arrival,
                                   time.perf_counter(),

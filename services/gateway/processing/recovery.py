@@ -2,7 +2,7 @@
 what to do with each piece before any new work. ``plan_recovery`` reads only the spooled files'
 headers and what it is given; the worker applies the plan.
 
-The worker's durable steps run in this order (worker.py): result file (naming the job, or the
+The worker's durable steps run in this order (runner.py): result file (naming the job, or the
 group for a series result) -> rows finished (one transaction, once) -> ``sink.accept`` -> group
 closed -> spool files removed. So, after a crash at any point:
 

@@ -27,6 +27,10 @@ class ResultStore:
     def __init__(self, root: Path) -> None:
         self.root = root / "results"
         durable_mkdir(self.root)
+        # A write stopped by a crash leaves its own temporary file (never the result: the
+        # rename did not happen); at start no writer is running, so every one is stale.
+        for stale in self.root.glob("*/*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def save(self, study_uid: str, sop_uid: str, result: dict[str, Any],
              job: str | None = None) -> None:
