@@ -115,6 +115,19 @@ class GatewayConfig:
              "title)")
     max_associations: int = setting(8, flag="--max-associations",
                                      chart="gateway.maxAssociations")
+    # Concurrent associations one calling AE title may hold, so that one peer cannot take every
+    # slot of max_associations; beyond, A-ASSOCIATE-RJ (transient, local limit exceeded).
+    # 0 means no per-AE limit.
+    max_associations_per_ae: int = setting(
+        4, flag="--max-associations-per-ae", chart="gateway.maxAssociationsPerAE",
+        help="concurrent DIMSE associations one calling AE title may hold; beyond, "
+             "A-ASSOCIATE-RJ (0: no per-AE limit)")
+    # Seconds an association may last from its acceptance; past it, it is aborted (A-ABORT),
+    # however busy it is, so a peer cannot hold a slot forever. 0 means no cap.
+    association_lifetime_s: float = setting(
+        3600.0, flag="--association-lifetime", metavar="SECONDS",
+        chart="gateway.associationLifetimeSeconds",
+        help="seconds a DIMSE association may last before it is aborted (0: no cap)")
     # Data-set bytes one association may carry; beyond, C-STORE answers 0xA700 (reason
     # association_too_large) until the peer opens a new association. 0 means no limit.
     max_association_bytes: int = setting(
@@ -275,6 +288,10 @@ class GatewayConfig:
                 raise ConfigError(f"{name} {path} is not a file")
         if self.max_associations < 1:
             raise ConfigError("max_associations must be >= 1")
+        if self.max_associations_per_ae < 0:
+            raise ConfigError("max_associations_per_ae must be >= 0 (0 = no per-AE limit)")
+        if self.association_lifetime_s < 0:
+            raise ConfigError("association_lifetime_s must be >= 0 (0 = no cap)")
         if self.max_association_bytes < 0:
             raise ConfigError("max_association_bytes must be >= 0 (0 = no limit)")
         if self.max_spool_depth < 1:

@@ -21,7 +21,9 @@ REST_SENDERS, DIMSE_SENDERS = 35, 15
 
 def test_fifty_identical_instances_at_once_over_rest_and_dimse_with_fake_triton(
         tmp_path: Path) -> None:
-    gw = fake_gateway(tmp_path, max_associations=DIMSE_SENDERS + 2)
+    # All DIMSE senders share one calling AE title: allow it every one of them at once.
+    gw = fake_gateway(tmp_path, max_associations=DIMSE_SENDERS + 2,
+                      max_associations_per_ae=DIMSE_SENDERS)
     ds = make_instance(7)
     data = dicom_bytes(ds)
     start = threading.Barrier(REST_SENDERS + DIMSE_SENDERS, timeout=30)

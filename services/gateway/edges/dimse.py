@@ -3,8 +3,12 @@
 A C-STORE success is returned only once the instance is durably spooled; inference happens
 afterwards, in the worker. DIMSE statuses come from ``services.gateway.status``. Associations
 from calling AE titles outside the configured allowlist are rejected (A-ASSOCIATE-RJ,
-"calling AE title not recognized"); every rejection and every refused store is logged with its
-reason, never with patient data.
+"calling AE title not recognized"). One calling AE title may hold at most
+``max_associations_per_ae`` associations at once (beyond: A-ASSOCIATE-RJ, transient, "local limit
+exceeded"), so one peer cannot take every slot; an association that lasts longer than
+``association_lifetime_s`` is aborted (A-ABORT), however busy. Every rejection, every lifetime
+abort and every refused store is logged with its reason, counted and audited, never with patient
+data.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
@@ -46,6 +51,9 @@ from services.gateway.status import dimse_status
 LOG = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 SUCCESS = 0x0000
+# A-ASSOCIATE-RJ result, source and diagnostic (PS3.8 9.3.4): rejected-transient, by the DUL
+# service provider (presentation related), local limit exceeded.
+_REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 def _status(code: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
@@ -60,9 +68,9 @@ def _printable(aet: str) -> str:
     return ascii(aet.strip())[1:-1][:32]
 
 
-def _client_subject(event: Event) -> str | None:
+def _client_subject(assoc: Association) -> str | None:
     """The verified client certificate's subject on a DICOM TLS association, else None."""
-    assoc_socket = getattr(event.assoc.dul, "socket", None)
+    assoc_socket = getattr(assoc.dul, "socket", None)
     raw = getattr(assoc_socket, "socket", None)
     getpeercert = getattr(raw, "getpeercert", None)
     if getpeercert is None:
@@ -82,8 +90,15 @@ class DicomServer:
         self._metrics = metrics
         self._audit = audit
         self._server: ThreadedAssociationServer | None = None
-        self._assoc_bytes: dict[str, int] = {}  # association name -> data-set bytes so far
+        # Keyed by the Association itself: pynetdicom names acceptors by the second they began,
+        # so two associations can share a name.
+        self._assoc_bytes: dict[Association, int] = {}  # data-set bytes so far
         self._assoc_lock = threading.Lock()
+        # Under _assoc_lock: calling AE title -> associations it holds (counted from the
+        # request); association -> its calling AE title (counted ones only), its lifetime timer.
+        self._per_ae: dict[str, int] = {}
+        self._assoc_ae: dict[Association, str] = {}
+        self._lifetimes: dict[Association, threading.Timer] = {}
         # Built at construction (fails early); re-read when the certificate files change.
         self._tls = (ReloadingSSLContext(
             CertFiles(config.tls_cert, config.tls_key, config.tls_ca),
@@ -113,6 +128,7 @@ class DicomServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
         ]
@@ -135,6 +151,10 @@ class DicomServer:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        with self._assoc_lock:
+            timers, self._lifetimes = list(self._lifetimes.values()), {}
+        for timer in timers:
+            timer.cancel()
 
     @property
     def listening(self) -> bool:
@@ -145,16 +165,66 @@ class DicomServer:
 
     def _on_close(self, event: Event) -> None:
         self._metrics.open_associations.dec()
+        assoc = event.assoc
         with self._assoc_lock:
-            self._assoc_bytes.pop(event.assoc.name, None)
+            self._assoc_bytes.pop(assoc, None)
+            timer = self._lifetimes.pop(assoc, None)
+            calling = self._assoc_ae.pop(assoc, None)
+            if calling is not None:
+                left = self._per_ae.get(calling, 1) - 1
+                if left > 0:
+                    self._per_ae[calling] = left
+                else:
+                    self._per_ae.pop(calling, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _on_requested(self, event: Event) -> None:
+        """Count the association against its calling AE title, or reject it past the limit."""
+        limit = self._config.max_associations_per_ae
+        if not limit:
+            return
+        calling = str(getattr(event.assoc.requestor.primitive, "calling_ae_title", "")).strip()
+        allowed = self._config.allowed_calling_aets
+        if allowed and calling not in allowed:
+            return  # pynetdicom rejects it (calling AE title not recognized), uncounted
+        with self._assoc_lock:
+            held = self._per_ae.get(calling, 0)
+            if held < limit:
+                self._per_ae[calling] = held + 1
+                self._assoc_ae[event.assoc] = calling
+                return
+        reason = "calling_ae_association_limit"
+        LOG.warning("association from calling AE %r at %s rejected: %s (it holds %d of %d)",
+                    _printable(calling), event.assoc.requestor.address, reason, held, limit)
+        self._metrics.requests.labels("dimse", "rejected", reason).inc()
+        self._record("association", "associate", reason, event.assoc, reason=reason,
+                     status="A-ASSOCIATE-RJ", calling=calling)
+        event.assoc.acse.send_reject(*_REJECT_LOCAL_LIMIT)
+        event.assoc.kill()  # as pynetdicom does after its own rejections
+
+    def _expire(self, assoc: Association) -> None:
+        """Abort an association that outlived ``association_lifetime_s``."""
+        with self._assoc_lock:
+            if self._lifetimes.pop(assoc, None) is None:
+                return  # closed meanwhile
+        if not assoc.is_established:
+            return
+        reason = "association_lifetime"
+        LOG.warning("association %s from calling AE %r at %s aborted: %s (%g s)", assoc.name,
+                    _printable(str(assoc.requestor.ae_title)), assoc.requestor.address, reason,
+                    self._config.association_lifetime_s)
+        self._metrics.requests.labels("dimse", "aborted", reason).inc()
+        self._record("association", "abort", reason, assoc, reason=reason, status="A-ABORT")
+        assoc.abort()
 
     def _count_association_bytes(self, event: Event, size: int) -> None:
         limit = self._config.max_association_bytes
         if not limit:
             return
         with self._assoc_lock:
-            total = self._assoc_bytes.get(event.assoc.name, 0) + size
-            self._assoc_bytes[event.assoc.name] = total
+            total = self._assoc_bytes.get(event.assoc, 0) + size
+            self._assoc_bytes[event.assoc] = total
         if total > limit:
             raise PayloadTooLarge(f"association exceeded {limit} bytes; open a new one",
                                   "association_too_large")
@@ -171,22 +241,32 @@ class DicomServer:
         LOG.warning("association from calling AE %r at %s rejected: %s", _printable(calling),
                     event.assoc.requestor.address, reason)
         self._metrics.requests.labels("dimse", "rejected", reason).inc()
-        self._record("association", "associate", reason, event, reason=reason,
+        self._record("association", "associate", reason, event.assoc, reason=reason,
                      status="A-ASSOCIATE-RJ")
 
     def _on_accepted(self, event: Event) -> None:
-        self._record("association", "associate", "ok", event, status="A-ASSOCIATE-AC")
+        self._record("association", "associate", "ok", event.assoc, status="A-ASSOCIATE-AC")
+        lifetime = self._config.association_lifetime_s
+        if lifetime:
+            timer = threading.Timer(lifetime, self._expire, (event.assoc,))
+            timer.daemon = True
+            with self._assoc_lock:
+                self._lifetimes[event.assoc] = timer
+            timer.start()
 
-    def _record(self, kind: str, action: str, outcome: str, event: Event,
-                **fields: Any) -> None:
+    def _record(self, kind: str, action: str, outcome: str, assoc: Association,
+                calling: str | None = None, **fields: Any) -> None:
+        """``calling``: the calling AE title where the association has not set it yet."""
         if self._audit is None:
             return
-        requestor = event.assoc.requestor
+        requestor = assoc.requestor
+        if calling is None:
+            calling = str(requestor.ae_title)
         self._audit.write(kind, "dimse", action, outcome,
-                          principal="ae:" + _printable(str(requestor.ae_title)),
+                          principal="ae:" + _printable(calling),
                           source=str(requestor.address), auth="calling_ae",
-                          association=event.assoc.name, tls=self._tls is not None,
-                          client_subject=_client_subject(event), **fields)
+                          association=assoc.name, tls=self._tls is not None,
+                          client_subject=_client_subject(assoc), **fields)
 
     def _on_echo(self, event: Event) -> int:
         self._metrics.requests.labels("dimse", "echo", "ok").inc()
@@ -241,7 +321,7 @@ class DicomServer:
                     value = ""
                 if value:
                     uids.add(kind, uid_hash(value))
-        self._record("instance", "store", outcome, event, status=f"0x{code:04X}",
+        self._record("instance", "store", outcome, event.assoc, status=f"0x{code:04X}",
                      reason=reason, uids=uids,
                      duration_ms=(time.perf_counter() - arrival) * 1000.0)
 
