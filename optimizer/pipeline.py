@@ -16,6 +16,7 @@ import logging
 import shlex
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,18 +359,27 @@ class _Optimizer:
                 baseline_name=baseline_name, benchmark=window.as_dict(),
                 selection_error=why_none)
 
+        return self.finish(variants, serving, report,
+                           lambda repo, chosen: self.write_repository(repo, chosen, serving))
+
+    def finish(self, variants: list[VariantResult], serving: ServingOptions,
+               report: Callable[..., dict[str, Any]],
+               write: Callable[[Path, VariantResult], tuple[Path, int]]) -> OptimizeResult:
+        """Select, write the chosen variant's repository, the report and reproduce.sh; when
+        nothing can be selected, the report is still written (every measurement and every
+        reason) before the SelectionError goes up. Shared by every target."""
+        req, log = self.req, self.log
         try:
             chosen = run_step(log, "select", lambda: select(
                 variants, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
-        except SelectionError as exc:  # still a report: every measurement and every reason
+        except SelectionError as exc:
             why = str(exc)
             run_step(log, "write_report", lambda: write_report(self.out, report(
                 None, None, None, why)))
             _write_reproduce(self.out, req)
             raise
         repo = self.out / "repository"
-        model_dir, version = run_step(log, "write_repository", lambda: self.write_repository(
-            repo, chosen, serving))
+        model_dir, version = run_step(log, "write_repository", lambda: write(repo, chosen))
         done = report(chosen.name, str(model_dir.relative_to(self.out)), version)
         js, md = run_step(log, "write_report", lambda: write_report(self.out, done))
         _write_reproduce(self.out, req)
@@ -434,23 +444,9 @@ class _Optimizer:
                 baseline_name="pytorch-eager-cuda", baseline_runtime="torch-cuda",
                 device=device_info(), steps=log.durations(), selection_error=why_none)
 
-        try:
-            chosen = run_step(log, "select", lambda: select(
-                results, req.objective, self.manifest.latency_slo_ms, serving.max_batch_size))
-        except SelectionError as exc:  # still a report: every measurement and every reason
-            why = str(exc)
-            run_step(log, "write_report", lambda: write_report(self.out, report(
-                None, None, None, why)))
-            _write_reproduce(self.out, req)
-            raise
-        repo = self.out / "repository"
-        model_dir, version = run_step(log, "write_repository", lambda: write_repository(
+        return self.finish(results, serving, report, lambda repo, chosen: write_repository(
             repo, self.manifest, ts_path, chosen.precision, serving, req.target,
             cuda_graphs=bool(chosen.details["cuda_graphs"])))
-        done = report(chosen.name, str(model_dir.relative_to(self.out)), version)
-        js, md = run_step(log, "write_report", lambda: write_report(self.out, done))
-        _write_reproduce(self.out, req)
-        return OptimizeResult(report=done, repository=repo, report_json=js, report_md=md)
 
 
 def _schedule(ranked: list[Any], limit: int) -> list[int]:

@@ -21,8 +21,8 @@ The outbox table itself (rows, states, transactions) is ``outbox.py``.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -59,17 +59,17 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.processing.grouping import CompletedGroup
 from services.gateway.security.deid import Deidentifier, DeidOptions, UidMap
 from services.gateway.store.durable import fsync_dir
+from services.gateway.store.spool import write_durably
 
 LOG = logging.getLogger(__name__)
 
 
-def write_durably(ds: Dataset, path: Path) -> None:
-    """Part-10 file, fsynced, renamed into place (a crash never leaves half a file)."""
-    tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    with tmp.open("rb+") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def write_part10(ds: Dataset, path: Path) -> None:
+    """A result object as a Part-10 file, through the store's one durable write (fsynced
+    temporary, renamed into place, directory fsynced): a crash never leaves half a file."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    write_durably(path, buffer.getbuffer())
 
 
 class DeliveryService:
@@ -165,9 +165,8 @@ class DeliveryService:
             files = []
             for k, ds in enumerate(objects):
                 path = folder / f"{k:04d}.dcm"
-                write_durably(ds, path)
+                write_part10(ds, path)
                 files.append(path)
-            fsync_dir(folder)
             rows.append(NewRow(name, tuple(files)))
         fsync_dir(self.outbox.folder)
         self.outbox.add(group.key, route.name, protocol, group.job_names, rows)

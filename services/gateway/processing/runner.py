@@ -23,8 +23,8 @@ and the ``CompletedGroup`` (in memory), never into logs or metric labels.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +43,6 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
 from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy, GroupSink
 from services.gateway.processing.groups import Group, Job, Member, hashed
-from services.gateway.store.durable import fsync_dir
 from services.gateway.store.jobs import (
     DELIVERED,
     FAILED,
@@ -53,7 +52,7 @@ from services.gateway.store.jobs import (
     JobTable,
 )
 from services.gateway.store.results import ResultStore
-from services.gateway.store.spool import Spool
+from services.gateway.store.spool import Spool, write_durably
 
 LOG = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
@@ -93,6 +92,8 @@ class Runner:
         self.sink = sink
         self.backoff_s = backoff_s
         self.maps = spool.root / "maps"
+        for stale in self.maps.glob("*.tmp"):  # a map write a crash stopped before its rename
+            stale.unlink(missing_ok=True)
         self._stop = stop
 
     def close(self, group: Group) -> Closing:
@@ -328,14 +329,9 @@ class Runner:
         if result.maps is None or self.sink is None:
             return
         self.maps.mkdir(exist_ok=True)
-        path = self.maps / f"{stem}.npy"
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as fh:
-            np.save(fh, result.maps)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.maps)
+        buffer = io.BytesIO()
+        np.save(buffer, result.maps)
+        write_durably(self.maps / f"{stem}.npy", buffer.getbuffer())
 
     def completed(self, group: Group) -> CompletedGroup:
         """What the sink gets: stored results of the inferred items (errors included; skipped
