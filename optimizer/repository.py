@@ -74,6 +74,8 @@ def model_config(manifest: Manifest, options: ServingOptions, precision: str,
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
         cfg.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
         cfg.parameters["onnx_file"].string_value = "model.onnx"
+        # served as benchmarked: subnormal floats flushed to zero (benchmark.flush_denormals)
+        cfg.parameters["denormals_as_zero"].string_value = "1"
     elif target == "gpu-torch":
         cfg.backend = "python"
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=options.instances)

@@ -30,6 +30,8 @@ class TritonPythonModel:
             "NUM_STREAMS": int(params.get("NUM_STREAMS", "1")),
             "PERFORMANCE_HINT": params.get("PERFORMANCE_HINT", "LATENCY"),
         }
+        if params.get("denormals_as_zero") == "1":  # as the optimizer benchmarked it
+            properties["CPU_DENORMALS_OPTIMIZATION"] = True
         core = ov.Core()
         model = core.read_model(os.path.join(version_dir, params.get("openvino_file",
                                                                      "model.xml")))
