@@ -72,6 +72,10 @@ class OvJob:
     recovery: bool
     recovery_max_fraction: float
     verify: Callable[[str, np.ndarray], Verification]
+    # (tuning, held-out) indices of the validation set, and the held-out verdict of a variant
+    # tuned on the first (verify.tuning_split, verify.with_held_out)
+    split: tuple[np.ndarray, np.ndarray]
+    held_out: Callable[[Verification, np.ndarray], Verification]
 
 
 def _details(precision: str, options: OvOptions, compiled: Any, xml: Path,
@@ -84,10 +88,15 @@ def _details(precision: str, options: OvOptions, compiled: Any, xml: Path,
 
 
 def _checked(job: OvJob, name: str, precision: str, xml: Path,
-             flags: frozenset[str], extra: dict[str, Any] | None = None) -> OvVariant:
+             flags: frozenset[str], extra: dict[str, Any] | None = None,
+             tuned: bool = False) -> OvVariant:
+    """Verified on the validation set; a ``tuned`` variant on its held-out half as well."""
     compiled = compile_model(read(xml), precision, job.options)
     outputs = run(compiled, job.inputs)
-    return OvVariant(name, precision, xml, job.verify(precision, outputs),
+    verification = job.verify(precision, outputs)
+    if tuned:
+        verification = job.held_out(verification, outputs)
+    return OvVariant(name, precision, xml, verification,
                      {**_details(precision, job.options, compiled, xml, flags), **(extra or {})})
 
 
@@ -147,14 +156,16 @@ def _int8(job: OvJob, fp32_xml: Path, flags: frozenset[str]) -> OvVariant:
     tolerance = plain.verification.mae_ceiling  # the rule that failed it, in absolute MAE
     LOG.info("OpenVINO INT8 failed (%s): accuracy-controlled quantization",
              "; ".join(plain.verification.reasons))
+    tune = job.split[0]  # accuracy control sees the tuning half only
     model, control = quantizer.accuracy_controlled(
-        plain_model, job.inputs, job.golden, job.labels, job.manifest, tolerance,
-        job.recovery_max_fraction)
+        plain_model, job.inputs[tune], job.golden[tune], job.labels[tune], job.manifest,
+        tolerance, job.recovery_max_fraction)
     xml = save(model, job.variants_dir / "openvino-int8-ac")
     result = _checked(job, "openvino-int8-ac", "int8", xml, flags, {
         "quantizer": "nncf accuracy control", "calibration_inputs": len(job.calibration),
         "fp32_nodes": control.reverted_ops, "accuracy_control": control.as_dict(),
-        "plain_int8_reasons": list(plain.verification.reasons)})
+        "plain_int8_reasons": list(plain.verification.reasons),
+        "tuned_on_items": len(tune), "held_out_items": len(job.split[1])}, tuned=True)
     if not result.verification.passed:
         LOG.info("OpenVINO accuracy control stopped at its bound (%d iterations) without "
                  "passing", control.max_iterations)

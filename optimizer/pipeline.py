@@ -64,7 +64,7 @@ from optimizer.repository import ServingOptions, write_repository
 from optimizer.request import DEFAULT_PRECISIONS, OBJECTIVES, PRECISIONS, OptimizeRequest
 from optimizer.steps import StepLog, optional_step, run_step
 from optimizer.triton_backend.torch_runner import TorchRunner
-from optimizer.verify import Verification, verify
+from optimizer.verify import Verification, tuning_split, verify, verify_subset, with_held_out
 
 LOG = logging.getLogger(__name__)
 # What the PyTorch baseline is, by the form the model came in (checkpoint.format_of).
@@ -138,12 +138,24 @@ class _Optimizer:
     def session_outputs(self, path: Path, inputs: np.ndarray) -> np.ndarray:
         return run_onnx(onnx_session(path, self.req.threads), inputs)
 
-    def check(self, precision: str, path: Path) -> Verification:
+    def validation_outputs(self, path: Path) -> np.ndarray:
         try:
-            outputs = self.session_outputs(path, self.validation.inputs)
+            return self.session_outputs(path, self.validation.inputs)
         except Exception as exc:  # ONNX Runtime raises its own exception types
             raise QuantizationError(f"{path.name} does not run in ONNX Runtime: {exc}") from exc
-        return self.verify_outputs(precision, outputs)
+
+    def check(self, precision: str, path: Path) -> Verification:
+        return self.verify_outputs(precision, self.validation_outputs(path))
+
+    def held_out(self, full: Verification, outputs: np.ndarray) -> Verification:
+        """A tuned variant's verdict: the whole set's, and the held-out half's as well."""
+        return with_held_out(full, outputs, self.golden, self.validation.labels,
+                             self.manifest, tuning_split(self.validation.labels)[1])
+
+    def tuning_passes(self, full: Verification, outputs: np.ndarray) -> bool:
+        """Whether the tuning half passes ``full``'s gates (what recovery may look at)."""
+        return not verify_subset(full, outputs, self.golden, self.validation.labels,
+                                 self.manifest, tuning_split(self.validation.labels)[0])
 
     def verify_outputs(self, precision: str, outputs: np.ndarray) -> Verification:
         return verify(precision, outputs, self.golden, self.validation.labels, self.manifest,
@@ -186,7 +198,9 @@ class _Optimizer:
 
     def recover(self, quantizer: Int8Quantizer, best: _Candidate) -> _Candidate:
         """Keep the nodes that contribute most error in FP32, doubling their number until the
-        budget holds or ``recovery_max_fraction`` of the graph would stay in FP32."""
+        budget holds on the validation set's tuning half or ``recovery_max_fraction`` of the
+        graph would stay in FP32. The attempt that passes there is the result, judged on the
+        whole set and on the held-out half it was not tuned on (verify.tuning_split)."""
         method = best.details["calibration_method"]
         samples = self.calibration[:16]
         golden = run_torch(self.model, samples)
@@ -198,16 +212,21 @@ class _Optimizer:
             kept = [node for group in ranked[:k] for node in group.nodes]
             path = self.out / "variants" / f"model.int8.{method}.recovered.onnx"
             quantizer.quantize(path, method, exclude=kept)
-            check = self.check("int8", path)
+            outputs = self.validation_outputs(path)
+            check = self.verify_outputs("int8", outputs)
+            tuned = self.tuning_passes(check, outputs)
+            if tuned:
+                check = self.held_out(check, outputs)
             attempts.append({"fp32_nodes": len(kept), "mae": check.mae,
                              "metric_delta": check.metric_delta, "agreement": check.agreement,
-                             "passed": check.passed})
+                             "tuning_half_passed": tuned, "passed": check.passed})
             current = _Candidate(f"onnx-int8-{method}-recovered", "int8", path, check, {
                 "calibration_method": method, "fp32_nodes": kept, "recovery": attempts,
                 "plain_int8_reasons": list(best.verification.reasons)})
-            if check.passed:
-                LOG.info("INT8 recovered with %d of %d nodes in FP32", len(kept),
-                         len(quantizer.nodes))
+            if tuned:  # stop here either way: going on would tune on the held-out half
+                LOG.info("INT8 recovery with %d of %d nodes in FP32 %s", len(kept),
+                         len(quantizer.nodes),
+                         "passed" if check.passed else "failed on the held-out half")
                 return current
         LOG.info("INT8 recovery stopped at its bound (%d nodes) without passing", limit)
         if not attempts:  # even the most sensitive group exceeds the bound
@@ -234,7 +253,8 @@ class _Optimizer:
             inputs=self.validation.inputs, labels=self.validation.labels, golden=self.golden,
             calibration=self.calibration, options=_ov_options(req), precisions=req.openvino,
             mae_tolerances=req.mae_tolerances, recovery=req.recovery,
-            recovery_max_fraction=req.recovery_max_fraction, verify=self.verify_outputs)
+            recovery_max_fraction=req.recovery_max_fraction, verify=self.verify_outputs,
+            split=tuning_split(self.validation.labels), held_out=self.held_out)
         return [_Candidate(v.name, v.precision, v.path, v.verification, v.details,
                            runtime=ov_runtime.RUNTIME) for v in ov_variants.build(job, self.log)]
 

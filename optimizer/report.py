@@ -206,7 +206,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                                                   for t in broken) + ".")
         if v["details"].get("fp32_nodes"):
             nodes = v["details"]["fp32_nodes"]
-            lines.append(f"Accuracy recovery for {v['name']}: {len(nodes)} nodes kept in FP32 "
+            lines.append(f"Accuracy recovery for {v['name']} (tuned on half of the validation "
+                         "set, verified on the whole set and on the held-out half): "
+                         f"{len(nodes)} nodes kept in FP32 "
                          f"({', '.join(nodes[:12])}{', ...' if len(nodes) > 12 else ''}); "
                          f"plain INT8 failed: {'; '.join(v['details']['plain_int8_reasons'])}.")
     failing = [v for v in report["variants"] if v["reasons"]]
@@ -276,7 +278,10 @@ def _hardware_lines(report: dict[str, Any]) -> list[str]:
             ac = d["accuracy_control"]
             lines.append(f"  NNCF accuracy control (at most {ac['max_iterations']} iterations): "
                          f"{len(ac['fp32_ops'])} ops back in floating point; gate score "
-                         f"{ac['score_plain']} -> {ac['score_final']} (<= 1 passes).")
+                         f"{ac['score_plain']} -> {ac['score_final']} (<= 1 passes) on the "
+                         f"validation set's tuning half ({d.get('tuned_on_items', '?')} items); "
+                         f"verified on the whole set and on the held-out half "
+                         f"({d.get('held_out_items', '?')} items) it did not see.")
     return lines
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -174,3 +174,43 @@ def verify(
         agreement=agreement, passed=not reasons, reasons=tuple(reasons),
         reference_spread=spread, relative_mae=rel, rule=rule,
     )
+
+
+def tuning_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the tuning half and the held-out half of a validation set.
+
+    Accuracy recovery (ONNX INT8) and accuracy control (OpenVINO) tune on the first half; the
+    variant they produce must then also pass on the second, which they never saw. Items
+    alternate between the halves in label order for classification (so that each half holds
+    every class the set holds, where it holds two of it) and in file order for segmentation.
+    """
+    n = len(labels)
+    if labels.ndim <= 2:  # classification: (N,) or (N, K) labels
+        keys = labels.reshape(n, -1).T[::-1]
+        order = np.lexsort(keys) if keys.size else np.arange(n)
+    else:
+        order = np.arange(n)
+    return np.sort(order[0::2]), np.sort(order[1::2])
+
+
+def verify_subset(base: Verification, outputs: np.ndarray, golden: np.ndarray,
+                  labels: np.ndarray, manifest: Manifest, idx: np.ndarray) -> tuple[str, ...]:
+    """Why the items ``idx`` fail ``base``'s gates (empty when they pass): the same absolute
+    MAE ceiling, task-metric budget and agreement floor as ``base``, on a part of the set."""
+    try:
+        part = verify(base.precision, outputs[idx], golden[idx], labels[idx], manifest,
+                      mae_tolerance=base.mae_ceiling)
+    except ValueError as exc:  # e.g. one class only: AUC is undefined
+        return (f"its task metric cannot be judged on these {len(idx)} items ({exc})",)
+    return part.reasons
+
+
+def with_held_out(full: Verification, outputs: np.ndarray, golden: np.ndarray,
+                  labels: np.ndarray, manifest: Manifest, held: np.ndarray) -> Verification:
+    """``full`` (the whole validation set) also judged on the held-out half a tuned variant
+    never saw: it passes only where both pass, and says which half failed."""
+    failed = verify_subset(full, outputs, golden, labels, manifest, held)
+    if not failed:
+        return full
+    prefix = f"on the held-out half ({len(held)} items the tuning did not see): "
+    return replace(full, passed=False, reasons=full.reasons + tuple(prefix + r for r in failed))

@@ -8,7 +8,7 @@ import pytest
 
 from optimizer.contract.findings import activate
 from optimizer.contract.manifest import AccuracyBudget
-from optimizer.verify import roc_auc, verify
+from optimizer.verify import roc_auc, tuning_split, verify, with_held_out
 from tests.conftest import TINY_MANIFEST
 
 
@@ -104,3 +104,29 @@ def test_softmax_normalises_over_the_class_axis_of_segmentation_maps() -> None:
     assert not np.allclose(probs.sum(axis=-1), 1.0)
     scores = activate(maps[:, :, 0, 0], "softmax")  # classification (batch, classes)
     np.testing.assert_allclose(scores, probs[:, :, 0, 0])
+
+
+def test_tuning_split_halves_the_set_and_keeps_every_class_in_both_halves() -> None:
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 1, 0, 0])
+    tune, held = tuning_split(labels)
+    assert sorted([*tune, *held]) == list(range(10)) and not set(tune) & set(held)
+    assert abs(len(tune) - len(held)) <= 1
+    for half in (tune, held):
+        assert set(labels[half]) == {0, 1}
+    masks = np.zeros((5, 1, 4, 4))  # segmentation: file order, alternating
+    assert [list(h) for h in tuning_split(masks)] == [[0, 2, 4], [1, 3]]
+
+
+def test_a_variant_good_only_on_its_tuning_half_fails_on_the_held_out_half() -> None:
+    labels, golden = _case()
+    tune, held = tuning_split(labels)
+    outputs = golden.copy()
+    outputs[held] += 0.2  # wrong only where the tuning did not look
+    full = verify("int8", outputs, golden, labels, TINY_MANIFEST, mae_tolerance=0.15)
+    assert full.passed  # the whole set's MAE (0.1) hides it
+    judged = with_held_out(full, outputs, golden, labels, TINY_MANIFEST, held)
+    assert not judged.passed
+    assert any(r.startswith("on the held-out half (100 items") and "MAE" in r
+               for r in judged.reasons)
+    fine = with_held_out(full, golden.copy(), golden, labels, TINY_MANIFEST, held)
+    assert fine == full
