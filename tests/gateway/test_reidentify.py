@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import logging
 import sqlite3
 import threading
 import time
@@ -277,6 +278,20 @@ def test_map_survives_a_restart_and_holds_only_the_identity_attributes(tmp_path:
     assert path.stat().st_mode & 0o077 == 0
 
 
+def test_a_map_written_before_the_return_path_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:  # the table as an earlier release wrote it
+        db.execute("CREATE TABLE uid_map (replacement TEXT PRIMARY KEY, original TEXT NOT NULL)")
+        db.execute("INSERT INTO uid_map VALUES ('2.25.1', '1.2.3.4')")
+    uids = UidMap(path, SECRET)
+    assert uids.original("2.25.1") == "1.2.3.4"
+    sources = study_with_phi(1, seed=65)
+    sent = Deidentifier(uids).deidentify(sources[0])
+    back = Deidentifier(uids).reidentify_returning(_reader_sr([sent]))
+    assert back is not None and back.PatientID == PHI["PatientID"]
+    uids.close()
+
+
 def test_studies_past_the_retention_no_longer_come_back(tmp_path: Path) -> None:
     clock = Clock()
     uids = UidMap(tmp_path / "m.sqlite3", SECRET, clock)
@@ -426,9 +441,10 @@ routes:
 
 
 def test_sr_coming_back_by_cstore_and_stow_is_acknowledged_and_queued_with_fake_triton(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import httpx
 
+    caplog.set_level(logging.DEBUG)
     gw = fake_gateway(tmp_path, routes_file=_write_routes(tmp_path), group_level="instance")
     try:
         assert gw.delivery is not None
@@ -473,6 +489,14 @@ def test_sr_coming_back_by_cstore_and_stow_is_acknowledged_and_queued_with_fake_
         # nothing about the returning objects was inferred
         time.sleep(0.2)
         assert gw.worker.jobs.pending(deid_study) == 0
+        # no patient data, no raw UID of either side in the gateway's log (the test's own
+        # HTTP client logs what it received)
+        logged = "\n".join(r.getMessage() for r in caplog.records
+                           if not r.name.startswith(("httpx", "httpcore")))
+        for value in [*PHI.values(), sources[0].StudyInstanceUID, deid_study,
+                      reader.SOPInstanceUID, web.SOPInstanceUID]:
+            assert str(value) not in logged, "identifying value logged"
+        assert "re-identified" in logged
     finally:
         gw.stop()
 
