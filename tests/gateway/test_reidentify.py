@@ -238,7 +238,7 @@ def test_objects_the_map_does_not_know_are_not_returning(uids: UidMap) -> None:
     assert deid.reidentify_returning(make_instance(42)) is None
 
 
-def test_references_to_two_patients_studies_are_refused(uids: UidMap) -> None:
+def test_references_to_two_patients_studies_are_refused_one_patients_are_not(uids: UidMap) -> None:
     deid = Deidentifier(uids)
     a = deid.deidentify(study_with_phi(1, seed=50)[0])
     b_source = study_with_phi(1, seed=51)[0]
@@ -254,6 +254,14 @@ def test_references_to_two_patients_studies_are_refused(uids: UidMap) -> None:
     result.SourceImageSequence = Sequence(refs)
     with pytest.raises(AmbiguousReturn):
         deid.reidentify_returning(result)
+    # two studies of one patient (a comparison with a prior): the first referenced one
+    prior_source = study_with_phi(1, seed=53)[0]
+    prior = deid.deidentify(prior_source)
+    result.SourceImageSequence[1].ReferencedSOPInstanceUID = prior.SOPInstanceUID
+    back = deid.reidentify_returning(result)
+    assert back is not None and back.PatientID == PHI["PatientID"]
+    assert back.StudyInstanceUID != prior_source.StudyInstanceUID
+    assert back.SourceImageSequence[1].ReferencedSOPInstanceUID == prior_source.SOPInstanceUID
 
 
 def test_map_survives_a_restart_and_holds_only_the_identity_attributes(tmp_path: Path) -> None:
@@ -393,7 +401,9 @@ def test_ambiguous_returning_object_is_an_unsupported_instance(tmp_path: Path) -
     try:
         uids = UidMap(tmp_path / "spool" / "deid_uids.sqlite3", SECRET)
         a = Deidentifier(uids).deidentify(study_with_phi(1, seed=90)[0])
-        b = Deidentifier(uids).deidentify(study_with_phi(1, seed=91)[0])
+        other = study_with_phi(1, seed=91)[0]
+        other.PatientID = "OTHER-PATIENT"
+        b = Deidentifier(uids).deidentify(other)
         result = make_instance(92)
         result.SourceImageSequence = Sequence([Dataset(), Dataset()])
         for item, ds in zip(result.SourceImageSequence, (a, b), strict=True):

@@ -359,19 +359,27 @@ class Deidentifier:
 
     def original_study(self, ds: Dataset) -> str | None:
         """The original study an object that came back is about, when the reverse map knows
-        it: its own Study Instance UID's original, else the one original study of the
-        replacement UIDs it references. None: not about anything de-identified here (or
-        about a study past the map's retention). Raises ``AmbiguousReturn`` when its
-        references span several original studies and its own study is not one of them."""
+        it: its own Study Instance UID's original, else the original study of the replacement
+        UIDs it references (the first referenced, when they span several studies of one
+        patient, e.g. a comparison with a prior). None: not about anything de-identified here
+        (or about a study past the map's retention). Raises ``AmbiguousReturn`` when its
+        references span studies of several patients and its own study is none of them."""
         own = self._uids.original(str(ds.get("StudyInstanceUID", "") or ""))
         if own is not None and self._uids.identity(own) is not None:
             return own
-        studies = {study for uid in _referenced_uids(ds)
-                   if (study := self._uids.study_of(uid)) is not None}
-        studies = {s for s in studies if self._uids.identity(s) is not None}
-        if len(studies) > 1:
-            raise AmbiguousReturn(len(studies))
-        return studies.pop() if studies else None
+        found: dict[str, Dataset] = {}
+        for uid in _referenced_uids(ds):
+            study = self._uids.study_of(uid)
+            if study is None or study in found:
+                continue
+            identity = self._uids.identity(study)
+            if identity is not None:
+                found[study] = identity
+        patients = {(str(i.get("PatientID", "")), str(i.get("IssuerOfPatientID", "")))
+                    for i in found.values()}
+        if len(patients) > 1:
+            raise AmbiguousReturn(len(patients))
+        return next(iter(found), None)
 
     def reidentify_returning(self, ds: Dataset) -> Dataset | None:
         """A re-identified copy of an object that came back about a de-identified study (see
@@ -414,9 +422,9 @@ class Deidentifier:
 class AmbiguousReturn(ValueError):
     """An object that came back references de-identified studies of several patients."""
 
-    def __init__(self, studies: int) -> None:
-        super().__init__(f"the object references {studies} de-identified studies; a result "
-                         "coming back must be about one")
+    def __init__(self, patients: int) -> None:
+        super().__init__(f"the object references de-identified studies of {patients} "
+                         "patients; a result coming back must be about one")
 
 
 def _identity(ds: Dataset) -> Dataset:
