@@ -222,6 +222,12 @@ class UidMap:
         digest = hmac.new(self._secret, uid.encode("ascii"), hashlib.sha256).digest()
         return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
+    def replace(self, uid: str) -> str:
+        """The replacement of ``uid``, recorded at once (no study known)."""
+        replacement = self.replacement(uid)
+        self.record({replacement: uid}, None, None)
+        return replacement
+
     def record(self, pairs: Mapping[str, str], study: str | None,
                identity: Dataset | None) -> None:
         """Replacement -> original pairs met while de-identifying one instance of the original
