@@ -96,7 +96,7 @@ class Gateway:
         self._export_state_metrics()
         self.ingestor = Ingestor(self.core, self.spool, self.worker, self.metrics,
                                  config.max_spool_depth, config.max_request_bytes,
-                                 config.min_free_bytes)
+                                 config.min_free_bytes, returns=self.delivery)
         self.audit = AuditLog(config.audit_log, config.audit_syslog)
         self.guard = Guard(
             KeyStore(config.api_keys) if config.api_keys is not None else None, self.audit,

@@ -1,6 +1,8 @@
 """Where results go: destinations (a PACS by C-STORE, a DICOMweb server by STOW-RS) and the
 routes that pick them for a group of instances by calling AE title and/or protocol, with
-optional per-route de-identification.
+optional per-route de-identification (``deidentify``: for research archives and external
+services) and the return path (``reidentify``: objects coming back about a de-identified study,
+re-identified and delivered into the original study, for the hospital's own PACS).
 
 Loaded once at start-up from a YAML or JSON file (``bedside gateway --routes FILE``), validated
 into frozen dataclasses; anything wrong is a ``ConfigError`` naming the offending key. Secrets
@@ -160,6 +162,10 @@ class Route:
     deidentify: bool = False
     # Private tags (as 0xGGGGEEEE) kept by de-identification; all other private tags go.
     retain_private: tuple[int, ...] = ()
+    # An instance arriving on this route that is about a study a ``deidentify`` route sent out
+    # (its Study Instance UID or the UIDs it references are in the reverse map) is not
+    # inferred: it is re-identified and delivered to this route's destinations.
+    reidentify: bool = False
 
     def __post_init__(self) -> None:
         _check_name(self.name, "route")
@@ -180,6 +186,9 @@ class Route:
                                   f"{', '.join(PROTOCOLS)}")
         if self.retain_private and not self.deidentify:
             raise ConfigError(f"route {self.name}: retain_private without deidentify: true")
+        if self.reidentify and self.deidentify:
+            raise ConfigError(f"route {self.name}: deidentify and reidentify exclude each "
+                              "other (identified results go to identified destinations)")
 
     def matches(self, protocols: Sequence[str], calling_aets: Sequence[str]) -> bool:
         if self.default:
@@ -194,6 +203,9 @@ class RoutesConfig:
     routes: tuple[Route, ...]
     # Key of the consistent UID remapping (HMAC); required when a route de-identifies.
     deid_secret: bytes | None = field(default=None, repr=False)
+    # How long the reverse map keeps a study after its last de-identified copy went out: an
+    # object coming back later is no longer recognised (and is treated as any other).
+    deid_retention_s: float = 365 * 86400.0
 
     def __post_init__(self) -> None:
         if not self.routes:
@@ -209,6 +221,12 @@ class RoutesConfig:
                 raise ConfigError(f"route {route.name}: unknown destination(s) {unknown}")
         if any(r.deidentify for r in self.routes) and self.deid_secret is None:
             raise ConfigError("a route de-identifies: give deidentification.secret_file")
+        if any(r.reidentify for r in self.routes) and not any(r.deidentify
+                                                            for r in self.routes):
+            raise ConfigError("a route re-identifies, but no route de-identifies: nothing "
+                              "can come back")
+        if self.deid_retention_s <= 0:
+            raise ConfigError("deidentification.retention_days must be > 0")
         if self.deid_secret is not None and len(self.deid_secret) < 16:
             raise ConfigError("deidentification secret: at least 16 bytes")
 
@@ -363,11 +381,11 @@ def _route(raw: object, index: int) -> Route:
     where = f"routes[{index}]"
     raw = _mapping(where, raw)
     _keys(where, raw, {"name", "destinations", "calling_aets", "protocols", "default",
-                       "deidentify", "retain_private"}, {"name", "destinations"})
+                       "deidentify", "retain_private", "reidentify"}, {"name", "destinations"})
     name = raw["name"]
     if not isinstance(name, str):
         raise ConfigError(f"{where}.name: expected a string")
-    for key in ("default", "deidentify"):
+    for key in ("default", "deidentify", "reidentify"):
         if not isinstance(raw.get(key, False), bool):
             raise ConfigError(f"route {name}.{key}: true or false")
     retain = raw.get("retain_private", [])
@@ -378,6 +396,7 @@ def _route(raw: object, index: int) -> Route:
         calling_aets=_strings(f"route {name}.calling_aets", raw.get("calling_aets", [])),
         protocols=_strings(f"route {name}.protocols", raw.get("protocols", [])),
         default=raw.get("default", False), deidentify=raw.get("deidentify", False),
+        reidentify=raw.get("reidentify", False),
         retain_private=tuple(_tag(f"route {name}.retain_private", t) for t in retain))
 
 
@@ -393,12 +412,16 @@ def parse_routes(raw: object, base: Path) -> RoutesConfig:
         raise ConfigError("routes: expected a list of routes")
     routes = tuple(_route(r, k) for k, r in enumerate(raw["routes"]))
     secret = None
+    extra: dict[str, Any] = {}
     if "deidentification" in raw:
         deid = _mapping("deidentification", raw["deidentification"])
-        _keys("deidentification", deid, {"secret_file"}, {"secret_file"})
+        _keys("deidentification", deid, {"secret_file", "retention_days"}, {"secret_file"})
         secret = _secret_file(_path(base, deid["secret_file"], "deidentification.secret_file"),
                               "deidentification.secret_file")
-    return RoutesConfig(destinations=destinations, routes=routes, deid_secret=secret)
+        if "retention_days" in deid:
+            extra["deid_retention_s"] = _number("deidentification.retention_days",
+                                                deid["retention_days"]) * 86400.0
+    return RoutesConfig(destinations=destinations, routes=routes, deid_secret=secret, **extra)
 
 
 def load_routes(path: Path) -> RoutesConfig:

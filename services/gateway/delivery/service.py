@@ -17,10 +17,19 @@ confirmed are not sent again. When every row of a group is delivered, its jobs a
 delivered in the job table. A restart resumes pending rows where they were.
 
 The outbox table itself (rows, states, transactions) is ``outbox.py``.
+
+The return path (``take_returning``, called by intake before an instance is checked for the
+model): an instance that arrives on a ``reidentify`` route and is about a study a
+``deidentify`` route sent out (the reverse map knows its study or its references; see
+``security/deid.py``) is re-identified and durably queued for that route's destinations as a
+group of its own (key: a hash of its SOP Instance UID, so a resend adds nothing), without
+inference; only then may the edge acknowledge it. The reverse map is pruned to the routes file's
+retention at start and hourly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import threading
@@ -54,14 +63,21 @@ from services.gateway.delivery.outbox import (
     OutboxRow,
 )
 from services.gateway.delivery.routing import Route, RoutesConfig
-from services.gateway.errors import DeliveryFailed, DeliveryRejected, GatewayError
+from services.gateway.errors import (
+    DeliveryFailed,
+    DeliveryRejected,
+    GatewayError,
+    Unavailable,
+    UnsupportedInstance,
+)
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.processing.grouping import CompletedGroup
-from services.gateway.security.deid import Deidentifier, DeidOptions, UidMap
+from services.gateway.security.deid import AmbiguousReturn, Deidentifier, DeidOptions, UidMap
 from services.gateway.store.durable import fsync_dir
 from services.gateway.store.spool import write_durably
 
 LOG = logging.getLogger(__name__)
+PRUNE_EVERY_S = 3600.0
 
 
 def write_part10(ds: Dataset, path: Path) -> None:
@@ -93,8 +109,10 @@ class DeliveryService:
         self._senders: dict[str, Sender] = {
             name: given[name] if name in given else make_sender(dest)
             for name, dest in routes.destinations.items()}
-        self._uids = (UidMap(spool_root / "deid_uids.sqlite3", routes.deid_secret)
+        self._uids = (UidMap(spool_root / "deid_uids.sqlite3", routes.deid_secret, clock)
                       if routes.deid_secret is not None else None)
+        self._pruned_at = 0.0
+        self._prune_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = {name: threading.Event() for name in routes.destinations}
         self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True,
@@ -109,6 +127,7 @@ class DeliveryService:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._prune_map()
         self._mark_finished_groups()
         for thread in self._threads:
             thread.start()
@@ -158,9 +177,18 @@ class DeliveryService:
         if not objects:
             LOG.info("group %s: no result to deliver (every item failed)", group.key)
             return
+        self._queue(group.key, route.name, protocol, group.job_names, objects, todo)
+        LOG.info("group %s: %d result object(s) queued for %s (route %s%s)", group.key,
+                 len(objects), ", ".join(todo), route.name,
+                 ", de-identified" if route.deidentify else "")
+        self._prune_map()
+
+    def _queue(self, key: str, route: str, protocol: str, job_names: Sequence[str],
+               objects: Sequence[Dataset], todo: Sequence[str]) -> None:
+        """Files first (fsynced), then the rows in one transaction; then wake the senders."""
         rows = []
         for name in todo:
-            folder = self.outbox.folder_for(group.key, name)
+            folder = self.outbox.folder_for(key, name)
             folder.mkdir(exist_ok=True)
             files = []
             for k, ds in enumerate(objects):
@@ -169,12 +197,56 @@ class DeliveryService:
                 files.append(path)
             rows.append(NewRow(name, tuple(files)))
         fsync_dir(self.outbox.folder)
-        self.outbox.add(group.key, route.name, protocol, group.job_names, rows)
-        LOG.info("group %s: %d result object(s) queued for %s (route %s%s)", group.key,
-                 len(objects), ", ".join(todo), route.name,
-                 ", de-identified" if route.deidentify else "")
+        self.outbox.add(key, route, protocol, job_names, rows)
         for name in todo:
             self._wake[name].set()
+
+    # -- the return path ---------------------------------------------------------------------
+
+    def take_returning(self, ds: Dataset, protocol: str, calling_aet: str | None) -> bool:
+        """Intake's return-path hook. True: ``ds`` came back about a de-identified study, on a
+        ``reidentify`` route, and its re-identified copy is now durably queued for the route's
+        destinations (the edge may acknowledge). False: not a returning object here (no
+        reidentify route for this caller, or the reverse map does not know it); intake
+        handles it as any other instance. Raises ``UnsupportedInstance`` (about several
+        patients' studies) or ``Unavailable`` (cannot queue it now)."""
+        if self._uids is None:
+            return False
+        route = self.routes.route_for([protocol], [calling_aet] if calling_aet else [])
+        if route is None or not route.reidentify:
+            return False
+        try:
+            back = Deidentifier(self._uids).reidentify_returning(ds)
+        except AmbiguousReturn as exc:
+            raise UnsupportedInstance(str(exc), "return_ambiguous") from exc
+        if back is None:
+            return False
+        sop = str(back.get("SOPInstanceUID", "") or "")
+        key = "return-" + hashlib.sha256(f"return|{sop}".encode()).hexdigest()[:24]
+        todo = [d for d in route.destinations if d not in self.outbox.destinations_of(key)]
+        if todo:
+            try:
+                self._queue(key, route.name, protocol, (), [back], todo)
+            except (OSError, ValueError) as exc:  # disk, or an object pydicom cannot write
+                LOG.error("returning object %s could not be queued: %s", key,
+                          type(exc).__name__)
+                raise Unavailable("cannot queue the returning result", "spool_error") from exc
+        LOG.info("returning object %s re-identified and queued for %s (route %s)", key,
+                 ", ".join(route.destinations), route.name)
+        return True
+
+    def _prune_map(self) -> None:
+        """Drop reverse-map studies past the retention; at most once per ``PRUNE_EVERY_S``."""
+        if self._uids is None:
+            return
+        now = self._clock()
+        with self._prune_lock:
+            if now - self._pruned_at < PRUNE_EVERY_S:
+                return
+            self._pruned_at = now
+        gone = self._uids.prune(self.routes.deid_retention_s)
+        if gone:
+            LOG.info("de-identification map: %d studies past the retention removed", gone)
 
     def _build(self, group: CompletedGroup, route: Route) -> list[Dataset]:
         originals: list[Dataset] = [pydicom.dcmread(p) for p in group.sources]

@@ -296,10 +296,12 @@ class DicomServer:
                     f"the data set's SOP Class UID {shown_uid(str(ds.get('SOPClassUID', '')))}"
                     f" is not the {shown_uid(announced)} its C-STORE request announced",
                     "sop_class_mismatch")
-            self._ingestor.core.check(ds)
-            self._ingestor.accept(event.encoded_dataset(), ds, "dimse", arrival,
-                                  time.perf_counter(),
-                                  str(event.assoc.requestor.ae_title).strip() or None)
+            calling = str(event.assoc.requestor.ae_title).strip() or None
+            # a result coming back about a de-identified study: re-identified, not inferred
+            if not self._ingestor.take_returning(ds, "dimse", calling):
+                self._ingestor.core.check(ds)
+                self._ingestor.accept(event.encoded_dataset(), ds, "dimse", arrival,
+                                      time.perf_counter(), calling)
         except GatewayError as exc:
             return self._refuse(exc, event, decoded, arrival)
         LOG.debug("C-STORE of %s acknowledged (association %s)",

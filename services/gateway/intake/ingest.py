@@ -6,6 +6,13 @@ are spooled with ``Spool.put`` (fsynced), a ``received`` row is committed to the
 only then is the instance queued for the worker, so whatever the edge acknowledges afterwards
 survives a crash (see store/jobs.py for the crash-consistency argument). ``pending`` answers
 "is this study still being processed?" from the job table, so it stays right across restarts.
+
+The return path: before an edge checks an instance for the model, it offers it to
+``take_returning``. A ``ReturnSink`` (the delivery side, wired by the composition root) takes an
+object that comes back about a study a route de-identified (an external reader's SR, a vendor's
+SEG), durably queues its re-identified copy, and says so; such an object is acknowledged without
+inference, whatever its SOP class. Anything else (and everything, without a sink) goes the usual
+way, where non-image objects are still refused.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 
@@ -38,10 +46,17 @@ def with_preamble(data: bytes) -> bytes:
     return data
 
 
+class ReturnSink(Protocol):
+    def take_returning(self, ds: Dataset, protocol: str, calling_aet: str | None) -> bool:
+        """True when ``ds`` came back about a de-identified study and is durably queued;
+        raises GatewayError when it did but cannot be taken."""
+        ...
+
+
 class Ingestor:
     def __init__(self, core: InferenceCore, spool: Spool, worker: SpoolWorker,
                  metrics: GatewayMetrics, max_spool_depth: int, max_instance_bytes: int,
-                 min_free_bytes: int = 0) -> None:
+                 min_free_bytes: int = 0, returns: ReturnSink | None = None) -> None:
         self.core = core
         self._spool = spool
         self._worker = worker
@@ -49,6 +64,7 @@ class Ingestor:
         self._max_depth = max_spool_depth
         self._max_bytes = max_instance_bytes
         self._min_free = min_free_bytes
+        self._returns = returns
 
     def check_capacity(self) -> None:
         """Back-pressure: refuse new work while too much acknowledged work is unfinished, or
@@ -79,6 +95,17 @@ class Ingestor:
         data, ds = self.read(data)
         self.core.check(ds)
         return data, ds
+
+    def take_returning(self, ds: Dataset, protocol: str, calling_aet: str | None = None) -> bool:
+        """True when ``ds`` is an object coming back about a de-identified study and is now
+        durably queued, re-identified, for delivery: the edge acknowledges it and does no
+        more. False: handle it as any other instance (``core.check``, then ``accept``)."""
+        if self._returns is None or not self._returns.take_returning(ds, protocol, calling_aet):
+            return False
+        self._metrics.requests.labels(protocol, "returned", "ok").inc()
+        LOG.info("instance %s came back about a de-identified study: re-identified, queued "
+                 "(via %s)", uid_hash(str(ds.get("SOPInstanceUID", ""))), protocol)
+        return True
 
     def accept(self, data: bytes, ds: Dataset, protocol: str, arrival: float,
                received: float, calling_aet: str | None = None) -> Path:

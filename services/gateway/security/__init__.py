@@ -5,7 +5,8 @@
     guard.py      admission for every HTTP and gRPC call: auth, allowlist, rate limit, cap, audit
     ratelimit.py  per-client token buckets and the concurrency cap
     audit.py      the audit log (hashed UIDs only) and the per-request audit context
-    deid.py       PS3.15 basic-profile de-identification of what leaves the gateway
+    deid.py       PS3.15 basic-profile de-identification of what leaves the gateway, the
+                  durable reverse map, re-identification of what comes back about it
 
 A low layer: edges, delivery and DICOM reading use it; it knows no protocol edge (errors are
 turned into statuses through ``services.gateway.status``, error bodies are passed in by the

@@ -3,8 +3,24 @@ of what leaves the gateway, and re-identification of what comes back.
 
 UIDs are replaced by ``2.25.<n>`` UIDs derived with HMAC-SHA256 from the original and a
 secret: the same original always maps to the same replacement (across instances, series,
-associations and restarts), so a study stays a study and results map back. The reverse map is
-kept in SQLite beside the spool (file mode 0600) for re-identification.
+associations and restarts), so a study stays a study and results map back.
+
+The reverse map (``UidMap``) is SQLite in WAL mode with ``synchronous=FULL`` beside the spool
+(file mode 0600), so it survives restarts and crashes: every replacement made while
+de-identifying an instance is committed, in one transaction, before ``deidentify`` returns,
+that is before the de-identified copy can leave the gateway; whatever comes back can be mapped
+back. It holds, per replaced UID, the original and the original study; per original study, the
+least that re-filing a returning object in that study needs (``IDENTITY``: patient name, ID
+and its issuer, birth date, sex; accession number, study date, time, ID, referring
+physician), nothing else from the instance. Rows not refreshed by a new de-identified copy for
+the retention (``prune``) are deleted; an object coming back about such a study is no longer
+recognised. One connection behind a lock serves every thread; other processes sharing the file
+wait on SQLite's lock (busy timeout).
+
+``Deidentifier.reidentify_returning`` turns an object that comes back (an external reader's
+SR, a vendor's SEG) into one that belongs to the original study: every replacement UID in it,
+nested references included, is mapped back, the object's own new UIDs are kept, the study is
+the original one and the identifying attributes are restored from the map.
 
 The profile's combined actions are resolved without IOD-specific knowledge, conservatively:
 any combination containing Z becomes Z (an empty value keeps Type 2 attributes valid), except
@@ -20,6 +36,8 @@ import hmac
 import os
 import sqlite3
 import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,39 +173,119 @@ DUMMY = {"PN": "ANONYMOUS", "LO": "ANONYMOUS", "SH": "ANON", "DA": "19000101",
 # Copied back from the source on re-identification: what Z/X took from results' headers.
 REIDENTIFIED = (0x00100010, 0x00100020, 0x00100030, 0x00100040, 0x00080050, 0x00080020,
                 0x00080030, 0x00080090, 0x00200010)
+# Kept in the reverse map per original study, to re-file a returning object in it: the Patient
+# and General Study module attributes a PACS matches a study and patient on (Type 1 and 2, and
+# the Issuer of Patient ID that qualifies the ID). Nothing else of the source is stored.
+IDENTITY = (*REIDENTIFIED, 0x00100021)
+_DEID_MARKS = ("PatientIdentityRemoved", "DeidentificationMethod",
+               "DeidentificationMethodCodeSequence")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uid_map (replacement TEXT PRIMARY KEY, original TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS study_identity (
+    study    TEXT PRIMARY KEY,   -- original Study Instance UID
+    identity TEXT NOT NULL,      -- IDENTITY attributes as DICOM JSON
+    seen_at  REAL NOT NULL       -- last time a de-identified copy of the study was made
+);
+"""
 
 
 class UidMap:
-    """Original <-> replacement UIDs; replacements are HMAC-derived, the reverse is stored."""
+    """Original <-> replacement UIDs; replacements are HMAC-derived, the reverse is stored,
+    with each UID's original study and each study's identifying attributes (module docstring).
+    Thread-safe: one connection, one lock, one transaction per ``record`` or ``prune``."""
 
-    def __init__(self, path: Path, secret: bytes) -> None:
+    def __init__(self, path: Path, secret: bytes,
+                 clock: Callable[[], float] = time.time) -> None:
         if len(secret) < 16:
             raise ValueError("the de-identification secret must be at least 16 bytes")
         self._secret = secret
+        self._clock = clock
         new = not path.exists()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=30.0)
         if new:
             os.chmod(path, 0o600)  # the reverse map identifies studies
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS uid_map "
-                         "(replacement TEXT PRIMARY KEY, original TEXT NOT NULL)")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed mapping survives power loss
+        self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(uid_map)")}
+        for column, kind in (("study", "TEXT"), ("seen_at", "REAL NOT NULL DEFAULT 0")):
+            if column not in columns:  # a map written before results could come back
+                self._db.execute(f"ALTER TABLE uid_map ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self._db.close()
 
-    def replace(self, uid: str) -> str:
+    def replacement(self, uid: str) -> str:
+        """The replacement of ``uid`` (pure: nothing is recorded)."""
         digest = hmac.new(self._secret, uid.encode("ascii"), hashlib.sha256).digest()
-        replacement = f"2.25.{int.from_bytes(digest[:16], 'big')}"
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO uid_map VALUES (?, ?)", (replacement, uid))
+        return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+    def replace(self, uid: str) -> str:
+        """The replacement of ``uid``, recorded at once (no study known)."""
+        replacement = self.replacement(uid)
+        self.record({replacement: uid}, None, None)
         return replacement
+
+    def record(self, pairs: Mapping[str, str], study: str | None,
+               identity: Dataset | None) -> None:
+        """Replacement -> original pairs met while de-identifying one instance of the original
+        ``study``, and that study's ``identity`` attributes, in one durable transaction."""
+        now = self._clock()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO uid_map (replacement, original, study, seen_at) VALUES"
+                    " (?, ?, ?, ?) ON CONFLICT (replacement) DO UPDATE SET"
+                    " study = COALESCE(excluded.study, study), seen_at = excluded.seen_at",
+                    [(r, o, study, now) for r, o in pairs.items()])
+                if study is not None and identity is not None:
+                    self._db.execute(
+                        "INSERT INTO study_identity VALUES (?, ?, ?) ON CONFLICT (study) DO"
+                        " UPDATE SET identity = excluded.identity, seen_at = excluded.seen_at",
+                        (study, identity.to_json(), now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def original(self, replacement: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT original FROM uid_map WHERE replacement = ?",
                                    (replacement,)).fetchone()
         return None if row is None else str(row[0])
+
+    def study_of(self, replacement: str) -> str | None:
+        """The original study in which ``replacement`` was made, when known."""
+        with self._lock:
+            row = self._db.execute("SELECT study FROM uid_map WHERE replacement = ?",
+                                   (replacement,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def identity(self, study: str) -> Dataset | None:
+        """The identifying attributes kept for the original ``study``, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT identity FROM study_identity WHERE study = ?",
+                                   (study,)).fetchone()
+        return None if row is None else Dataset.from_json(str(row[0]))
+
+    def prune(self, retention_s: float) -> int:
+        """Delete the studies (and UID rows) not de-identified again for ``retention_s``
+        seconds; returns how many studies went."""
+        cutoff = self._clock() - retention_s
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = self._db.execute("DELETE FROM study_identity WHERE seen_at < ?",
+                                        (cutoff,)).rowcount
+                self._db.execute("DELETE FROM uid_map WHERE seen_at < ?", (cutoff,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(gone)
 
 
 @dataclass(frozen=True)
@@ -202,9 +300,14 @@ class Deidentifier:
         self._options = options or DeidOptions()
 
     def deidentify(self, ds: Dataset) -> Dataset:
-        """A de-identified copy of ``ds`` (file meta included); ``ds`` is not changed."""
+        """A de-identified copy of ``ds`` (file meta included); ``ds`` is not changed. Its
+        replacement UIDs and the study's ``IDENTITY`` attributes are in the reverse map,
+        committed, when this returns."""
         out = copy.deepcopy(ds)
-        self._walk(out)
+        pairs: dict[str, str] = {}
+        self._walk(out, pairs)
+        study = str(ds.get("StudyInstanceUID", "") or "") or None
+        self._uids.record(pairs, study, _identity(ds) if study is not None else None)
         if hasattr(out, "file_meta"):
             meta = out.file_meta
             if "MediaStorageSOPInstanceUID" in meta:
@@ -217,7 +320,7 @@ class Deidentifier:
         out.DeidentificationMethodCodeSequence = Sequence([code])
         return out
 
-    def _walk(self, ds: Dataset) -> None:
+    def _walk(self, ds: Dataset, pairs: dict[str, str]) -> None:
         for elem in list(ds):
             tag = elem.tag
             if tag.is_private:
@@ -235,12 +338,17 @@ class Deidentifier:
                 ds[tag] = DataElement(tag, elem.VR, DUMMY.get(elem.VR, "ANON"))
             elif action == "U":
                 values = elem.value if elem.VM > 1 else [elem.value]
-                new = [self._uids.replace(str(v)) if v and not _standard(str(v)) else v
+                new = [self._replace(str(v), pairs) if v and not _standard(str(v)) else v
                        for v in values]
                 ds[tag] = DataElement(tag, "UI", new if elem.VM > 1 else new[0])
             elif elem.VR == "SQ":
                 for item in elem.value:
-                    self._walk(item)
+                    self._walk(item, pairs)
+
+    def _replace(self, uid: str, pairs: dict[str, str]) -> str:
+        replacement = self._uids.replacement(uid)
+        pairs[replacement] = uid
+        return replacement
 
     def reidentify(self, result: Dataset, source: Dataset) -> Dataset:
         """Map replacement UIDs in ``result`` back to the originals, and copy the identifying
@@ -250,8 +358,58 @@ class Deidentifier:
         for tag in REIDENTIFIED:
             if tag in source:
                 out[tag] = source[tag]
-        for keyword in ("PatientIdentityRemoved", "DeidentificationMethod",
-                        "DeidentificationMethodCodeSequence"):
+        for keyword in _DEID_MARKS:
+            if keyword in out:
+                delattr(out, keyword)
+        return out
+
+    def original_study(self, ds: Dataset) -> str | None:
+        """The original study an object that came back is about, when the reverse map knows
+        it: its own Study Instance UID's original, else the original study of the replacement
+        UIDs it references (the first referenced, when they span several studies of one
+        patient, e.g. a comparison with a prior). None: not about anything de-identified here
+        (or about a study past the map's retention). Raises ``AmbiguousReturn`` when its
+        references span studies of several patients and its own study is none of them."""
+        own = self._uids.original(str(ds.get("StudyInstanceUID", "") or ""))
+        if own is not None and self._uids.identity(own) is not None:
+            return own
+        found: dict[str, Dataset] = {}
+        for uid in _referenced_uids(ds):
+            study = self._uids.study_of(uid)
+            if study is None or study in found:
+                continue
+            identity = self._uids.identity(study)
+            if identity is not None:
+                found[study] = identity
+        patients = {(str(i.get("PatientID", "")), str(i.get("IssuerOfPatientID", "")))
+                    for i in found.values()}
+        if len(patients) > 1:
+            raise AmbiguousReturn(len(patients))
+        return next(iter(found), None)
+
+    def reidentify_returning(self, ds: Dataset) -> Dataset | None:
+        """A re-identified copy of an object that came back about a de-identified study (see
+        ``original_study``), or None when it is not about one. Replacement UIDs anywhere in
+        it (file meta, references at any depth) become the originals; UIDs the map does not
+        know (the object's own new series and instance) are kept; its Study Instance UID is
+        the original study's; the ``IDENTITY`` attributes are the original study's (absent
+        there: emptied here); the de-identification marks are removed."""
+        study = self.original_study(ds)
+        if study is None:
+            return None
+        identity = self._uids.identity(study)
+        assert identity is not None  # original_study checked it
+        out = copy.deepcopy(ds)
+        self._restore(out)
+        if hasattr(out, "file_meta"):
+            self._restore(out.file_meta)
+        out.StudyInstanceUID = study
+        for tag in IDENTITY:
+            if tag in identity:
+                out[tag] = identity[tag]
+            elif tag in out:
+                out[tag] = DataElement(tag, out[tag].VR, None)
+        for keyword in _DEID_MARKS:
             if keyword in out:
                 delattr(out, keyword)
         return out
@@ -265,6 +423,37 @@ class Deidentifier:
             elif elem.VR == "SQ":
                 for item in elem.value:
                     self._restore(item)
+
+
+class AmbiguousReturn(ValueError):
+    """An object that came back references de-identified studies of several patients."""
+
+    def __init__(self, patients: int) -> None:
+        super().__init__(f"the object references de-identified studies of {patients} "
+                         "patients; a result coming back must be about one")
+
+
+def _identity(ds: Dataset) -> Dataset:
+    kept = Dataset()
+    for tag in IDENTITY:
+        if tag in ds:
+            kept[tag] = ds[tag]
+    return kept
+
+
+def _referenced_uids(ds: Dataset) -> Iterator[str]:
+    """Every non-standard UID value inside the sequences of ``ds``, at any depth (references:
+    ReferencedSeriesSequence, CurrentRequestedProcedureEvidenceSequence, SourceImageSequence,
+    per-frame functional groups, SR content items...)."""
+    for elem in ds:
+        if elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            for inner in item:
+                if inner.VR == "UI" and inner.value:
+                    values = inner.value if inner.VM > 1 else [inner.value]
+                    yield from (str(v) for v in values if v and not _standard(v))
+            yield from _referenced_uids(item)
 
 
 def _standard(uid: object) -> bool:
