@@ -112,7 +112,8 @@ class Gateway:
             self.oip, self.metrics, config.http_host, config.grpc_port,
             config.max_request_bytes, interceptors=[GuardInterceptor(self.guard)],
             credentials=(ReloadingGrpcCredentials(cert_files).credentials
-                         if cert_files is not None else None))
+                         if cert_files is not None else None),
+            handshake_timeout_s=config.http_header_timeout_s)
                      if config.grpc_port else None)
         app = create_app(
             self.core, self.results, self.metrics, self.ready, config.max_request_bytes,

@@ -255,11 +255,14 @@ class GatewayConfig:
     # http_header_timeout_s of the connection (or of the previous response); a body may pause
     # at most http_body_timeout_s; an idle keep-alive connection closes after
     # http_keep_alive_s; one source address may hold max_connections_per_source connections.
+    # The gRPC listener closes a connection that has not completed its TLS handshake and HTTP/2
+    # preface within http_header_timeout_s (grpc.server_handshake_timeout_ms).
     http_header_timeout_s: float = setting(
         10.0, flag="--http-header-timeout", metavar="SECONDS",
         chart="gateway.httpConnections.headerTimeoutSeconds",
         help="an HTTP request head (request line and headers) must be complete this long after "
-             "the connection opens or the previous response ends; else 408 and closed")
+             "the connection opens or the previous response ends, else 408 and closed; also "
+             "the gRPC listener's handshake deadline")
     http_body_timeout_s: float = setting(
         30.0, flag="--http-body-timeout", metavar="SECONDS",
         chart="gateway.httpConnections.bodyTimeoutSeconds",

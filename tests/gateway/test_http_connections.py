@@ -142,7 +142,7 @@ def test_slow_clients_are_closed_and_one_source_is_capped_while_others_are_serve
                 assert [client.get("/healthz").status_code for _ in range(3)] == [200] * 3
                 inferred = client.post("/v1/infer", content=dicom_bytes(ds), headers=DICOM)
                 assert inferred.status_code == 200, inferred.text
-            assert all(_open(s) for s in dribbled + [stalled]), "closed before others served"
+            assert all(_open(s) for s in [*dribbled, stalled]), "closed before others served"
             # every slow connection is closed by the server: dribbling does not extend the
             # header deadline, a stalled body ends at its pause limit; each gets a 408
             for sock in dribbled:
@@ -168,11 +168,15 @@ def test_slow_clients_are_closed_and_one_source_is_capped_while_others_are_serve
         got = _until_closed(idle, KEEP_ALIVE_S + SLACK_S)
         assert got is not None, "an idle keep-alive connection was never closed"
         assert got[1] - answered < HEADER_S  # the keep-alive timeout, not the header one
-        # a connection that sends nothing at all is closed at the header timeout, unanswered
+        # a connection that sends nothing at all is closed at the header timeout, unanswered;
+        # on the gRPC port too (HTTP/2 preface and settings not sent: GOAWAY, then closed)
         silent = _connect(port, "127.0.0.3")
-        socks.append(silent)
+        grpc_silent = _connect(gw.config.grpc_port, "127.0.0.3")
+        socks += [silent, grpc_silent]
         got = _until_closed(silent, HEADER_S + SLACK_S)
         assert got is not None and got[0] == b"", got
+        got = _until_closed(grpc_silent, SLACK_S)
+        assert got is not None and b"handshake timeout" in got[0], got
         # beyond twice the cap a source's connections are closed at once, unanswered: CAP
         # admitted, CAP more refused (to be answered 429 at a first request they never send),
         # and the next one is closed
@@ -180,7 +184,7 @@ def test_slow_clients_are_closed_and_one_source_is_capped_while_others_are_serve
         other = _connect(port, "127.0.0.4")
         socks += [*held, other]
         time.sleep(0.1)
-        assert all(_open(s) for s in held + [other])
+        assert all(_open(s) for s in [*held, other])
         dropped = _connect(port, "127.0.0.1")
         socks.append(dropped)
         got = _until_closed(dropped, SLACK_S)
