@@ -21,7 +21,8 @@ from tests.gateway.harness import fake_gateway
 from tests.gateway.pki import client_context, make_pki
 from tests.gateway.util import dicom_bytes, make_instance
 
-HEADER_S, BODY_S, KEEP_ALIVE_S, CAP = 2.0, 1.5, 0.3, 4
+HEADER_S, BODY_S, KEEP_ALIVE_S, CAP = 3.0, 2.5, 0.3, 4
+TLS_HEADER_S = 1.5
 SLACK_S = 3.0  # a loaded 2-core machine
 DICOM = {"Content-Type": "application/dicom"}
 SLOW_HEAD = (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nUser-Agent: slow\r\n"
@@ -104,6 +105,49 @@ class Dribbler:
             self._thread.join()
 
 
+def _head(sock: socket.socket) -> bytes:
+    """One response's head and the body bytes after it (Content-Length), read whole."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head
+
+
+def _steady_upload(port: int, answers: list[bytes]) -> None:
+    """A body sent in 8 pieces 0.5 s apart: 4 s in all, longer than BODY_S, but no pause as
+    long; then answered like any request."""
+    body = dicom_bytes(make_instance(5))
+    with _connect(port, "127.0.0.2") as sock:
+        sock.settimeout(10)
+        sock.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/dicom\r\nContent-Length: %d\r\n\r\n" % len(body))
+        step = -(-len(body) // 8)
+        for k in range(8):
+            time.sleep(0.5)
+            sock.sendall(body[k * step:(k + 1) * step])
+        answers.append(_head(sock))
+
+
+def _busy_keep_alive(port: int, answers: list[bytes]) -> None:
+    """One connection, a request every 0.1 s for 3.5 s (longer than HEADER_S): each head has
+    its own deadline, from the end of the previous response."""
+    with _connect(port, "127.0.0.2") as sock:
+        sock.settimeout(10)
+        end = time.monotonic() + HEADER_S + 0.5
+        while time.monotonic() < end:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answers.append(_head(sock))
+            time.sleep(0.1)
+
+
 def test_slow_clients_are_closed_and_one_source_is_capped_while_others_are_served(
         tmp_path: Path) -> None:
     audit = tmp_path / "audit.jsonl"
@@ -124,6 +168,13 @@ def test_slow_clients_are_closed_and_one_source_is_capped_while_others_are_serve
                         b"Content-Type: application/dicom\r\nContent-Length: 100000\r\n\r\n"
                         + b"\0" * 128)
         body_stalled = time.monotonic()
+        # meanwhile, from 127.0.0.2: a slow but steady upload, a busy keep-alive connection
+        uploaded: list[bytes] = []
+        reused: list[bytes] = []
+        steady = [threading.Thread(target=_steady_upload, args=(port, uploaded), daemon=True),
+                  threading.Thread(target=_busy_keep_alive, args=(port, reused), daemon=True)]
+        for thread in steady:
+            thread.start()
         with Dribbler(dribbled).running():
             # one more connection from 127.0.0.1 is answered 429 and closed
             extra = _connect(port, "127.0.0.1")
@@ -155,6 +206,10 @@ def test_slow_clients_are_closed_and_one_source_is_capped_while_others_are_serve
             assert got[0].startswith(b"HTTP/1.1 408"), got[0][:200]
             assert json.loads(got[0].partition(b"\r\n\r\n")[2])["error"]["reason"] == (
                 "body_timeout")
+        for thread in steady:
+            thread.join(timeout=10)
+        assert len(uploaded) == 1 and uploaded[0].startswith(b"HTTP/1.1 200"), uploaded
+        assert len(reused) >= 10 and all(a.startswith(b"HTTP/1.1 200") for a in reused), reused
         # an idle keep-alive connection is closed after the keep-alive timeout, silently
         idle = _connect(port, "127.0.0.2")
         socks.append(idle)
@@ -221,7 +276,7 @@ def test_tls_connections_are_timed_out_and_client_certificates_still_authenticat
         {"name": "radiology-app", "subject": "O=Radiology, CN=client", "scopes": ["infer"]}]}))
     gw = fake_gateway(tmp_path, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
                       tls_ca=pki / "ca.pem", http_tls=True, api_keys=keys,
-                      http_header_timeout_s=HEADER_S, max_connections_per_source=CAP)
+                      http_header_timeout_s=TLS_HEADER_S, max_connections_per_source=CAP)
     port = gw.config.http_port
     try:
         raw = _connect(port, "127.0.0.1")
@@ -232,7 +287,7 @@ def test_tls_connections_are_timed_out_and_client_certificates_still_authenticat
             ok = client.post(f"https://localhost:{port}/v1/infer",
                              content=dicom_bytes(make_instance(1)), headers=DICOM)
         assert ok.status_code == 200, ok.text  # the certificate is still the principal
-        slow.settimeout(HEADER_S + SLACK_S)
+        slow.settimeout(TLS_HEADER_S + SLACK_S)
         data = b""
         try:
             while chunk := slow.recv(4096):
@@ -240,7 +295,7 @@ def test_tls_connections_are_timed_out_and_client_certificates_still_authenticat
         except (ConnectionResetError, ssl.SSLError):
             pass
         assert data.startswith(b"HTTP/1.1 408"), data[:200]
-        assert time.monotonic() - started < HEADER_S + SLACK_S
+        assert time.monotonic() - started < TLS_HEADER_S + SLACK_S
         slow.close()
     finally:
         gw.stop()
