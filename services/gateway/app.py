@@ -34,6 +34,7 @@ from services.gateway.processing.grouping import GroupingPolicy
 from services.gateway.processing.worker import SpoolWorker
 from services.gateway.security.audit import AuditLog
 from services.gateway.security.auth import KeyStore
+from services.gateway.security.connections import ConnectionGuard, ConnectionLimits
 from services.gateway.security.guard import (
     Guard,
     GuardInterceptor,
@@ -111,7 +112,8 @@ class Gateway:
             self.oip, self.metrics, config.http_host, config.grpc_port,
             config.max_request_bytes, interceptors=[GuardInterceptor(self.guard)],
             credentials=(ReloadingGrpcCredentials(cert_files).credentials
-                         if cert_files is not None else None))
+                         if cert_files is not None else None),
+            handshake_timeout_s=config.http_header_timeout_s)
                      if config.grpc_port else None)
         app = create_app(
             self.core, self.results, self.metrics, self.ready, config.max_request_bytes,
@@ -122,14 +124,20 @@ class Gateway:
                                                   config.max_request_bytes)],
         )
         peers = PeerCertificates()
-        tls_options: dict[str, Any] = {}
+        self.connections = ConnectionGuard(
+            ConnectionLimits(config.http_header_timeout_s, config.http_body_timeout_s,
+                             config.max_connections_per_source),
+            self.audit, self.metrics, error_response)
+        tls_options: dict[str, Any] = {"http": self.connections.protocol_class()}
         if cert_files is not None:
             reloading = ReloadingSSLContext(cert_files, "optional")
             tls_options = {"ssl_context_factory": lambda _config, _default: reloading.context,
-                           "http": peers.protocol_class()}
+                           "http": peers.protocol_class(self.connections.protocol_class())}
         self._http = uvicorn.Server(uvicorn.Config(
             GuardMiddleware(app, self.guard, error_response, peers), host=config.http_host,
             port=config.http_port, log_level="warning", access_log=False, lifespan="off",
+            # uvicorn annotates int; it is only passed to loop.call_later, which takes seconds
+            timeout_keep_alive=config.http_keep_alive_s,  # type: ignore[arg-type]
             **tls_options,
         ))
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)

@@ -251,6 +251,31 @@ class GatewayConfig:
         why="no cap for library use and tests; capped for the commands",
         help="infer/submit calls in progress at once over HTTP and gRPC; more get 503 / "
              "RESOURCE_EXHAUSTED (0: no cap)")
+    # HTTP connection limits (security/connections.py): the request head must arrive within
+    # http_header_timeout_s of the connection (or of the previous response); a body may pause
+    # at most http_body_timeout_s; an idle keep-alive connection closes after
+    # http_keep_alive_s; one source address may hold max_connections_per_source connections.
+    # The gRPC listener closes a connection that has not completed its TLS handshake and HTTP/2
+    # preface within http_header_timeout_s (grpc.server_handshake_timeout_ms).
+    http_header_timeout_s: float = setting(
+        10.0, flag="--http-header-timeout", metavar="SECONDS",
+        chart="gateway.httpConnections.headerTimeoutSeconds",
+        help="an HTTP request head (request line and headers) must be complete this long after "
+             "the connection opens or the previous response ends, else 408 and closed; also "
+             "the gRPC listener's handshake deadline")
+    http_body_timeout_s: float = setting(
+        30.0, flag="--http-body-timeout", metavar="SECONDS",
+        chart="gateway.httpConnections.bodyTimeoutSeconds",
+        help="longest pause while an HTTP request body arrives; else 408 and closed")
+    http_keep_alive_s: float = setting(
+        5.0, flag="--http-keep-alive", metavar="SECONDS",
+        chart="gateway.httpConnections.keepAliveSeconds",
+        help="an HTTP connection idle this long between requests is closed")
+    max_connections_per_source: int = setting(
+        64, flag="--max-connections-per-source",
+        chart="gateway.httpConnections.maxPerSource",
+        help="open HTTP connections one source address may hold; beyond, 429 and closed (0: no "
+             "cap; behind a proxy the source is the proxy)")
     # Audit trail: JSON lines appended to this file ("-": standard output) and/or sent to
     # syslog (host:port over UDP, or a socket path such as /dev/log).
     audit_log: Path | None = setting(
@@ -336,6 +361,11 @@ class GatewayConfig:
                               "rate_limit_burst >= 1")
         if self.max_concurrent_requests < 0:
             raise ConfigError("max_concurrent_requests must be >= 0 (0 = no cap)")
+        for name in ("http_header_timeout_s", "http_body_timeout_s", "http_keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
+        if self.max_connections_per_source < 0:
+            raise ConfigError("max_connections_per_source must be >= 0 (0 = no cap)")
 
     @property
     def manifest_path(self) -> Path:

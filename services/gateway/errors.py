@@ -102,3 +102,8 @@ class RateLimited(GatewayError):
 class Overloaded(RateLimited):
     """The gateway's cap on concurrent work is reached (HTTP 503 + Retry-After,
     RESOURCE_EXHAUSTED)."""
+
+
+class RequestTimeout(GatewayError):
+    """An HTTP client did not send its request head, or the next part of its body, in time
+    (HTTP 408; the connection is closed)."""

@@ -52,6 +52,7 @@ from services.gateway.errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     SOPClassMismatch,
     Unauthenticated,
     Unavailable,
@@ -110,6 +111,8 @@ TABLE: Mapping[type[GatewayError], Row] = MappingProxyType({
                      RetryAfter.FROM_ERROR),
     Overloaded: Row(503, _C.RESOURCE_EXHAUSTED, OUT_OF_RESOURCES, OUT_OF_RESOURCES,
                     RetryAfter.FROM_ERROR),
+    # an HTTP client too slow to send its request (the connection is closed after the answer)
+    RequestTimeout: Row(408, _C.DEADLINE_EXCEEDED, CANNOT_UNDERSTAND, PROCESSING_FAILURE),
     # Triton, the spool
     Unavailable: Row(503, _C.UNAVAILABLE, OUT_OF_RESOURCES, OUT_OF_RESOURCES, RetryAfter.FIXED),
     InferenceFailed: Row(502, _C.INTERNAL, CANNOT_UNDERSTAND, PROCESSING_FAILURE),

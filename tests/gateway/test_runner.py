@@ -5,11 +5,14 @@ so); the spool, result store and job table are real, in a tmp folder. No thread,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+from starlette.testclient import TestClient
 
 from optimizer.contract.manifest import Selection
+from services.gateway.edges.rest import create_app
 from services.gateway.errors import InvalidInstance
 from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
@@ -168,6 +171,43 @@ def test_a_result_stored_before_a_restart_finishes_the_job_without_inferring_wit
     bench.results.save(ds.StudyInstanceUID, ds.SOPInstanceUID, {"predictions": []}, job=name)
     assert bench.runner.close(group) == "closed"
     assert fake.calls == 0 and bench.state(name)[0] == INFERRED
+
+
+def test_a_direct_rest_result_between_save_and_hand_off_keeps_the_jobs_delivery_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    """The same instance inferred directly over REST (the real edge, in-process, over the same
+    result store) just after the worker saved its job's result: the group still hands on the
+    job's result, and the study reads back one result for the instance."""
+    fake, sink = FakeInferer(), Sink()
+    bench = Bench(tmp_path, fake, sink=sink)
+    ds = make_instance(0)
+    group = bench.group(ds)
+    name = group.members[0].name
+    app = create_app(InferenceCore(TINY_MANIFEST, FakeInferer()), bench.results,
+                     GatewayMetrics(), lambda: True, max_request_bytes=512 * 1024)
+    direct: list[int] = []
+    save = bench.results.save
+
+    def save_then_direct_infer(study: str, sop: str, result: dict[str, Any],
+                               job: str | None = None) -> None:
+        save(study, sop, result, job)
+        if job is not None and not direct:  # the worker's save; now the REST caller's
+            with TestClient(app) as client:
+                direct.append(client.post("/v1/infer", content=dicom_bytes(ds), headers={
+                    "Content-Type": "application/dicom"}).status_code)
+
+    bench.results.save = save_then_direct_infer  # type: ignore[method-assign]
+    assert bench.runner.close(group) == "closed"
+    assert direct == [200]
+    [handed] = sink.accepted
+    [result] = handed.results
+    assert result["sop_instance_uid"] == ds.SOPInstanceUID and "error" not in result
+    assert handed.job_names == (name,) and bench.state(name)[0] == INFERRED
+    doc = bench.results.stored(uid_hash(ds.StudyInstanceUID), uid_hash(ds.SOPInstanceUID))
+    assert doc is not None and doc[ResultStore.JOB_KEY] == name
+    [read_back] = bench.results.for_study(ds.StudyInstanceUID)
+    assert read_back["sop_instance_uid"] == ds.SOPInstanceUID
 
 
 def test_a_refused_hand_off_keeps_results_and_files_and_is_not_inferred_again_with_fake_triton(

@@ -117,16 +117,24 @@ class OipGrpcServer:
     def __init__(self, dataplane: oip.Dataplane, metrics: GatewayMetrics, host: str,
                  port: int, max_message_bytes: int, workers: int = 4,
                  interceptors: Sequence[grpc.ServerInterceptor] = (),
-                 credentials: grpc.ServerCredentials | None = None) -> None:
+                 credentials: grpc.ServerCredentials | None = None,
+                 handshake_timeout_s: float | None = None) -> None:
         """``interceptors``: the guard (authentication, limits, audit); ``credentials``:
-        TLS (tls.ReloadingGrpcCredentials), None for a plain-text listener."""
+        TLS (tls.ReloadingGrpcCredentials), None for a plain-text listener;
+        ``handshake_timeout_s``: a connection that has not finished its TLS handshake and sent
+        its HTTP/2 preface and settings by then gets GOAWAY and is closed (gRPC's default is
+        120 s), the gRPC counterpart of the HTTP header timeout."""
         self._address = f"{host}:{port}"
         self._credentials = credentials
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+        if handshake_timeout_s is not None:
+            options.append(("grpc.server_handshake_timeout_ms",
+                            max(1, round(handshake_timeout_s * 1000))))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip-grpc"),
-            interceptors=list(interceptors),
-            options=[("grpc.max_receive_message_length", max_message_bytes),
-                     ("grpc.max_send_message_length", max_message_bytes)])
+            interceptors=list(interceptors), options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(dataplane, metrics), self._server)
         self.listening = False

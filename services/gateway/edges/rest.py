@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydicom.dataset import Dataset
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -60,17 +60,24 @@ def error_response(exc: GatewayError) -> JSONResponse:
 
 
 async def read_body(request: Request, max_request_bytes: int) -> bytes:
-    """The request body, refused with PayloadTooLarge as soon as it exceeds the limit."""
+    """The request body, refused with PayloadTooLarge as soon as it exceeds the limit, and
+    with BadRequest (``incomplete_body``) when the connection closed before its end (the client
+    went away, or paused longer than the body timeout: security/connections.py)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
         raise PayloadTooLarge(f"request of {declared} bytes exceeds {max_request_bytes}",
                               "too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_request_bytes:
-            raise PayloadTooLarge(f"request exceeds {max_request_bytes} bytes", "too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_request_bytes:
+                raise PayloadTooLarge(f"request exceeds {max_request_bytes} bytes",
+                                      "too_large")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise BadRequest("the connection closed before the whole request body arrived",
+                         "incomplete_body") from exc
     return b"".join(chunks)
 
 

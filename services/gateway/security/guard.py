@@ -233,11 +233,12 @@ class PeerCertificates:
         with self._lock:
             return self._subjects.get((client[0], client[1]))
 
-    def protocol_class(self) -> type[H11Protocol]:
+    def protocol_class(self, base: type[H11Protocol] = H11Protocol) -> type[H11Protocol]:
+        """``base``: the protocol to record on top of (``connections.ConnectionGuard``'s)."""
         registry = self
 
-        class _RecordingH11Protocol(H11Protocol):
-            def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        class _RecordingH11Protocol(base):  # type: ignore[valid-type, misc]
+            def connection_made(self, transport: asyncio.Transport) -> None:
                 super().connection_made(transport)
                 subject = subject_of(transport.get_extra_info("peercert"))
                 if subject and self.client:
