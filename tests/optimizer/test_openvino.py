@@ -175,14 +175,21 @@ def test_ir_check_flags_operations_newer_than_the_cluster_openvino(tmp_path: Pat
     assert not check["loads"] and check["problems"][0].startswith("IR version 12")
 
 
+def details_held_out(variant: dict[str, object]) -> object:
+    return variant["details"]["held_out_items"]  # type: ignore[index]
+
+
 def test_accuracy_control_recovers_a_failing_int8(ov_result: OptimizeResult, tiny_model: Path,
                                                   tiny_data: Path, tmp_path: Path) -> None:
-    # the plain NNCF INT8 of the same model and calibration set, which passed at 0.05
+    # the plain NNCF INT8 of the same model and calibration set, which passed at 0.05; the
+    # bound leaves the held-out half (which accuracy control never sees) room to pass too
     plain_mae = float(_variants(ov_result)["openvino-int8"]["mae"])  # type: ignore[arg-type]
     result = optimize(_request(tiny_model, tiny_data, tmp_path, precisions=("fp32",),
-                               openvino=("int8",), mae_tolerances={"int8": plain_mae * 0.7}))
+                               openvino=("int8",), mae_tolerances={"int8": plain_mae * 0.85}))
     ac = _variants(result)["openvino-int8-ac"]
-    assert ac["verdict"] == "pass" and float(ac["mae"]) < plain_mae * 0.7  # type: ignore[arg-type]
+    assert ac["verdict"] == "pass", ac["reasons"]
+    assert float(ac["mae"]) < plain_mae * 0.85  # type: ignore[arg-type]
+    assert details_held_out(ac) == 12
     details = ac["details"]
     assert details["fp32_nodes"]  # type: ignore[index]
     assert details["accuracy_control"]["score_final"] <= 1.0  # type: ignore[index]
