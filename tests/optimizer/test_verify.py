@@ -119,7 +119,7 @@ def test_tuning_split_halves_the_set_and_keeps_every_class_in_both_halves() -> N
 
 def test_a_variant_good_only_on_its_tuning_half_fails_on_the_held_out_half() -> None:
     labels, golden = _case()
-    tune, held = tuning_split(labels)
+    _, held = tuning_split(labels)
     outputs = golden.copy()
     outputs[held] += 0.2  # wrong only where the tuning did not look
     full = verify("int8", outputs, golden, labels, TINY_MANIFEST, mae_tolerance=0.15)
