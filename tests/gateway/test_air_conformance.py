@@ -30,8 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from optimizer.contract.manifest import Manifest, Normalize
-from services.demo import DEMO_MANIFEST
+from optimizer.contract.manifest import AccuracyBudget, Manifest, Normalize
 from services.gateway.delivery.dicom_results import (
     QUALITATIVE_EVALUATIONS,
     SERIES_NUMBER_BASE,
@@ -46,12 +45,19 @@ from services.gateway.delivery.dicom_results import (
 from services.gateway.delivery.routing import DimseDestination, Route, RoutesConfig
 from services.gateway.delivery.service import DeliveryService
 from services.gateway.metrics import GatewayMetrics
+from tests.conftest import TINY_MANIFEST
 from tests.gateway import dicom_validators as validators
 from tests.gateway.groups import RecordingSender, findings, make_group
 from tests.gateway.test_dicom_results import SEGMENTER, _ct_series, _maps
 from tests.gateway.util import make_instance
 
 ROOT = Path(__file__).resolve().parents[2]
+# The demo model's manifest (services/demo.py's DEMO_MANIFEST, which imports the optimizer's
+# torch side: gateway tests must collect without torch, tests/gateway/test_torch_free.py).
+DEMO_MANIFEST = dataclasses.replace(
+    TINY_MANIFEST, name="cxr-lesion", latency_slo_ms=50.0,
+    input=dataclasses.replace(TINY_MANIFEST.input, height=128, width=128),
+    accuracy_budget=AccuracyBudget(max_auc_drop=0.005, min_agreement=0.99))
 DEVICE = ResultDevice(manufacturer="Acme Hospital AI", device_name="Acme Reader 1")
 CT_CLASSIFIER = dataclasses.replace(DEMO_MANIFEST, name="ct-nodule", input=dataclasses.replace(
     DEMO_MANIFEST.input, modalities=("CT",)))
