@@ -10,16 +10,16 @@ not done here.
 What IHE AI Results (AIR) asks of every result, and how it is met here:
 - the algorithm is identified in the content (TID 4019 in each SR measurement group, the
   Segment Algorithm Name/Family/Identification in each SEG segment) and as equipment: the
-  Contributing Equipment Sequence carries, after the source's acquisition equipment and the
-  highdicom library, a "Processing Algorithm" item (``(1630, 99IHE)``) naming the model's
+  Contributing Equipment Sequence carries, after the source's acquisition equipment and before
+  the highdicom library, a "Processing Algorithm" item (``(1630, 99IHE)``) naming the model's
   manufacturer, name and version with a Device UID derived from the three, so a new model
   version is a new device;
 - all results of one study, model (name and version) and kind (SR or SEG) share one series:
   its Series Instance UID and Series Number are derived from those four values
   (``result_series``), not stored, so they are the same after a restart, on every replica and
-  for a group offered again after a crash; the number lies in 90000-99999, far from the
-  numbers modalities give, and differs between kinds and models of one study unless two hashes
-  collide (1 in 10000 per pair);
+  for a group offered again after a crash; the number lies in 90000-99999, above the numbers
+  modalities usually give, and differs between kinds and models of one study unless two
+  hashes collide (1 in 10000 per pair);
 - an SR's Present/Absent evaluation of each label sits in the report's "Qualitative
   Evaluations" container (TID 1500 rows 12-13, concept name: the label, value: SNOMED CT
   Present/Absent), and each label's measurement group (TID 1501) names the label as its Finding
