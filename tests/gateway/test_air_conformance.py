@@ -190,18 +190,23 @@ def test_pixelmed_finds_nothing_unexplained(pixelmed_reports: dict[str, list[str
     assert validators.problems("pixelmed", report, written[name].ds) == []
 
 
-def test_the_validators_catch_what_they_should(pixelmed_reports: dict[str, list[str]],
-                                               written: dict[str, Written]) -> None:
-    """Negative controls: the validators and the filter do fail where the object is wrong."""
+def test_dciodvfy_catches_what_it_should(written: dict[str, Written]) -> None:
+    """Negative control: the validator and the filter do fail where the object is wrong."""
+    broken = written["control_broken_seg"]
+    assert any("SegmentLabel" in line for line in validators.problems(
+        "dciodvfy", validators.dciodvfy(broken.path), broken.ds))
+
+
+def test_pixelmed_catches_what_it_should(pixelmed_reports: dict[str, list[str]],
+                                         written: dict[str, Written]) -> None:
+    """Negative controls: the old SR encoding (the finding PixelMed flagged in TID 1501) and a
+    SEG missing a Type 1 attribute fail."""
     old = validators.problems("pixelmed", pixelmed_reports["control_old_sr"],
                               written["control_old_sr"].ds)
     assert any("CODE (lesion,99BEDSIDE,\"lesion\"): Content Item not in template" in line
                for line in old)
-    broken = written["control_broken_seg"]
     assert any("SegmentLabel" in line for line in validators.problems(
-        "dciodvfy", validators.dciodvfy(broken.path), broken.ds))
-    assert any("SegmentLabel" in line for line in validators.problems(
-        "pixelmed", pixelmed_reports["control_broken_seg"], broken.ds))
+        "pixelmed", pixelmed_reports["control_broken_seg"], written["control_broken_seg"].ds))
 
 
 def test_allowances_hold_only_where_their_condition_does() -> None:
