@@ -1,6 +1,7 @@
 // Validates many DICOM files in one JVM with PixelMed's validators (Debian libpixelmed-java):
-// an SR (SOP Class 1.2.840.10008.5.1.4.1.1.88.*) with DicomSRValidator (IOD and templates),
-// anything else with DicomInstanceValidator (IOD). Each validator is built once: building it
+// an SR (SOP Class 1.2.840.10008.5.1.4.1.1.88.*) with DicomSRValidator (IOD and templates, with
+// its strictest options: code meanings matched in case, ambiguous templates, content item order
+// and template identifiers checked), anything else with DicomInstanceValidator (IOD). Each validator is built once: building it
 // compiles its XSLT, which takes most of a run's time.
 //
 // Run with Java's source launcher (no build step):
@@ -27,7 +28,8 @@ public class PixelMedBatch {
                     if (srValidator == null) {
                         srValidator = new DicomSRValidator();
                     }
-                    System.out.print(srValidator.validate(list));
+                    // describe, match case, ambiguous template, item order, template ID
+                    System.out.print(srValidator.validate(list, false, true, true, true, true));
                 } else {
                     if (instanceValidator == null) {
                         instanceValidator = new DicomInstanceValidator();

@@ -1,7 +1,9 @@
 """The DICOM validators our SR and SEG objects are checked with, and the findings we judge wrong.
 
 - dciodvfy (Debian dicom3tools): IOD, module and attribute rules; one process per file.
-- PixelMed's DicomSRValidator (IOD and SR templates, e.g. TID 1500) and DicomInstanceValidator
+- PixelMed's DicomSRValidator (IOD and SR templates, e.g. TID 1500; run with its strictest
+  options: code meaning case, ambiguous templates, content item order, template identifiers)
+  and DicomInstanceValidator
   (IODs, SEG among them; not SR) from Debian pixelmed-apps / libpixelmed-java, the validators
   IHE Connectathons use for AI Results. Building a validator compiles its XSLT (seconds), so
   ``pixelmed`` validates every file in one JVM (``PixelMedBatch.java``, run by Java's source
