@@ -4,10 +4,11 @@
 - PixelMed's DicomSRValidator (IOD and SR templates, e.g. TID 1500; run with its strictest
   options: code meaning case, ambiguous templates, content item order, template identifiers)
   and DicomInstanceValidator (IODs, SEG among them; not SR) from Debian pixelmed-apps /
-  libpixelmed-java, the validators IHE Connectathons use for AI Results. Building a validator compiles its XSLT (seconds), so
-  ``pixelmed`` validates every file in one JVM (``PixelMedBatch.java``, run by Java's source
-  launcher, which needs a JDK: openjdk-17-jdk-headless). On Java 17 the XPath limits must be
-  lifted or the validators stop on them.
+  libpixelmed-java, the validators IHE Connectathons use for AI Results. Building a validator
+  compiles its XSLT (seconds), so ``pixelmed`` validates every file in one JVM
+  (``PixelMedBatch.java``, run by Java's source launcher, which needs a JDK:
+  openjdk-17-jdk-headless). On Java 17 the XPath limits must be lifted or the validators stop
+  on them.
 
 Both report one finding per line, starting "Error" or "Warning". A test fails on every finding
 except those listed in ``ALLOWED``: each names the validator, the exact finding, the condition
