@@ -83,6 +83,10 @@ setup_test_peers() {
   [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)  # a real PACS for the DIMSE/DICOMweb tests
   [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
   [ -x /usr/bin/openssl ] || missing+=(openssl)  # certificates for the DICOM TLS tests
+  # PixelMed's SR and IOD validators (what IHE Connectathons check AI results with); the test
+  # runner batches files through Java's source launcher, which needs a JDK.
+  [ -f /usr/share/java/pixelmed.jar ] || missing+=(pixelmed-apps libpixelmed-java)
+  command -v javac >/dev/null || missing+=(openjdk-17-jdk-headless)
   [ ${#missing[@]} = 0 ] || as_root_or_explain "test peers" "${missing[@]}"
 }
 

@@ -139,6 +139,9 @@ class Manifest:
     grouping: Grouping = Grouping()
     infer: InferUnit = "instance"
     selection: Selection = Selection()
+    # Who made the model, as AI results name it (their Processing Algorithm equipment item);
+    # empty: the gateway's configured result manufacturer stands in.
+    manufacturer: str = ""
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -186,6 +189,7 @@ class Manifest:
             "grouping": {"level": self.grouping.level, "timeout_s": self.grouping.timeout_s},
             "infer": self.infer,
             "selection": self.selection.to_dict(),
+            **({"manufacturer": self.manufacturer} if self.manufacturer else {}),
         }
 
     @classmethod
@@ -287,6 +291,11 @@ class Manifest:
         if selection.min_instances > 1 and grouping.level == "instance":
             raise ManifestError("manifest.selection.min_instances: > 1 needs grouping.level "
                                 "series or study")
+        manufacturer = r.get_optional("manufacturer", str) or ""
+        if manufacturer and (len(manufacturer) > 64 or manufacturer != manufacturer.strip()
+                             or not manufacturer.isprintable() or "\\" in manufacturer):
+            raise ManifestError("manifest.manufacturer: at most 64 printable characters, no "
+                                "backslash, no leading or trailing spaces (DICOM LO)")
         return cls(
             name=name,
             version=version,
@@ -298,6 +307,7 @@ class Manifest:
             grouping=grouping,
             infer=infer,
             selection=selection,
+            manufacturer=manufacturer,
         )
 
     @classmethod

@@ -28,8 +28,8 @@ from services.gateway.delivery.routing import (
 from services.gateway.delivery.service import DeliveryService
 from services.gateway.metrics import GatewayMetrics
 from services.net import free_port
+from tests.gateway import dicom_validators
 from tests.gateway.groups import CLASSIFIER, PHI, SEGMENTER, make_group, study_with_phi
-from tests.gateway.test_dicom_results import DCIODVFY, IGNORED_WARNING
 from tests.integration.orthanc import OrthancServer
 
 pytestmark = pytest.mark.integration
@@ -92,9 +92,9 @@ class StoreScp:
 
 
 def dciodvfy_file(path: Path) -> list[str]:
-    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines()
-            if line.startswith(("Error", "Warning")) and not line.startswith(IGNORED_WARNING)]
+    """dciodvfy's findings that count (tests/gateway/dicom_validators.py lists the others)."""
+    return dicom_validators.problems("dciodvfy", dicom_validators.dciodvfy(path),
+                                     pydicom.dcmread(path))
 
 
 def wait_for(check: Callable[[], bool], timeout_s: float = 30.0) -> None:

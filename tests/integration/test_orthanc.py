@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from optimizer.contract.manifest import Manifest
 from services.gateway.app import Gateway
 from services.gateway.config import GatewayConfig
+from services.gateway.delivery.dicom_results import result_series
 from services.net import free_port
 from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import TINY_MANIFEST, triton_env
+from tests.gateway import dicom_validators
 from tests.gateway.util import make_study
 from tests.integration.orthanc import AE_TITLE, OrthancServer, orthanc_factory
 
@@ -158,8 +162,9 @@ def test_orthanc_forwards_a_study_and_gets_an_sr_per_instance_back_referencing_i
 ) -> None:
     """The round trip a PACS sees: Orthanc C-STOREs a study to the gateway (routes file: a
     route for Orthanc's calling AE title back to Orthanc by C-STORE), the real Triton infers,
-    and Comprehensive SRs arrive in Orthanc, in the source study, referencing its instances.
-    Checked through Orthanc's REST API only."""
+    and Comprehensive SRs arrive in Orthanc, in the source study, referencing its instances,
+    all in one SR series numbered for the study and model (each instance its own group).
+    Checked through Orthanc's REST API; the stored SRs then through dciodvfy and PixelMed."""
     gw_port = free_port()
     orthanc = orthanc_factory({"bedside": ("BEDSIDE", "127.0.0.1", gw_port)})
     routes = tmp_path / "routes.json"
@@ -207,3 +212,21 @@ def test_orthanc_forwards_a_study_and_gets_an_sr_per_instance_back_referencing_i
             referenced |= {r["ReferencedSOPInstanceUID"]
                            for r in series["ReferencedSOPSequence"]}
     assert referenced == {str(ds.SOPInstanceUID) for ds in instances}
+    sr_series = [s for s in orthanc.get(f"/studies/{study_id}/series")
+                 if s["MainDicomTags"].get("Modality") == "SR"]
+    assert len(sr_series) == 1, sr_series  # not one series per group
+    manifest = Manifest.load(optimized / "repository" / MODEL / "manifest.json")
+    assert int(sr_series[0]["MainDicomTags"]["SeriesNumber"]) == \
+        result_series(study_uid, manifest, "SR")[1]
+    paths = []
+    for k, sr_id in enumerate(srs):
+        paths.append(tmp_path / f"stored{k}.dcm")
+        paths[-1].write_bytes(httpx.get(f"{orthanc.url}/instances/{sr_id}/file",
+                                        timeout=30).content)
+    for path in paths:
+        stored = pydicom.dcmread(path)
+        assert dicom_validators.problems("dciodvfy", dicom_validators.dciodvfy(path),
+                                         stored) == []
+    for path, report in dicom_validators.pixelmed(paths).items():
+        assert "Found Root Template TID_1500 (MeasurementReport)" in report
+        assert dicom_validators.problems("pixelmed", report, pydicom.dcmread(path)) == []

@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from optimizer.contract.manifest import Manifest
 from services.gateway.delivery.destinations import Sender, make_sender
@@ -257,19 +256,16 @@ class DeliveryService:
             deid = Deidentifier(self._uids, DeidOptions(retain_private=route.retain_private))
             sources = [deid.deidentify(ds) for ds in originals]
         task = self._manifest.task
-        series_uid = generate_uid()
         items = [(k, r) for k, r in enumerate(group.results) if "error" not in r]
         out = []
         for n, (k, result) in enumerate(items):
             chosen = [sources[i] for i in self._select(result, originals)]
             if task == "classification":
-                ds = build_sr(chosen, result.get("findings", []), self._manifest, self._device,
-                              series_instance_uid=series_uid)
+                ds = build_sr(chosen, result.get("findings", []), self._manifest, self._device)
             else:
                 index = k if len(group.maps) == len(group.results) else n
                 maps = np.load(group.maps[index], allow_pickle=False)
-                ds = build_seg(chosen, maps, self._manifest, self._device,
-                               series_instance_uid=series_uid)
+                ds = build_seg(chosen, maps, self._manifest, self._device)
             if route.deidentify:
                 for keyword in ("PatientIdentityRemoved", "DeidentificationMethod",
                                 "DeidentificationMethodCodeSequence"):

@@ -62,3 +62,20 @@ def test_bad_values_are_manifest_errors(mutate: Any, message: str) -> None:
     mutate(data)
     with pytest.raises(ManifestError, match=message):
         Manifest.from_dict(data)
+
+
+def test_manufacturer_is_optional_round_trips_and_is_checked(tmp_path: Path) -> None:
+    """Older manifests have no manufacturer (empty: the gateway's stands in for results);
+    one that names it keeps it; a value DICOM's LO cannot carry is refused."""
+    assert Manifest.from_dict(_dict()).manufacturer == ""
+    assert "manufacturer" not in TINY_MANIFEST.to_dict()  # older manifests stay byte-equal
+    data = _dict() | {"manufacturer": "Acme Models"}
+    named = Manifest.from_dict(data)
+    assert named.manufacturer == "Acme Models"
+    named.save(tmp_path / "m.json")
+    assert Manifest.load(tmp_path / "m.json") == named
+    for bad in ("x" * 65, " Acme", "Ac\\me", "Acme\n"):
+        with pytest.raises(ManifestError, match=r"manifest\.manufacturer"):
+            Manifest.from_dict(_dict() | {"manufacturer": bad})
+    with pytest.raises(ManifestError, match=r"manifest\.manufacturer: expected str"):
+        Manifest.from_dict(_dict() | {"manufacturer": 7})
