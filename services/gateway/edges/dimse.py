@@ -23,7 +23,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from optimizer.contract.preprocess import SUPPORTED_TRANSFER_SYNTAXES
@@ -115,11 +115,12 @@ class DicomServer:
         ae.maximum_associations = self._config.max_associations
         ae.maximum_pdu_size = self._config.max_pdu_bytes
         ae.require_calling_aet = list(self._config.allowed_calling_aets)
-        # Every storage SOP class (a non-image one is refused per instance with 0x0122, which
-        # tells the sender more than a rejected context), in every transfer syntax the pixel
-        # decoders handle; other syntaxes (JPEG extended, JPEG lossless, MPEG, ...) are
-        # rejected at association, so the sender can fall back to an uncompressed one.
-        for context in StoragePresentationContexts:
+        # Every storage SOP class pynetdicom knows (a non-image one is refused per instance
+        # with 0x0122, which tells the sender more than a rejected context; an image the model
+        # does not take with 0xC001), in every transfer syntax the pixel decoders handle;
+        # other syntaxes (MPEG, HEVC, JPEG 2000 Part 2...) are rejected at association, so the
+        # sender can fall back to one of these.
+        for context in AllStoragePresentationContexts:
             ae.add_supported_context(str(context.abstract_syntax),
                                      list(SUPPORTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION)  # not in the storage list; needed for C-ECHO
