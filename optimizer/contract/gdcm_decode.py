@@ -1,7 +1,7 @@
-"""GDCM decoding (JPEG Lossless Process 14 and SV1, JPEG Extended 8 and 12 bit) in a child
+"""GDCM decoding (JPEG Lossless Process 14 and SV1, JPEG Extended 8 and 12 bit) in a helper
 process, so that a corrupt stream cannot end the process that asked.
 
-Why a child: python-gdcm 3.2 lets a C++ exception escape on some corrupt JPEG lossless frames,
+Why a helper: python-gdcm 3.2 lets a C++ exception escape on some corrupt JPEG lossless frames,
 and the process ends (std::terminate, SIGABRT). Fuzzing frames that dcmtk's ``dcmcjpeg`` wrote
 found such inputs within a few hundred mutations; in the gateway's worker that would be one
 malformed instance taking the service down. Here the decode runs in a helper process
@@ -13,9 +13,9 @@ which breaks callers without a main guard, and a fork of the threaded gateway is
 
 PHI: the helper receives the Image Pixel module alone (geometry, photometric interpretation, bit
 depths, the encoded frames) and the transfer syntax, never UIDs or patient attributes, so
-nothing GDCM or its libjpeg print (to the helper's stderr, sent to /dev/null) ("Corrupt JPEG data: ...", "Unsupported
-JPEG data precision 12", which GDCM writes for every 12-bit frame before decoding it right) can
-name a patient. GDCM's own trace output is switched off in the helper as well.
+nothing GDCM or its libjpeg print can name a patient ("Corrupt JPEG data: ...", "Unsupported
+JPEG data precision 12", which GDCM writes for every 12-bit frame before decoding it right);
+the helper's stderr goes to /dev/null all the same, and GDCM's own trace output is off.
 
 12-bit JPEG Extended: pydicom's GDCM plugin refuses samples of more than 8 bits, although GDCM
 decodes them (its output equals dcmtk's ``dcmdjpeg``, checked by
@@ -45,6 +45,7 @@ from pydicom.pixels.decoders.base import DecodeRunner
 class DecodeError(Exception):
     """The helper could not decode: the decoder's error text, or that it died or timed out
     (``preprocess.decode_frames`` turns it into a PreprocessError naming the syntax)."""
+
 
 PLUGIN_12BIT = "bedside-gdcm"
 # pydicom's decoder plugin per transfer syntax decoded here.
@@ -159,7 +160,7 @@ def _receive(fd: int, deadline: float | None = None) -> Any:
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
-    return pickle.loads(exactly(int.from_bytes(exactly(_LENGTH), "big")))  # noqa: S301
+    return pickle.loads(exactly(int.from_bytes(exactly(_LENGTH), "big")))
 
 
 def helper_main() -> None:
@@ -193,7 +194,7 @@ class IsolatedDecoder:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         # stderr to nowhere: GDCM's libjpeg prints a line for every 12-bit frame and for every
         # corrupt one; none of it names a patient (see above), none of it helps an operator.
-        self._proc = subprocess.Popen(  # noqa: S603
+        self._proc = subprocess.Popen(
             [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=env, close_fds=True)
         return self._proc

@@ -2,8 +2,8 @@
 
 Compressed forms are made by real encoders: pydicom's RLE, pyjpegls (JPEG-LS),
 pylibjpeg-openjpeg (JPEG 2000) through ``Dataset.compress``, and dcmtk's ``dcmcjpeg`` for JPEG
-baseline, extended and lossless (no Python JPEG encoder writes DICOM). Every instance goes through a Part-10
-file and back, so parsing of each transfer syntax is exercised too.
+baseline, extended and lossless (no Python JPEG encoder writes DICOM). Every instance goes
+through a Part-10 file and back, so parsing of each transfer syntax is exercised too.
 """
 
 from __future__ import annotations
