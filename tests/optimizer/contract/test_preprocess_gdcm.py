@@ -126,3 +126,37 @@ def test_a_decoder_that_overruns_is_stopped(tmp_path: Path) -> None:
             decoder.decode(ds, [0], all_frames=True)
     finally:
         decoder.close()
+
+
+@pytest.mark.parametrize("process", ["+e1", "+ee"])
+def test_mutated_jpeg_frames_end_in_pixels_or_a_preprocess_error(tmp_path: Path,
+                                                                 process: str) -> None:
+    """Flipped, truncated and inserted bytes (a fixed seed): each decode returns the header's
+    shape or raises PreprocessError; whatever GDCM does, this process carries on."""
+    import random
+
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = dcmcjpeg(make_dataset(smooth_image(ROWS, COLS, 0, 4095), bits_stored=12),
+                  tmp_path / "m.dcm", process)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    rng = random.Random(20261126)
+    outcomes = {"pixels": 0, "error": 0}
+    for _ in range(150):
+        data = bytearray(frame)
+        kind = rng.randrange(3)
+        if kind == 0:
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind == 1:
+            data = data[:rng.randrange(len(data))]
+        else:
+            at = rng.randrange(len(data))
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+        ds.PixelData = encapsulate([bytes(data)])
+        try:
+            assert decode_frames(ds, [0]).shape == (1, ROWS, COLS)
+            outcomes["pixels"] += 1
+        except PreprocessError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0 and sum(outcomes.values()) == 150, outcomes
