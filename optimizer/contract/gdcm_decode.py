@@ -6,8 +6,9 @@ and the process ends (std::terminate, SIGABRT). Fuzzing frames that dcmtk's ``dc
 found such inputs within a few hundred mutations; in the gateway's worker that would be one
 malformed instance taking the service down. Here the decode runs in a helper process
 (``python -m optimizer.contract.gdcm_decode``, started on first use, kept, restarted after it
-died), which returns the array or an error text over a pipe; a helper that dies or overruns
-``timeout_s`` becomes a ``DecodeError`` and the caller carries on. A helper of its own rather
+died; up to one per core, ``DecoderPool``), which returns the array or an error text over a
+pipe; a helper that dies or overruns ``timeout_s`` becomes a ``DecodeError`` and the caller
+carries on. A helper of its own rather
 than ``multiprocessing``: spawn and forkserver children re-import the caller's main module,
 which breaks callers without a main guard, and a fork of the threaded gateway is unsafe.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import queue
 import select
 import subprocess
 import sys
@@ -237,15 +239,40 @@ class IsolatedDecoder:
         return np.asarray(value)
 
 
+class DecoderPool:
+    """Up to ``size`` helpers, each started when first needed: one decode per helper at a
+    time, so concurrent callers (REST requests, the spool worker) use every core. The most
+    recently freed helper is used first, so a lone caller keeps to one process."""
+
+    def __init__(self, size: int, timeout_s: float = TIMEOUT_S) -> None:
+        if size < 1:
+            raise ValueError("a decoder pool needs at least one helper")
+        self._free: queue.LifoQueue[IsolatedDecoder] = queue.LifoQueue()
+        self._all = [IsolatedDecoder(timeout_s) for _ in range(size)]
+        for decoder in self._all:
+            self._free.put(decoder)
+
+    def decode(self, ds: Dataset, indices: list[int], all_frames: bool) -> np.ndarray:
+        decoder = self._free.get()
+        try:
+            return decoder.decode(ds, indices, all_frames)
+        finally:
+            self._free.put(decoder)
+
+    def close(self) -> None:
+        for decoder in self._all:
+            decoder.close()
+
+
 @functools.cache
-def shared_decoder() -> IsolatedDecoder:
-    """The process's one helper (one process per caller process is enough: GDCM decodes a
-    frame in milliseconds)."""
-    return IsolatedDecoder()
+def shared_decoder() -> DecoderPool:
+    """The process's helpers: one per core, at most four (a helper holds about as much memory
+    as a Python process with numpy and pydicom)."""
+    return DecoderPool(min(4, os.cpu_count() or 1))
 
 
 def decode_isolated(ds: Dataset, indices: list[int], all_frames: bool) -> np.ndarray:
-    """``IsolatedDecoder.decode`` on the process's shared helper."""
+    """``DecoderPool.decode`` on the process's shared helpers."""
     return shared_decoder().decode(ds, indices, all_frames)
 
 

@@ -160,3 +160,23 @@ def test_mutated_jpeg_frames_end_in_pixels_or_a_preprocess_error(tmp_path: Path,
         except PreprocessError:
             outcomes["error"] += 1
     assert outcomes["error"] > 0 and sum(outcomes.values()) == 150, outcomes
+
+
+def test_concurrent_callers_each_get_their_own_frames(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from optimizer.contract.gdcm_decode import DecoderPool
+
+    images = [smooth_image(ROWS, COLS, 0, 4095, seed=k) for k in range(6)]
+    files = [dcmcjpeg(make_dataset(image, bits_stored=12), tmp_path / f"c{k}.dcm", "+e1")
+             for k, image in enumerate(images)]
+    pool = DecoderPool(2)
+    try:
+        with ThreadPoolExecutor(4) as threads:
+            decoded = list(threads.map(lambda ds: pool.decode(ds, [0], True)[0], files * 3))
+    finally:
+        pool.close()
+    for k, array in enumerate(decoded):
+        np.testing.assert_array_equal(array, images[k % 6])
+    with pytest.raises(ValueError, match="at least one helper"):
+        DecoderPool(0)
