@@ -180,3 +180,37 @@ def test_concurrent_callers_each_get_their_own_frames(tmp_path: Path) -> None:
         np.testing.assert_array_equal(array, images[k % 6])
     with pytest.raises(ValueError, match="at least one helper"):
         DecoderPool(0)
+
+
+def test_gdcm_never_decodes_in_this_process(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other syntax keeps its pinned decoder (pydicom would try GDCM first for all of
+    them), and the GDCM ones go to the helper: GDCM in this process is never called."""
+    from pydicom.pixels.decoders import base
+
+    from tests.optimizer.pixel_data import jpeg_baseline, roundtrip
+
+    called: list[str] = []
+
+    def spy(src: bytes, runner: object) -> bytes:
+        called.append(str(getattr(runner, "transfer_syntax", "")))
+        raise AssertionError("GDCM decoded in the caller's process")
+
+    for decoder in (base.JPEGBaseline8BitDecoder, base.JPEGLSLosslessDecoder,
+                    base.JPEGLSNearLosslessDecoder, base.JPEG2000LosslessDecoder,
+                    base.JPEG2000Decoder, base.JPEGLosslessSV1Decoder,
+                    base.JPEGLosslessDecoder, base.JPEGExtended12BitDecoder):
+        assert "gdcm" in decoder._available  # installed: pydicom would use it
+        monkeypatch.setitem(decoder._available, "gdcm", spy)
+    grey = make_dataset(smooth_image(ROWS, COLS, 0, 255), bits_allocated=8)
+    instances = [jpeg_baseline(grey, tmp_path / "b.dcm"),
+                 dcmcjpeg(grey, tmp_path / "e1.dcm", "+e1"),
+                 dcmcjpeg(grey, tmp_path / "el.dcm", "+el"),
+                 dcmcjpeg(grey, tmp_path / "ee.dcm", "+ee")]
+    instances += [roundtrip(grey, tmp_path / f"{k}.dcm", syntax, **options)
+                  for k, (syntax, options) in enumerate([
+                      (uid.JPEGLSLossless, {}), (uid.JPEGLSNearLossless, {"jls_error": 2}),
+                      (uid.JPEG2000Lossless, {}), (uid.JPEG2000, {"j2k_cr": [10]})])]
+    for ds in instances:
+        assert decode_frames(ds, [0]).shape == (1, ROWS, COLS)
+    assert called == []
