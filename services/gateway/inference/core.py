@@ -93,6 +93,7 @@ class InferenceCore:
         self.manifest = manifest
         self._inferer = inferer
         self._limits = limits
+        image_sop_classes()  # read the PS3.3 tables now: a broken install fails at start
 
     def check(self, ds: Dataset) -> None:
         """Header-only checks, cheap enough to run before a DIMSE acknowledgement."""
