@@ -3,9 +3,10 @@
 A storage SOP class is an *image* class when its IOD carries pixels: the Image Pixel module
 (which holds Pixel Data, 7FE0,0010) is mandatory in it (PS3.3 Annex A). The storage classes come
 from pynetdicom's registry (the ones it can negotiate), the IOD of each and the IOD's modules
-from the PS3.3 tables that highdicom ships (``highdicom/_standard/*.json``, the data highdicom
-checks its own objects against), the names from pydicom's UID dictionary. A new image storage
-class in a newer standard arrives with those packages; nothing is listed here by hand.
+from the PS3.3 tables that highdicom ships (``highdicom/_standard/*.json``, package data
+highdicom itself reads to tell which modules an IOD has; a private path, so the tests fail
+loudly if a highdicom upgrade moves it), the names from pydicom's UID dictionary. A new image
+storage class in a newer standard arrives with those packages; nothing is listed here by hand.
 
 Left out, and refused per instance with 0x0122 as before: every storage class whose IOD has no
 mandatory Image Pixel module (SR, Key Object Selection, presentation states, waveforms,
