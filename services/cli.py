@@ -17,6 +17,7 @@ from types import FrameType, ModuleType
 
 from optimizer.contract.errors import BedsideError
 from services.commands import (
+    conformance,
     demo,
     deploy,
     gateway,
@@ -31,7 +32,7 @@ from services.gateway.phi import quiet_identifier_quoting_loggers
 
 # In `bedside --help` order.
 COMMANDS: dict[str, ModuleType] = {m.NAME: m for m in (
-    demo, optimize, reference, tune, serve, gateway, keys, outbox, deploy)}
+    demo, optimize, reference, tune, serve, gateway, keys, outbox, conformance, deploy)}
 
 
 def _configure_logging(verbose: bool) -> None:

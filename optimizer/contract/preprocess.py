@@ -30,14 +30,20 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, pixel_array
 
 from optimizer.contract.errors import PixelLimitExceeded, PreprocessError, UnsupportedTransferSyntax
+from optimizer.contract.gdcm_decode import PLUGINS as GDCM_PLUGINS
+from optimizer.contract.gdcm_decode import decode_isolated
 from optimizer.contract.manifest import InputSpec
 
 # Refuse absurd images before decoding anything: 64 Mpixel per frame is beyond any radiograph.
 MAX_PIXELS_PER_FRAME = 8192 * 8192
 
-# What the project's environment decodes (pydicom alone: native and RLE; pillow: JPEG
-# baseline; pyjpegls: JPEG-LS; pylibjpeg-openjpeg: JPEG 2000). JPEG extended (12-bit) and JPEG
-# lossless (process 14) would need GPL-licensed libjpeg or GDCM, so they are refused by name.
+# What the project's environment decodes, and with which of pydicom's decoder plugins: pydicom
+# alone (native and RLE), pillow (JPEG baseline), pyjpegls (JPEG-LS), pylibjpeg-openjpeg (JPEG
+# 2000), GDCM (python-gdcm: JPEG lossless processes 14 and 14 SV1, JPEG extended 8 and 12 bit).
+# Each syntax is pinned to one plugin: GDCM, which pydicom would otherwise try first for every
+# JPEG syntax, runs only where nothing else decodes, and only in a child process
+# (``gdcm_decode``: a corrupt stream can make it end the process). Other syntaxes (MPEG, HEVC,
+# JPEG 2000 Part 2, HTJ2K...) are refused by name.
 SUPPORTED_TRANSFER_SYNTAXES: dict[str, str] = {
     uid.ImplicitVRLittleEndian: "Implicit VR Little Endian",
     uid.ExplicitVRLittleEndian: "Explicit VR Little Endian",
@@ -45,10 +51,22 @@ SUPPORTED_TRANSFER_SYNTAXES: dict[str, str] = {
     uid.ExplicitVRBigEndian: "Explicit VR Big Endian",
     uid.RLELossless: "RLE Lossless",
     uid.JPEGBaseline8Bit: "JPEG Baseline (Process 1)",
+    uid.JPEGExtended12Bit: "JPEG Extended (Process 2 and 4, 8 and 12 bit)",
+    uid.JPEGLossless: "JPEG Lossless (Process 14)",
+    uid.JPEGLosslessSV1: "JPEG Lossless SV1 (Process 14, Selection Value 1)",
     uid.JPEGLSLossless: "JPEG-LS Lossless",
     uid.JPEGLSNearLossless: "JPEG-LS Near-Lossless",
     uid.JPEG2000Lossless: "JPEG 2000 Lossless",
     uid.JPEG2000: "JPEG 2000",
+}
+# pydicom decoder plugin per compressed syntax decoded in this process ("" = pydicom's own).
+IN_PROCESS_PLUGINS: dict[str, str] = {
+    uid.RLELossless: "",
+    uid.JPEGBaseline8Bit: "pillow",
+    uid.JPEGLSLossless: "pyjpegls",
+    uid.JPEGLSNearLossless: "pyjpegls",
+    uid.JPEG2000Lossless: "pylibjpeg",
+    uid.JPEG2000: "pylibjpeg",
 }
 GREY = ("MONOCHROME1", "MONOCHROME2")
 # YBR_* are converted to RGB by pydicom (native data) or by the JPEG decoders.
@@ -174,15 +192,19 @@ def decode_frames(ds: Dataset, indices: list[int]) -> np.ndarray:
     (YBR converted to RGB), or a PreprocessError that says why not."""
     ts = transfer_syntax(ds)
     frames = _int(ds, "NumberOfFrames", 1)
+    plugin = IN_PROCESS_PLUGINS.get(ts, "")
     try:
         if ts in (uid.JPEGLSLossless, uid.JPEGLSNearLossless):
             _check_jpeg_ls_ends(ds, frames)
-        if len(indices) == frames:
-            arr = pixel_array(ds, as_rgb=True)
+        if ts in GDCM_PLUGINS:
+            arr = decode_isolated(ds, indices, all_frames=len(indices) == frames)
+        elif len(indices) == frames:
+            arr = pixel_array(ds, as_rgb=True, decoding_plugin=plugin)
             if frames == 1:
                 arr = arr[None]
         else:
-            arr = np.stack([pixel_array(ds, index=i, as_rgb=True) for i in indices])
+            arr = np.stack([pixel_array(ds, index=i, as_rgb=True, decoding_plugin=plugin)
+                            for i in indices])
     except PreprocessError:
         raise
     except Exception as exc:  # decoders raise many types for bad pixel data

@@ -12,6 +12,7 @@ parser imports no heavy dependency (no torch, no ONNX): ``run`` imports what the
     gateway     the gateway against a running Triton (flags: services/gateway/config.py)
     keys        gateway API keys
     outbox      the gateway's results-delivery outbox
+    conformance what the gateway accepts (transfer syntaxes, SOP classes), as markdown
     deploy      the Helm release for a model
     common.py   what several commands share
 """

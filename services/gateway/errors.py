@@ -39,6 +39,11 @@ class UnsupportedSOPClass(UnsupportedInstance):
     """The SOP class is not an image storage class this gateway infers on."""
 
 
+class NotForModel(UnsupportedInstance):
+    """An image this gateway reads, but not an input of the served model per its manifest
+    (modality, photometric interpretation, bit depth, frames for a 3-D model)."""
+
+
 class PayloadTooLarge(GatewayError):
     """The request or instance exceeds the configured size limit."""
 

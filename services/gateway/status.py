@@ -20,6 +20,12 @@ Choices that are not obvious:
   the same codes for a part (PS3.18 10.5.3), 0x0110 (processing failure) where nothing more
   precise applies. Authentication is refused at association on DIMSE (AE-title allowlist), so
   its C-STORE status (0x0124, refused: not authorised) is there for completeness.
+- ``NotForModel`` (an image the served model does not take: its manifest's modalities,
+  photometric interpretation, bit depth) answers 0xC001 on DIMSE and STOW-RS, one code of the
+  C-STORE "cannot understand" range (0xCxxx) that PS3.4 B.2.3 leaves to the implementation:
+  the instance is a well-formed image of a class the gateway takes, so neither 0x0122 (SOP
+  class not supported) nor 0xC000 (what an unreadable instance answers) would tell the PACS
+  administrator what happened. HTTP 400 and INVALID_ARGUMENT, as before.
 - ``DeliveryFailed``, ``DeliveryRejected`` (raised by destinations) and ``DicomResultError``
   (building an SR or SEG) happen on the way out; no edge answers with them today, their rows
   say what one would.
@@ -48,6 +54,7 @@ from services.gateway.errors import (
     InferenceFailed,
     InvalidInstance,
     MissingPixelData,
+    NotForModel,
     NotFound,
     Overloaded,
     PayloadTooLarge,
@@ -70,6 +77,7 @@ DATA_SET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+NOT_FOR_MODEL = 0xC001  # this gateway's code in the 0xCxxx range (see the module docstring)
 NOT_AUTHORISED = 0x0124
 
 
@@ -99,6 +107,7 @@ TABLE: Mapping[type[GatewayError], Row] = MappingProxyType({
     MissingPixelData: Row(400, _C.INVALID_ARGUMENT, DATA_SET_MISMATCH, DATA_SET_MISMATCH),
     SOPClassMismatch: Row(400, _C.INVALID_ARGUMENT, DATA_SET_MISMATCH, DATA_SET_MISMATCH),
     UnsupportedInstance: Row(400, _C.INVALID_ARGUMENT, CANNOT_UNDERSTAND, CANNOT_UNDERSTAND),
+    NotForModel: Row(400, _C.INVALID_ARGUMENT, NOT_FOR_MODEL, NOT_FOR_MODEL),
     UnsupportedSOPClass: Row(400, _C.INVALID_ARGUMENT, SOP_CLASS_NOT_SUPPORTED,
                              SOP_CLASS_NOT_SUPPORTED),
     WrongStudy: Row(400, _C.INVALID_ARGUMENT, CANNOT_UNDERSTAND, DATA_SET_MISMATCH),

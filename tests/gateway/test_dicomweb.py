@@ -80,7 +80,7 @@ def test_mixed_parts_give_202_with_failure_reasons(gateway: Gateway) -> None:
     assert stored[INSTANCE_UID].value == good.SOPInstanceUID
     failed = {f[INSTANCE_UID].value: f[REASON].value for f in response[FAILED].value}
     assert failed == {sr.SOPInstanceUID: 0x0122, no_pixels.SOPInstanceUID: 0xA900,
-                      mr.SOPInstanceUID: 0xC000}
+                      mr.SOPInstanceUID: 0xC001}
     r = httpx.post(f"{base_url(gateway)}/dicomweb/studies", content=_multipart(
         [dicom_bytes(good), dicom_bytes(sr)]), headers=_MULTIPART)
     assert r.status_code == 202

@@ -242,11 +242,11 @@ def test_error_texts_name_the_problem_in_the_clients_terms(client: TestClient) -
     assert "DICM" in garbage["message"]
 
     jpeg = make_instance(1)
-    jpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"  # JPEG Lossless SV1: not yet
-    jpeg.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+    jpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.92"  # JPEG 2000 Part 2: no decoder
+    jpeg.PixelData = encapsulate([b"\xff\x4f\xff\xd9"])
     r = client.post("/v1/infer", content=dicom_bytes(jpeg), headers=DICOM)
     assert (r.status_code, r.json()["error"]["reason"]) == (400, "unsupported_transfer_syntax")
-    assert "1.2.840.10008.1.2.4.70" in r.json()["error"]["message"]
+    assert "1.2.840.10008.1.2.4.92" in r.json()["error"]["message"]
 
     huge = make_instance(2)
     huge.Rows = huge.Columns = 60000

@@ -217,8 +217,8 @@ def test_bad_file_corpus_over_dimse_gets_the_right_statuses_and_the_gateway_keep
     stack: Gateway, tmp_path: Path
 ) -> None:
     """Truncated, wrong VR, no pixel data, SOP class mismatch, absurd size: each refused with
-    its DIMSE status; an unsupported compressed syntax (JPEG extended, 12-bit) is rejected at
-    association while a supported one (JPEG-LS) is inferred; then a good file still works."""
+    its DIMSE status; a compressed syntax nothing decodes (MPEG-2) is rejected at association
+    while a supported one (JPEG-LS) is inferred; then a good file still works."""
     good = make_instance(seed=40)
     good.save_as(tmp_path / "good.dcm", enforce_file_format=True)
     data = (tmp_path / "good.dcm").read_bytes()
@@ -246,27 +246,66 @@ def test_bad_file_corpus_over_dimse_gets_the_right_statuses_and_the_gateway_keep
     got = {name: _send_file_as_is(stack, tmp_path / f"{name}.dcm") for name in expected}
     assert got == expected
 
-    # Compressed: JPEG-LS is decoded and inferred; JPEG extended (process 2/4) is not offered.
+    # Compressed: JPEG-LS is decoded and inferred; MPEG-2 (no decoder) is not offered.
     env = dict(os.environ, TCP_NODELAY="1")
     subprocess.run(["/usr/bin/dcmcjpls", str(tmp_path / "good.dcm"), str(tmp_path / "jls.dcm")],
                    check=True, env=env)
-    subprocess.run(["/usr/bin/dcmcjpeg", "+ee", str(tmp_path / "good.dcm"),
-                    str(tmp_path / "jpeg12.dcm")], check=True, env=env)
     out = _dcmtk(STORESCU, stack, "-xt", str(tmp_path / "jls.dcm"))  # propose JPEG-LS
     assert "Received Store Response (Success)" in out.stdout + out.stderr, out.stdout + out.stderr
     ae = pynetdicom.AE(ae_title="TESTSCU")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.4.51")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.4.100")
     assoc = ae.associate(stack.config.dicom_host, stack.config.dicom_port,
                          ae_title=stack.config.ae_title)
-    try:  # the one context offered (CR in JPEG extended) is rejected: nothing can be sent
+    try:  # the one context offered (CR in MPEG-2) is rejected: nothing can be sent
         assert not assoc.is_established or not assoc.accepted_contexts
     finally:
         if assoc.is_established:
             assoc.release()
-    status, body = _post_dicom(stack, (tmp_path / "jpeg12.dcm").read_bytes())
-    assert status == 400 and "JPEG Extended" in body["error"]["message"], body
 
     assert _send_file_as_is(stack, tmp_path / "good.dcm") == 0x0000
     results = _study_results(stack, str(good.StudyInstanceUID), 1)
     assert all("error" not in r for r in results) and len(results) == 1
     assert _dcmtk(ECHOSCU, stack).returncode == 0
+
+
+def test_dcmcjpeg_lossless_and_12_bit_extended_over_storescu_stow_and_rest_with_real_triton(
+    stack: Gateway, optimized: Path, tmp_path: Path
+) -> None:
+    """JPEG Lossless SV1 and 12-bit JPEG Extended written by dcmtk's dcmcjpeg, sent by dcmtk's
+    storescu (-xs, -xx), JPEG Lossless process 14 by pynetdicom, then over STOW-RS and REST:
+    all inferred; lossless scores equal those of the uncompressed pixels, extended ones those
+    of dcmtk's own decoding (dcmdjpeg)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from tests.optimizer.pixel_data import dcmcjpeg, dcmdjpeg
+
+    study, series = generate_uid(), generate_uid()
+    expected: dict[str, float] = {}
+    files: dict[str, Path] = {}
+    for k, process in enumerate(["+e1", "+ee", "+el", "+e1", "+ee"]):
+        ds = make_instance(seed=500 + k)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, k + 1
+        path = tmp_path / f"j{k}.dcm"
+        sent = dcmcjpeg(ds, path, process)  # lossy: dcmcjpeg gives it a new SOP Instance UID
+        assert sent.StudyInstanceUID == study
+        reference = ds if process != "+ee" else dcmdjpeg(path)
+        expected[str(sent.SOPInstanceUID)] = _expected_score(optimized, reference)
+        files[f"{process}-{k}"] = path
+    sv1 = _dcmtk(STORESCU, stack, "-xs", str(files["+e1-0"]))
+    ext = _dcmtk(STORESCU, stack, "-xx", str(files["+ee-1"]))
+    for out in (sv1, ext):
+        assert "Received Store Response (Success)" in out.stdout + out.stderr, out.stdout
+    assert "JPEG Lossless" in sv1.stdout + sv1.stderr  # the context really was JPEG
+    assert _send_file_as_is(stack, files["+el-2"]) == 0x0000  # process 14, as dcmcjpeg wrote it
+    stow = DICOMwebClient(
+        url=f"http://{stack.config.http_host}:{stack.config.http_port}/dicomweb")
+    stow.store_instances([pydicom.dcmread(files["+e1-3"])])
+    status, body = _post_dicom(stack, files["+ee-4"].read_bytes())
+    assert status == 200, body
+    assert body["findings"][0]["score"] == pytest.approx(
+        expected[body["sop_instance_uid"]], abs=1e-4)
+    results = _study_results(stack, study, 5)
+    assert {r["sop_instance_uid"] for r in results} == set(expected)
+    for r in results:
+        assert r["findings"][0]["score"] == pytest.approx(expected[r["sop_instance_uid"]],
+                                                          abs=1e-4)

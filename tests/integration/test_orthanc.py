@@ -128,7 +128,7 @@ def test_orthanc_reports_the_instance_the_gateway_refuses_and_the_rest_are_infer
     orthanc = orthanc_factory(
         {"bedside": (gateway.config.ae_title, "127.0.0.1", gateway.config.dicom_port)})
     instances = make_study(4, seed=720)
-    instances[2].Modality = "MR"  # the model takes CR and DX only: 0xC000 "not for this model"
+    instances[2].Modality = "MR"  # the model takes CR and DX only: 0xC001 "not for this model"
     study_id = _upload(orthanc, instances)
     # permissive: Orthanc goes on past the refused instance
     answer = orthanc.post("/modalities/bedside/store",
@@ -137,7 +137,7 @@ def test_orthanc_reports_the_instance_the_gateway_refuses_and_the_rest_are_infer
     body = _results(gateway, instances[0].StudyInstanceUID, 3)
     got = {r["sop_instance_uid"] for r in body["instances"]}
     assert got == {str(ds.SOPInstanceUID) for k, ds in enumerate(instances) if k != 2}
-    assert "has failed with DIMSE status 0xC000" in orthanc.log_tail()
+    assert "has failed with DIMSE status 0xC001" in orthanc.log_tail()
 
     # the refused instance alone, not permissive: Orthanc's job fails with the gateway's status
     mr_id = next(i for i in orthanc.get(f"/studies/{study_id}/instances")
@@ -145,7 +145,7 @@ def test_orthanc_reports_the_instance_the_gateway_refuses_and_the_rest_are_infer
     r = httpx.post(f"{orthanc.url}/modalities/bedside/store", timeout=60,
                    json={"Resources": [mr_id], "Synchronous": True})
     assert r.status_code >= 400, r.text
-    assert "0xC000" in r.text, r.text
+    assert "0xC001" in r.text, r.text
     # the gateway kept serving, and counted both refusals with their reason
     metrics = httpx.get(f"http://{gateway.config.http_host}:{gateway.config.http_port}"
                         "/metrics", timeout=10).text

@@ -5,7 +5,8 @@ a subprocess with API keys, an AE allowlist and an audit log. Studies with disti
 patient names, ids, birth dates, institutions, accession numbers and UIDs go in over DIMSE
 (dcmtk storescu), STOW-RS (dicomweb-client), REST (/v1/infer, /v1/studies) and OIP v2 (gRPC
 and HTTP, tritonclient), with error cases on every edge: garbage, truncated files, no pixel data, a
-non-image SOP class, an oversized request, an unknown calling AE, missing and wrong keys.
+non-image SOP class, an oversized request, an unknown calling AE, missing and wrong keys, and
+JPEG lossless / 12-bit extended instances (GDCM) including one whose stream makes GDCM abort.
 Then every line of the gateway's and Triton's output, the /metrics text and the audit log is
 scanned: no PHI value and no raw UID may appear, and the hashed UIDs must (so the scan is
 known to see the traffic); nor may the API keys used. The result store legitimately keeps
@@ -48,6 +49,8 @@ from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
 from tests.conftest import TINY_MANIFEST, triton_env
 from tests.gateway.util import make_instance
 from tests.integration.test_delivery_peers import StoreScp
+from tests.optimizer.contract.test_preprocess_gdcm import ABORTS_GDCM
+from tests.optimizer.pixel_data import dcmcjpeg
 
 pytestmark = pytest.mark.integration
 MODEL = TINY_MANIFEST.name
@@ -255,6 +258,23 @@ def _rest(stack: Stack, phi: Phi) -> list[str]:
     r = httpx.post(f"{stack.url}/v1/infer", content=_bytes(good),
                    headers={"Content-Type": "application/dicom"}, timeout=30)
     assert r.status_code == 401
+    # JPEG lossless SV1 and 12-bit extended (GDCM, in its helper process), and a JPEG lossless
+    # stream that makes GDCM abort its process, behind a PHI header
+    folder = stack.work / "rest-jpeg"
+    folder.mkdir()
+    for k, process in enumerate(("+e1", "+ee")):
+        sent = dcmcjpeg(phi.study(1, seed=730 + k)[0], folder / f"{k}.dcm", process)
+        phi.uids.append(str(sent.SOPInstanceUID))  # lossy: a new UID from dcmcjpeg
+        r = httpx.post(f"{stack.url}/v1/infer", content=(folder / f"{k}.dcm").read_bytes(),
+                       headers=dicom, timeout=30)
+        assert r.status_code == 200, r.text
+    aborts = pydicom.dcmread(ABORTS_GDCM)
+    for element in phi.study(1, seed=740)[0].iterall():
+        if element.tag.group in (0x0008, 0x0010, 0x0020) and element.tag != 0x00080016:
+            aborts[element.tag] = element  # patient, study, series and instance attributes
+    aborts.file_meta.MediaStorageSOPInstanceUID = aborts.SOPInstanceUID
+    r = httpx.post(f"{stack.url}/v1/infer", content=_bytes(aborts), headers=dicom, timeout=30)
+    assert (r.status_code, r.json()["error"]["reason"]) == (400, "bad_pixels"), r.text
     # the JSON study API: one good study, one refused as a whole (an instance without pixels)
     studies = f"{stack.url}/v1/studies"
     good_study = phi.study(2, seed=710)

@@ -2,8 +2,8 @@
 
 Compressed forms are made by real encoders: pydicom's RLE, pyjpegls (JPEG-LS),
 pylibjpeg-openjpeg (JPEG 2000) through ``Dataset.compress``, and dcmtk's ``dcmcjpeg`` for JPEG
-baseline (no Python JPEG baseline encoder writes DICOM). Every instance goes through a Part-10
-file and back, so parsing of each transfer syntax is exercised too.
+baseline, extended and lossless (no Python JPEG encoder writes DICOM). Every instance goes
+through a Part-10 file and back, so parsing of each transfer syntax is exercised too.
 """
 
 from __future__ import annotations
@@ -120,3 +120,27 @@ def jpeg_baseline(ds: Dataset, path: Path, quality: int = 95) -> Dataset:
     out = pydicom.dcmread(path)
     assert out.file_meta.TransferSyntaxUID == uid.JPEGBaseline8Bit
     return out
+
+
+DCMDJPEG = "/usr/bin/dcmdjpeg"
+DCMCJPEG_SYNTAX = {"+e1": uid.JPEGLosslessSV1, "+el": uid.JPEGLossless,
+                   "+ee": uid.JPEGExtended12Bit}
+
+
+def dcmcjpeg(ds: Dataset, path: Path, process: str) -> Dataset:
+    """``ds`` compressed with dcmtk's dcmcjpeg: ``process`` "+e1" (lossless SV1), "+el"
+    (lossless, process 14) or "+ee" (extended, process 2/4: 8 or 12 bits)."""
+    src = path.with_suffix(".src.dcm")
+    ds.save_as(src, enforce_file_format=True)
+    subprocess.run([DCMCJPEG, process, str(src), str(path)], check=True, capture_output=True,
+                   env={"TCP_NODELAY": "1"})
+    out = pydicom.dcmread(path)
+    assert out.file_meta.TransferSyntaxUID == DCMCJPEG_SYNTAX[process]
+    return out
+
+
+def dcmdjpeg(path: Path) -> Dataset:
+    """The JPEG file at ``path`` as dcmtk's dcmdjpeg decodes it (the reference decoder)."""
+    out = path.with_suffix(".dcmdjpeg.dcm")
+    subprocess.run([DCMDJPEG, str(path), str(out)], check=True, capture_output=True)
+    return pydicom.dcmread(out)

@@ -23,7 +23,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from optimizer.contract.preprocess import SUPPORTED_TRANSFER_SYNTAXES
@@ -35,6 +34,7 @@ from services.gateway.dicom.parsing import (
     read_leniently,
     shown_uid,
 )
+from services.gateway.dicom.sop_classes import storage_sop_classes
 from services.gateway.errors import (
     GatewayError,
     InvalidInstance,
@@ -115,13 +115,13 @@ class DicomServer:
         ae.maximum_associations = self._config.max_associations
         ae.maximum_pdu_size = self._config.max_pdu_bytes
         ae.require_calling_aet = list(self._config.allowed_calling_aets)
-        # Every storage SOP class (a non-image one is refused per instance with 0x0122, which
-        # tells the sender more than a rejected context), in every transfer syntax the pixel
-        # decoders handle; other syntaxes (JPEG extended, JPEG lossless, MPEG, ...) are
-        # rejected at association, so the sender can fall back to an uncompressed one.
-        for context in StoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax),
-                                     list(SUPPORTED_TRANSFER_SYNTAXES))
+        # Every storage SOP class pynetdicom knows (a non-image one is refused per instance
+        # with 0x0122, which tells the sender more than a rejected context; an image the model
+        # does not take with 0xC001), in every transfer syntax the pixel decoders handle;
+        # other syntaxes (MPEG, HEVC, JPEG 2000 Part 2...) are rejected at association, so the
+        # sender can fall back to one of these.
+        for sop_class in storage_sop_classes():
+            ae.add_supported_context(sop_class, list(SUPPORTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION)  # not in the storage list; needed for C-ECHO
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),

@@ -30,12 +30,13 @@ from optimizer.contract.preprocess import (
 )
 from optimizer.contract.series import slice_spec
 from services.gateway.dicom.parsing import check_native_length, client_text, shown_uid
-from services.gateway.dicom.sop_classes import IMAGE_SOP_CLASSES
+from services.gateway.dicom.sop_classes import image_sop_classes
 from services.gateway.errors import (
     GatewayError,
     InferenceFailed,
     InvalidInstance,
     MissingPixelData,
+    NotForModel,
     UnsupportedInstance,
     UnsupportedSOPClass,
 )
@@ -92,6 +93,7 @@ class InferenceCore:
         self.manifest = manifest
         self._inferer = inferer
         self._limits = limits
+        image_sop_classes()  # read the PS3.3 tables now: a broken install fails at start
 
     def check(self, ds: Dataset) -> None:
         """Header-only checks, cheap enough to run before a DIMSE acknowledgement."""
@@ -108,13 +110,14 @@ class InferenceCore:
         if self.manifest.infer == "series" and spec.depth is not None:
             spec = slice_spec(spec)  # a slice of the series volume, not a volume
         sop_class = str(ds.get("SOPClassUID", ""))
-        if sop_class not in IMAGE_SOP_CLASSES:
+        image_classes = image_sop_classes()
+        if sop_class not in image_classes:
             raise UnsupportedSOPClass(
                 f"SOP class {shown_uid(sop_class)} is not an image storage class this gateway "
                 "takes", "unsupported_sop_class")
         if "PixelData" not in ds:
             raise MissingPixelData(
-                f"{IMAGE_SOP_CLASSES[sop_class]} instance has no Pixel Data (7FE0,0010)",
+                f"{image_classes[sop_class]} instance has no Pixel Data (7FE0,0010)",
                 "no_pixel_data")
         for uid in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             if not str(ds.get(uid, "")):
@@ -126,7 +129,7 @@ class InferenceCore:
         except PixelLimitExceeded as exc:
             raise UnsupportedInstance(str(exc), "pixel_limit") from exc
         except PreprocessError as exc:  # modality, photometric, bit depth: not for this model
-            raise UnsupportedInstance(str(exc), "not_for_model") from exc
+            raise NotForModel(str(exc), "not_for_model") from exc
         check_native_length(ds)
 
     def analyze(self, ds: Dataset, timings_ms: dict[str, float] | None = None) -> Result:

@@ -1,5 +1,6 @@
 """The model contract's boundary, read from the source (every import, deferred ones too):
-the contract imports only the standard library, numpy, pydicom and itself; the gateway imports
+the contract imports only the standard library, numpy, pydicom (and GDCM, a pydicom decoder
+backend) and itself; the gateway imports
 nothing of the optimizer but the contract."""
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-CONTRACT_DEPENDENCIES = {"numpy", "pydicom"}
+# gdcm (python-gdcm): a pydicom decoder backend, which optimizer/contract/gdcm_decode.py also
+# calls itself (12-bit JPEG Extended, a pydicom plugin), in its helper process only.
+CONTRACT_DEPENDENCIES = {"numpy", "pydicom", "gdcm"}
 
 
 def _imports(path: Path) -> list[str]:

@@ -177,8 +177,10 @@ def test_size_limit_is_checked_before_decoding() -> None:
         preprocess(small, SPEC, limits=PixelLimits(max_decoded_bytes=8191))
 
 
-@pytest.mark.parametrize("syntax", [uid.JPEGLosslessSV1, uid.JPEGExtended12Bit, uid.MPEG2MPML,
-                                    "1.2.3.4.5"])
+# Syntaxes nothing installed decodes (JPEG 2000 Part 2 multi-component, MPEG-2, HEVC) or the
+# contract does not take (HTJ2K), and a UID that names no transfer syntax.
+@pytest.mark.parametrize("syntax", [uid.JPEG2000MCLossless, uid.HTJ2KLossless, uid.MPEG2MPML,
+                                    uid.HEVCMP51, "1.2.3.4.5"])
 def test_unsupported_transfer_syntax_is_named(syntax: str) -> None:
     ds = _header_only()
     ds.file_meta.TransferSyntaxUID = syntax
