@@ -59,7 +59,7 @@ from optimizer.contract.findings import activate, findings
 from optimizer.contract.manifest import Manifest
 from services.demo import DEMO_MANIFEST
 from services.gateway.dicom.parsing import parse, read_leniently
-from services.gateway.inference.core import InferenceCore, Result
+from services.gateway.inference.core import InferenceCore
 from services.gateway.intake.ingest import with_preamble
 from services.gateway.store.jobs import JobTable
 from services.gateway.store.results import ResultStore
@@ -167,7 +167,7 @@ def stages(manifest: Manifest, n: int, work: Path) -> list[Stage]:
     ]
     rows += [("rest", "receive (body, preamble)", lambda: with_preamble(b"".join(chunks))),
              ("rest", "parse (dcmread)", lambda: parse(data)),
-             ("rest", "header checks", lambda: core.check(ds))]
+             ("rest", "parse + header checks", lambda: core.check(parse(data)))]
     rows += [("rest", name, fn) for name, fn in common]
     rows += [("rest", "result encode (JSON body)",
               lambda: JSONResponse(result.to_dict()).body),
@@ -177,7 +177,8 @@ def stages(manifest: Manifest, n: int, work: Path) -> list[Stage]:
     encoded = _dataset_bytes(data)
     rows += [("dimse", "receive (pynetdicom decode + meta)",
               lambda: _pynetdicom_receive(encoded, ds)),
-             ("dimse", "header checks", lambda: core.check(ds)),
+             ("dimse", "receive + header checks",
+              lambda: core.check(_pynetdicom_receive(encoded, ds)[1])),
              ("dimse", "spool (write+fsync+job row)", spool_write),
              ("dimse", "worker read + parse", lambda: parse((work / "one.dcm").read_bytes()))]
     (work / "one.dcm").write_bytes(data)
@@ -205,7 +206,7 @@ def _dataset_bytes(part10: bytes) -> bytes:
     return part10[fp.tell():]
 
 
-def _pynetdicom_receive(encoded: bytes, header: Dataset) -> bytes:
+def _pynetdicom_receive(encoded: bytes, header: Dataset) -> tuple[bytes, Dataset]:
     """What the DIMSE edge does with a received C-STORE data set before its checks: decode it
     as pynetdicom's ``event.dataset`` does, touch the header, and build the Part-10 bytes to
     spool as ``event.encoded_dataset()`` does (meta encoded, then joined)."""
@@ -216,7 +217,7 @@ def _pynetdicom_receive(encoded: bytes, header: Dataset) -> bytes:
                             transfer_syntax=ExplicitVRLittleEndian)
     ds.file_meta = meta
     str(ds.get("SOPClassUID", ""))
-    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), encoded))
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), encoded)), ds
 
 
 def whole_process(manifest: Manifest, n: int, work: Path) -> dict[str, float]:

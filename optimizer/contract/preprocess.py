@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydicom import uid
@@ -442,7 +442,7 @@ def native_grey_unit(ds: Dataset, spec: InputSpec, indices: list[int]) -> np.nda
         return None  # truncated: the reference path's decoder says so
     codes = np.frombuffer(data, dtype=dtype, count=count).reshape(frames, rows, cols)
     picked = codes if len(indices) == frames else codes[indices]
-    return lut.take(picked)
+    return lut.take(cast("np.ndarray[Any, np.dtype[np.unsignedinteger[Any]]]", picked))
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
