@@ -482,8 +482,9 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     x1 = np.minimum(x0 + 1, img.shape[1] - 1)
     wy = (ys - y0)[:, None]
     wx = (xs - x0)[None, :]
-    top = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
-    bottom = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
+    upper, lower = img[y0], img[y1]  # each source row gathered once, not twice
+    top = upper[:, x0] * (1 - wx) + upper[:, x1] * wx
+    bottom = lower[:, x0] * (1 - wx) + lower[:, x1] * wx
     return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
