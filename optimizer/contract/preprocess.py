@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, pixel_array
+from pydicom.tag import Tag
 
 from optimizer.contract.errors import PixelLimitExceeded, PreprocessError, UnsupportedTransferSyntax
 from optimizer.contract.gdcm_decode import PLUGINS as GDCM_PLUGINS
@@ -375,6 +376,9 @@ _LUT_ELEMENTS = ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"
                  "VOILUTFunction")
 _NOT_PER_PIXEL = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
                   "ModalityLUTSequence", "VOILUTSequence")
+# As tags: a keyword lookup per element costs more than the rest of the key together.
+_LUT_TAGS = tuple(Tag(k) for k in _LUT_ELEMENTS)
+_NOT_PER_PIXEL_TAGS = tuple(Tag(k) for k in _NOT_PER_PIXEL)
 LUT_CACHE_SIZE = 32  # distinct headers (each table: 2**16 float32, 256 KiB)
 
 
@@ -386,7 +390,7 @@ def _lut_key(ds: Dataset, spec: InputSpec) -> tuple[Any, ...] | None:
     """The per-pixel table's whole input, hashable; None when the instance is not for the fast
     path (see above). Raises on a malformed value (the caller then takes the reference path)."""
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if ts not in _NATIVE_LE or any(k in ds for k in _NOT_PER_PIXEL):
+    if ts not in _NATIVE_LE or any(t in ds for t in _NOT_PER_PIXEL_TAGS):
         return None
     if str(ds.get("PhotometricInterpretation", "")).strip() not in GREY:
         return None
@@ -398,9 +402,12 @@ def _lut_key(ds: Dataset, spec: InputSpec) -> tuple[Any, ...] | None:
         if str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper() not in (
                 "LINEAR", "LINEAR_EXACT"):
             return None
-    elements = tuple((ds[k].tag, ds[k].VR, _frozen(ds[k].value)) for k in _LUT_ELEMENTS
-                     if k in ds)
-    return (str(ts), spec.window, spec.voi, elements)
+    elements = []
+    for tag in _LUT_TAGS:
+        if tag in ds:
+            element = ds[tag]
+            elements.append((tag, element.VR, _frozen(element.value)))
+    return (str(ts), spec.window, spec.voi, tuple(elements))
 
 
 @lru_cache(maxsize=LUT_CACHE_SIZE)

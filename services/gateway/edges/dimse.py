@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -31,6 +33,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.dicom.parsing import (
     check_inflated,
     client_text,
+    part10_bytes,
     read_leniently,
     shown_uid,
 )
@@ -79,6 +82,20 @@ def _client_subject(assoc: Association) -> str | None:
         return subject_of(getpeercert())
     except (OSError, ValueError):
         return None
+
+
+def _spooled_bytes(event: Event) -> bytes:
+    """The received data set as a Part-10 file, as received (no decode and re-encode): the
+    same bytes as pynetdicom's ``event.encoded_dataset()``, encoded without its pydicom writer
+    (``part10_bytes``), which falls back to it for a UID that is not plain digits and dots."""
+    request = cast(C_STORE, event.request)
+    # the view is released before pynetdicom reuses the buffer
+    with cast(BytesIO, request.DataSet).getbuffer() as received:
+        data = part10_bytes(received, str(request.AffectedSOPClassUID),
+                            str(request.AffectedSOPInstanceUID),
+                            str(event.context.transfer_syntax),
+                            PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
+    return data if data is not None else event.encoded_dataset()
 
 
 class DicomServer:
@@ -300,7 +317,7 @@ class DicomServer:
             # a result coming back about a de-identified study: re-identified, not inferred
             if not self._ingestor.take_returning(ds, "dimse", calling):
                 self._ingestor.core.check(ds)
-                self._ingestor.accept(event.encoded_dataset(), ds, "dimse", arrival,
+                self._ingestor.accept(_spooled_bytes(event), ds, "dimse", arrival,
                                       time.perf_counter(), calling)
         except GatewayError as exc:
             return self._refuse(exc, event, decoded, arrival)
