@@ -15,13 +15,14 @@ from services.demo import DEMO_MANIFEST
 def test_every_stage_of_both_paths_is_measured(tmp_path: Path) -> None:
     rows = bench_cpu.stages(DEMO_MANIFEST, 2, tmp_path)
     names = {(s.path, s.name) for s in rows}
-    for stage in ("parse (dcmread)", "decode + LUT, fast path", "preprocess total, as served",
-                  "tensor encode (gRPC request)", "result store (durable)"):
+    for stage in ("parse (dcmread)", "header checks", "decode + LUT, fast path",
+                  "preprocess, as served", "tensor encode (gRPC request)",
+                  "result store (durable)"):
         assert ("rest", stage) in names
-    for stage in ("receive (pynetdicom decode + meta)", "spool (write+fsync+job row)",
-                  "worker read + parse"):
+    for stage in ("receive: as served", "spool (write+fsync+job row)", "worker: read + parse"):
         assert ("dimse", stage) in names
-    assert all(s.cpu_ms >= 0 and s.wall_ms > 0 for s in rows)
+    measured = [s for s in rows if not s.name.startswith("worker: then")]
+    assert all(s.cpu_ms >= 0 and s.wall_ms > 0 for s in measured)
     text = bench_cpu.render({"machine": {"cpu": "x", "cpus": 2, "load_average": 0.1}, "n": 2,
                              "models": {"demo": {"stages": [vars(s) for s in rows]}}})
     assert "| dimse | spool (write+fsync+job row) |" in text
@@ -37,4 +38,11 @@ def test_a_fast_path_that_differs_from_the_reference_stops_the_run(
 
     monkeypatch.setattr(bench_cpu.pp, "preprocess_frames", off_by_one_ulp)
     with pytest.raises(AssertionError, match="differs from the reference"):
+        bench_cpu.stages(DEMO_MANIFEST, 1, tmp_path)
+
+
+def test_spooled_bytes_that_differ_from_pynetdicom_stop_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_cpu, "part10_bytes", lambda data, *uids: b"x" + bytes(data))
+    with pytest.raises(AssertionError, match="spooled bytes differ"):
         bench_cpu.stages(DEMO_MANIFEST, 1, tmp_path)
