@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import numpy as np
 from pydicom import uid
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
@@ -372,8 +373,7 @@ _NATIVE_LE = (uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian,
 # Header elements the table depends on, copied into the tiny data set it is built from.
 _LUT_ELEMENTS = ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
                  "SamplesPerPixel", "PhotometricInterpretation", "RescaleSlope",
-                 "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
-                 "VOILUTFunction")
+                 "RescaleIntercept", "WindowCenter", "WindowWidth", "VOILUTFunction")
 _NOT_PER_PIXEL = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
                   "ModalityLUTSequence", "VOILUTSequence")
 # As tags: a keyword lookup per element costs more than the rest of the key together.
@@ -384,6 +384,16 @@ LUT_CACHE_SIZE = 32  # distinct headers (each table: 2**16 float32, 256 KiB)
 
 def _frozen(value: Any) -> Any:
     return tuple(value) if isinstance(value, MultiValue | list) else value
+
+
+def _key_item(element: DataElement | RawDataElement) -> tuple[Any, ...]:
+    """One header element as the key holds it: as read (its bytes and encoding), when pydicom
+    has not converted it yet (converting costs more than the table lookup saves), else its
+    value. Either way ``_unit_lut`` rebuilds the element the dataset has."""
+    if isinstance(element, RawDataElement):
+        return ("raw", element.tag, element.VR, element.value, element.is_implicit_VR,
+                element.is_little_endian)
+    return ("value", element.tag, element.VR, _frozen(element.value))
 
 
 def _lut_key(ds: Dataset, spec: InputSpec) -> tuple[Any, ...] | None:
@@ -402,12 +412,8 @@ def _lut_key(ds: Dataset, spec: InputSpec) -> tuple[Any, ...] | None:
         if str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper() not in (
                 "LINEAR", "LINEAR_EXACT"):
             return None
-    elements = []
-    for tag in _LUT_TAGS:
-        if tag in ds:
-            element = ds[tag]
-            elements.append((tag, element.VR, _frozen(element.value)))
-    return (str(ts), spec.window, spec.voi, tuple(elements))
+    elements = tuple(_key_item(ds.get_item(tag)) for tag in _LUT_TAGS if tag in ds)
+    return (str(ts), spec.window, spec.voi, elements)
 
 
 @lru_cache(maxsize=LUT_CACHE_SIZE)
@@ -418,8 +424,12 @@ def _unit_lut(key: tuple[Any, ...], spec: InputSpec) -> np.ndarray:
     tiny = Dataset()
     tiny.file_meta = FileMetaDataset()
     tiny.file_meta.TransferSyntaxUID = uid.UID(ts)
-    for tag, vr, value in elements:
-        tiny.add_new(tag, vr, list(value) if isinstance(value, tuple) else value)
+    for kind, tag, vr, value, *encoding in elements:
+        if kind == "raw":
+            implicit, little = encoding
+            tiny[tag] = RawDataElement(tag, vr, len(value), value, 0, implicit, little)
+        else:
+            tiny.add_new(tag, vr, list(value) if isinstance(value, tuple) else value)
     bits = _int(tiny, "BitsAllocated")
     side = 256 if bits == 16 else 16  # 2**bits code values as a square image
     tiny.Rows = tiny.Columns = side

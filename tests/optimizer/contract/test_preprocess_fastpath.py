@@ -6,11 +6,14 @@ include set unused high bits and negative signed values, so decoding corner case
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom import uid
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from optimizer.contract.manifest import Normalize, Window
@@ -72,6 +75,28 @@ def test_table_lookup_equals_the_reference_bit_for_bit(
     assert np.array_equal(fast, reference)
     assert np.array_equal(preprocess_frames(ds, spec),
                           preprocess_frames(ds, spec, reference=True))
+
+
+@pytest.mark.parametrize("header", HEADERS)
+@pytest.mark.parametrize("syntax", [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian])
+def test_headers_as_read_from_bytes_unconverted(header: tuple, syntax: str) -> None:
+    """A data set read from bytes holds its elements unconverted until used: the table is keyed
+    by those bytes then, and must still equal the reference (here: on a separate read)."""
+    bits, stored, signed, slope, intercept, (center, width), function = header
+    ds = _instance(np.random.default_rng(bits + stored), bits, stored, signed)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.WindowCenter, ds.WindowWidth = center, width
+    if function is not None:
+        ds.VOILUTFunction = function
+    ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    fresh, other = (pydicom.dcmread(io.BytesIO(buffer.getvalue())) for _ in range(2))
+    assert isinstance(fresh.get_item("WindowCenter"), RawDataElement)  # not converted yet
+    fast = native_grey_unit(fresh, SPEC, [0])
+    assert fast is not None
+    assert np.array_equal(fast, grey_to_unit(other, SPEC, decode_frames(other, [0]), [0]))
+    assert np.array_equal(native_grey_unit(other, SPEC, [0]), fast)  # converted, other key
 
 
 @pytest.mark.parametrize("choice", ["middle", "all"])
