@@ -437,7 +437,9 @@ def _unit_lut(key: tuple[Any, ...], spec: InputSpec) -> np.ndarray:
     tiny.PixelData = codes.tobytes()
     stored = pixel_array(tiny)  # pydicom's own decoding: sign, unused high bits
     unit = grey_to_unit(tiny, spec, stored.reshape(1, 1, -1), [0])
-    return np.ascontiguousarray(unit.reshape(-1))
+    table = np.ascontiguousarray(unit.reshape(-1))
+    table.flags.writeable = False  # shared by every caller (and thread) through the cache
+    return table
 
 
 def native_grey_unit(ds: Dataset, spec: InputSpec, indices: list[int]) -> np.ndarray | None:
