@@ -78,7 +78,8 @@ def test_table_lookup_equals_the_reference_bit_for_bit(
 
 
 @pytest.mark.parametrize("header", HEADERS)
-@pytest.mark.parametrize("syntax", [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian])
+@pytest.mark.parametrize("syntax", [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian,
+                                    uid.DeflatedExplicitVRLittleEndian])
 def test_headers_as_read_from_bytes_unconverted(header: tuple, syntax: str) -> None:
     """A data set read from bytes holds its elements unconverted until used: the table is keyed
     by those bytes then, and must still equal the reference (here: on a separate read)."""
