@@ -22,6 +22,7 @@ from services.commands import (
     deploy,
     gateway,
     keys,
+    models,
     optimize,
     outbox,
     reference,
@@ -32,7 +33,8 @@ from services.gateway.phi import quiet_identifier_quoting_loggers
 
 # In `bedside --help` order.
 COMMANDS: dict[str, ModuleType] = {m.NAME: m for m in (
-    demo, optimize, reference, tune, serve, gateway, keys, outbox, conformance, deploy)}
+    demo, optimize, reference, tune, serve, gateway, models, keys, outbox, conformance,
+    deploy)}
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -2,7 +2,9 @@
 
 synthesize DICOM -> train a small MONAI DenseNet -> optimize (ONNX Runtime FP32, FP16, INT8
 QDQ; OpenVINO FP32, BF16, INT8; verify, benchmark, select) -> real Triton on the repository ->
-gateway -> one study by C-STORE and one image by REST -> findings with the latency split.
+gateway -> one study by C-STORE and one image by REST -> findings with the latency split. A
+second version of the model (a copy of the first) runs in shadow beside it, loaded through
+Triton's explicit model control: its results are compared, never returned.
 Everything started is stopped on the way out, Ctrl-C included.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -111,6 +114,19 @@ def _print_result(title: str, result: dict[str, Any]) -> None:
           f"{t['preprocess']:.2f} | inference {t['inference']:.2f} | total {t['total']:.2f}")
 
 
+def _print_shadow(gateway: Gateway) -> None:
+    """The shadow version's agreement with the primary (``bedside models status`` says the
+    same of a running gateway)."""
+    for model in gateway.model_versions.status():
+        for pair in model["agreement"]:
+            for label, s in pair["labels"].items():
+                print(f"  shadow version {pair['candidate']} of {model['name']}: {label} "
+                      f"decisions agree with version {pair['baseline']} on "
+                      f"{s['agreement']:.0%} of {s['comparisons']} inputs (budget "
+                      f"{model['accuracy_budget']['min_agreement']:.0%}); its results were "
+                      "stored apart, never returned or delivered")
+
+
 def run_demo(out: Path, triton_env: Path, sizes: DemoSizes, threads: int = 2) -> int:
     start = time.perf_counter()
     install = TritonInstall.discover(triton_env)  # fail before minutes of training
@@ -139,10 +155,17 @@ def run_demo(out: Path, triton_env: Path, sizes: DemoSizes, threads: int = 2) ->
     ))
     print(result.report_md.read_text(encoding="utf-8"))
 
-    print("[4/5] starting Triton Inference Server and the gateway")
+    print("[4/5] starting Triton Inference Server and the gateway (a copy of the model as "
+          "version 2, in shadow)")
     run_dir = out / "run"
+    model_folder = result.repository / DEMO_MANIFEST.name
+    primary = Manifest.load(model_folder / "manifest.json").version
+    shadow = primary + 1
+    if not (model_folder / str(shadow)).exists():
+        shutil.copytree(model_folder / str(primary), model_folder / str(shadow))
     triton = TritonServer(install, result.repository, run_dir / "triton",
-                          TritonPorts(free_port(), free_port(), free_port()))
+                          TritonPorts(free_port(), free_port(), free_port()),
+                          explicit_models=True)  # the gateway loads versions 1 and 2
     gateway: Gateway | None = None
     try:
         triton.start()
@@ -150,6 +173,7 @@ def run_demo(out: Path, triton_env: Path, sizes: DemoSizes, threads: int = 2) ->
             model_repository=result.repository, model_name=DEMO_MANIFEST.name,
             triton_grpc_url=triton.grpc_url, spool_dir=run_dir / "spool",
             http_port=free_port(), dicom_port=free_port(),
+            shadow_versions=(f"{DEMO_MANIFEST.name}={shadow}",),
         )
         gateway = Gateway(config)
         gateway.start()
@@ -170,6 +194,7 @@ def run_demo(out: Path, triton_env: Path, sizes: DemoSizes, threads: int = 2) ->
             samples = sum(1 for line in resp.read().decode().splitlines()
                           if line.startswith("bedside_gateway_stage_seconds_count"))
         print(f"  {base}/metrics serves {samples} stage-latency histograms")
+        _print_shadow(gateway)
     finally:
         if gateway is not None:
             gateway.stop()

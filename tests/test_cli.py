@@ -26,6 +26,9 @@ def test_quick_demo_runs_everything_and_prints_findings(tmp_path: Path) -> None:
     assert len(re.findall(r"C-STORE study, instance \d: lesion=", out)) == 2
     assert re.search(r"REST image: lesion=(POSITIVE|negative) \(score 0\.\d+", out)
     assert out.count("latency ms: gateway overhead") == 3
+    # version 2 (a copy of version 1) ran in shadow on the same three inputs, and agreed
+    assert re.search(r"shadow version 2 of cxr-lesion: lesion decisions agree with version 1 "
+                     r"on 100% of 3 inputs", out), out[-3000:]
     assert "| onnx-fp32 | fp32 |" in out and "| onnx-fp16 | fp16 |" in out
     assert re.search(r"\| onnx-int8-(minmax|percentile|entropy)(-recovered)? \| int8 \|", out)
     assert (tmp_path / "demo" / "report.json").is_file()

@@ -35,6 +35,8 @@ InferUnit = Literal["instance", "series"]
 Orientation = Literal["axial", "coronal", "sagittal"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAX_SIDE = 4096
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_AE_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$")
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,22 @@ class Selection:
     orientations: tuple[Orientation, ...] = ()  # from ImageOrientationPatient
     min_instances: int = 1
     max_slice_thickness: float | None = None  # mm
+    # Routing rules, checked per instance when it arrives (a gateway serving several models
+    # hands an instance to every model whose rules accept it; one no model accepts is refused):
+    sop_classes: tuple[str, ...] = ()  # SOPClassUID
+    # A regular expression searched (re.search) in SeriesDescription; None: any description.
+    series_description: str | None = None
+    manufacturers: tuple[str, ...] = ()  # Manufacturer, compared case-insensitively
+    calling_aets: tuple[str, ...] = ()  # the DIMSE calling AE title (HTTP edges have none)
 
     def to_dict(self) -> dict[str, Any]:
         return {"modalities": list(self.modalities), "body_parts": list(self.body_parts),
                 "orientations": list(self.orientations), "min_instances": self.min_instances,
-                "max_slice_thickness": self.max_slice_thickness}
+                "max_slice_thickness": self.max_slice_thickness,
+                "sop_classes": list(self.sop_classes),
+                "series_description": self.series_description,
+                "manufacturers": list(self.manufacturers),
+                "calling_aets": list(self.calling_aets)}
 
 
 @dataclass(frozen=True)
@@ -345,10 +358,28 @@ def _selection(r: _Reader) -> Selection:
         raise ManifestError("manifest.selection.min_instances: must be >= 1")
     thickness = (rs.number("max_slice_thickness", positive=True)
                  if rs.get_optional("max_slice_thickness", object) is not None else None)
+    sop_classes = codes("sop_classes")
+    for uid in sop_classes:
+        if not _UID_RE.match(uid):
+            raise ManifestError(f"manifest.selection.sop_classes: {uid!r} is not a UID")
+    pattern = rs.get_optional("series_description", str)
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ManifestError("manifest.selection.series_description: not a valid regular "
+                                f"expression ({exc})") from exc
+    calling_aets = codes("calling_aets")
+    for aet in calling_aets:
+        if not _AE_RE.match(aet):
+            raise ManifestError(f"manifest.selection.calling_aets: {aet!r} is not an AE title "
+                                "(1-16 printable characters, no '\\')")
     return Selection(modalities=codes("modalities"), body_parts=codes("body_parts"),
                      orientations=orientations,  # type: ignore[arg-type]  # checked above
                      min_instances=min_instances if min_instances is not None else 1,
-                     max_slice_thickness=thickness)
+                     max_slice_thickness=thickness, sop_classes=sop_classes,
+                     series_description=pattern, manufacturers=codes("manufacturers"),
+                     calling_aets=calling_aets)
 
 
 class _Reader:

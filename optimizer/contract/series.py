@@ -11,6 +11,7 @@ from their plane functional groups.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, cast
@@ -109,6 +110,24 @@ def not_selected(selection: Selection, headers: Sequence[Dataset]) -> str | None
             return "not_selected_slice_thickness"
     if len(headers) < selection.min_instances:
         return "not_selected_min_instances"
+    return None
+
+
+def not_admitted(selection: Selection, ds: Dataset, calling_aet: str | None = None) -> str | None:
+    """Why one arriving instance is not for the model by its routing rules (SOP class, series
+    description pattern, manufacturer, calling AE title), as a bounded reason
+    (``not_selected_<rule>``); None when every routing rule accepts it. ``calling_aet`` None
+    (an HTTP edge) fails a rule that names calling AE titles."""
+    if selection.sop_classes and str(ds.get("SOPClassUID", "")) not in selection.sop_classes:
+        return "not_selected_sop_class"
+    if selection.series_description is not None and re.search(
+            selection.series_description, str(ds.get("SeriesDescription", ""))) is None:
+        return "not_selected_series_description"
+    if selection.manufacturers and str(ds.get("Manufacturer", "")).strip().casefold() \
+            not in {m.casefold() for m in selection.manufacturers}:
+        return "not_selected_manufacturer"
+    if selection.calling_aets and (calling_aet or "").strip() not in selection.calling_aets:
+        return "not_selected_calling_aet"
     return None
 
 

@@ -3,12 +3,13 @@ STOW-RS, REST, Open Inference Protocol v2 over REST and gRPC)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import uvicorn
@@ -20,14 +21,22 @@ from services.gateway.delivery.routing import load_routes
 from services.gateway.delivery.service import DeliveryService
 from services.gateway.dicom.parsing import read_leniently
 from services.gateway.edges import dicomweb, oip_rest
+from services.gateway.edges import models as models_edge
 from services.gateway.edges.dimse import DicomServer
 from services.gateway.edges.oip import Dataplane
 from services.gateway.edges.oip_grpc import OipGrpcServer
 from services.gateway.edges.rest import create_app, error_response
 from services.gateway.errors import Unavailable
 from services.gateway.inference.core import InferenceCore, Inferer
-from services.gateway.inference.triton import BREAKER_STATES, CircuitBreaker, TritonInferer
+from services.gateway.inference.triton import (
+    BREAKER_STATES,
+    CircuitBreaker,
+    TritonInferer,
+    load_versions,
+)
+from services.gateway.inference.versions import VersionedCore, VersionPlan
 from services.gateway.intake.ingest import Ingestor
+from services.gateway.intake.models import ModelLane, ModelVersions, ShadowRecorder, lane_root
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import quiet_identifier_quoting_loggers
 from services.gateway.processing.grouping import GroupingPolicy
@@ -46,6 +55,7 @@ from services.gateway.security.tls import CertFiles, ReloadingGrpcCredentials, R
 from services.gateway.store.jobs import STATES as JOB_STATES
 from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import Spool
+from services.gateway.store.versions import VersionStore
 
 LOG = logging.getLogger(__name__)
 
@@ -62,43 +72,77 @@ class ServingInferer(Inferer, Protocol):
     def close(self) -> None: ...
 
 
+def _load_manifest(config: GatewayConfig, name: str) -> Manifest:
+    manifest = Manifest.load(config.model_repository / name / "manifest.json")
+    if manifest.name != name:
+        raise ConfigError(f"manifest names model {manifest.name!r}, "
+                          f"configured model is {name!r}")
+    return manifest
+
+
 class Gateway:
     """Start with ``start()``; ``stop()`` closes listeners first, then drains the worker."""
 
-    def __init__(self, config: GatewayConfig, inferer: ServingInferer | None = None) -> None:
-        """``inferer`` replaces the Triton gRPC client (tests, embedding); by default the
-        gateway talks to ``config.triton_grpc_url``."""
+    def __init__(self, config: GatewayConfig, inferer: ServingInferer | None = None,
+                 inferers: Mapping[str, ServingInferer] | None = None) -> None:
+        """``inferer`` replaces the Triton gRPC client of the default model, ``inferers``
+        those of the other served models by name (tests, embedding); by default the gateway
+        talks to ``config.triton_grpc_url``. Every served model's manifest is loaded and
+        checked (grouping, selection rules) here: a bad one stops the start with its reason."""
         self.config = config
-        self.manifest = Manifest.load(config.manifest_path)
-        if self.manifest.name != config.model_name:
-            raise ConfigError(f"manifest names model {self.manifest.name!r}, "
-                              f"configured model is {config.model_name!r}")
+        self.manifest = _load_manifest(config, config.model_name)
+        others = {name: _load_manifest(config, name) for name in config.served_models[1:]}
         read_leniently()
         self.metrics = GatewayMetrics()
-        self.inferer: ServingInferer = inferer or TritonInferer(
-            config.triton_grpc_url, config.model_name, self.manifest.input.name,
-            self.manifest.output.name, config.triton_timeout_s,
-            CircuitBreaker(config.triton_breaker_failures, config.triton_breaker_cooldown_s),
-        )
-        self.core = InferenceCore(self.manifest, self.inferer)
+        # Versions: the primary each model's manifest names, unless a promotion or rollback
+        # saved another (store/versions.py); shadow and canary versions from the settings.
+        self.version_store = VersionStore(config.spool_dir)
+        self._saved_versions = self.version_store.load()
+        self._version_settings = config.version_settings()
+        unknown = sorted(set(self._version_settings) - set(config.served_models))
+        if unknown:
+            raise ConfigError(f"--shadow/--canary name model(s) {unknown} this gateway does "
+                              f"not serve ({', '.join(config.served_models)})")
+        self._injected: dict[str, ServingInferer] = dict(inferers or {})
+        if inferer is not None:
+            self._injected[self.manifest.name] = inferer
+        self.recorders: dict[str, ShadowRecorder] = {}
+        self._version_labels: dict[str, list[tuple[str, str, str]]] = {}
+        self.core = self._versioned(self.manifest)
+        self.inferer = cast(ServingInferer, self.core.inferer)
         self.spool = Spool(config.spool_dir)
         self.results = ResultStore(config.spool_dir)
-        # Results delivery when routes are configured: the worker hands completed groups to
-        # its outbox; delivered groups mark their jobs delivered in the worker's job table.
-        self.delivery = (DeliveryService(load_routes(config.routes_file), config.spool_dir,
-                                         self.manifest, self.metrics,
-                                         mark_delivered=self._mark_delivered)
-                         if config.routes_file is not None else None)
+        # Results delivery when routes are configured: the workers hand completed groups to
+        # one outbox; delivered groups mark their jobs delivered in their model's job table.
+        routes = load_routes(config.routes_file) if config.routes_file is not None else None
+        if routes is not None:
+            routes.check_models(config.served_models)
+        self.delivery = (DeliveryService(routes, config.spool_dir, self.manifest, self.metrics,
+                                         mark_delivered=self._mark_delivered,
+                                         manifests={self.manifest.name: self.manifest,
+                                                    **others})
+                         if routes is not None else None)
         self.worker = SpoolWorker(
             self.core, self.spool, self.results, self.metrics, config.triton_retry_backoff_s,
             sink=self.delivery, retention_s=config.job_retention_s,
             policy=GroupingPolicy.resolve(self.manifest, config.group_level,
                                           config.group_timeout_s))
+        # One lane per served model (intake/models.py); the default model's is the gateway's
+        # own spool, worker and results, as when it serves one model.
+        self.lanes: list[ModelLane] = [ModelLane(self.manifest.name, self.core, self.spool,
+                                                 self.results, self.worker)]
+        for name, manifest in others.items():
+            self.lanes.append(self._lane(manifest, (inferers or {}).get(name)))
         self._export_state_metrics()
         self.ingestor = Ingestor(self.core, self.spool, self.worker, self.metrics,
                                  config.max_spool_depth, config.max_request_bytes,
-                                 config.min_free_bytes, returns=self.delivery)
+                                 config.min_free_bytes, returns=self.delivery,
+                                 lanes=self.lanes)
         self.audit = AuditLog(config.audit_log, config.audit_syslog)
+        self.model_versions = ModelVersions(
+            self.lanes, self.version_store, self._make_core,
+            None if self._injected else partial(load_versions, config.triton_grpc_url),
+            self._version_changed, self.recorders)
         self.guard = Guard(
             KeyStore(config.api_keys) if config.api_keys is not None else None, self.audit,
             RateLimiter(config.rate_limit_per_s, config.rate_limit_burst),
@@ -107,7 +151,7 @@ class Gateway:
         cert_files = (CertFiles(config.tls_cert, config.tls_key, config.tls_ca)
                       if config.http_tls and config.tls_cert and config.tls_key else None)
         self.dimse = DicomServer(config, self.ingestor, self.metrics, audit=self.audit)
-        self.oip = Dataplane(self.core, self.results, self.metrics, self.ready)
+        self.oip = Dataplane(self.core, self.results, self.metrics, self.ready, self.lanes)
         self.grpc = (OipGrpcServer(
             self.oip, self.metrics, config.http_host, config.grpc_port,
             config.max_request_bytes, interceptors=[GuardInterceptor(self.guard)],
@@ -118,7 +162,8 @@ class Gateway:
         app = create_app(
             self.core, self.results, self.metrics, self.ready, config.max_request_bytes,
             self.ingestor,
-            extra_routes=[*dicomweb.create_routes(self.ingestor, self.metrics,
+            extra_routes=[*models_edge.create_routes(self.model_versions, self.metrics),
+                          *dicomweb.create_routes(self.ingestor, self.metrics,
                                                   config.max_request_bytes),
                           *oip_rest.create_routes(self.oip, self.metrics,
                                                   config.max_request_bytes)],
@@ -142,11 +187,109 @@ class Gateway:
         ))
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
 
+    def _triton(self, manifest: Manifest, version: int | None = None) -> TritonInferer:
+        config = self.config
+        return TritonInferer(
+            config.triton_grpc_url, manifest.name, manifest.input.name, manifest.output.name,
+            config.triton_timeout_s,
+            CircuitBreaker(config.triton_breaker_failures, config.triton_breaker_cooldown_s),
+            version=version)
+
+    def _make_core(self, manifest: Manifest, version: int) -> InferenceCore:
+        """The core of one version: an injected inferer (``name@version``, or ``name`` for
+        the manifest's version), else a Triton client pinned to that version."""
+        name = manifest.name
+        inferer = self._injected.get(f"{name}@{version}") or (
+            self._injected.get(name) if version == manifest.version else None)
+        return InferenceCore(dataclasses.replace(manifest, version=version),
+                             inferer or self._triton(manifest, version))
+
+    def _versioned(self, manifest: Manifest) -> VersionedCore:
+        """A model's versions as one core, with its plan (saved primary, settings) and the
+        recorder of its shadow's results (``<lane>/shadow/``)."""
+        name = manifest.name
+        saved = self._saved_versions.get(name, {})
+        primary = saved.get("primary") or manifest.version
+        shadow, canary, share = self._version_settings.get(name, (None, None, 0.0))
+        plan = VersionPlan(primary=primary, previous=saved.get("previous"),
+                           shadow=None if shadow == primary else shadow,
+                           canary=None if canary == primary else canary,
+                           share=0.0 if canary == primary else share)
+        root = lane_root(self.config.spool_dir, name, default=name == self.config.model_name)
+        recorder = ShadowRecorder(manifest, ResultStore(root / "shadow"), self.metrics)
+        self.recorders[name] = recorder
+        if not self._injected and (len(plan.versions) > 1 or plan.previous is not None):
+            try:
+                load_versions(self.config.triton_grpc_url, name,
+                              sorted(set(plan.versions) | {plan.previous or plan.primary}))
+            except Unavailable as exc:  # Triton not in explicit mode: its own policy serves
+                LOG.warning("model %s: versions not loaded through Triton's API (%s: %s)",
+                            name, exc.reason, exc)
+        cores = {v: self._make_core(manifest, v) for v in plan.versions}
+        self._export_versions(name, plan, manifest)
+        return VersionedCore(cores, plan, recorder)
+
+    def _export_versions(self, name: str, plan: VersionPlan,
+                         manifest: Manifest | None = None) -> None:
+        if manifest is not None:
+            budget = manifest.accuracy_budget
+            self.metrics.accuracy_budget.labels(name, "min_agreement").set(budget.min_agreement)
+            self.metrics.accuracy_budget.labels(name, "max_dice_drop").set(budget.max_dice_drop)
+        for labels in self._version_labels.pop(name, []):
+            self.metrics.model_version.remove(*labels)
+        current = [(name, role, str(v)) for role, v in
+                   (("primary", plan.primary), ("shadow", plan.shadow),
+                    ("canary", plan.canary)) if v is not None]
+        for labels in current:
+            self.metrics.model_version.labels(*labels).set(1)
+        self._version_labels[name] = current
+        self.metrics.canary_share.labels(name).set(plan.share if plan.canary else 0.0)
+
+    def _version_changed(self, name: str, action: str, old: VersionPlan,
+                         new: VersionPlan) -> None:
+        self.audit.write("model_version", "rest", action, "ok", model=name,
+                         from_version=old.primary, to_version=new.primary, plan=new.to_dict())
+        self._export_versions(name, new)
+
+    def _lane(self, manifest: Manifest, inferer: ServingInferer | None) -> ModelLane:
+        """Another served model: its own core, spool folder, job table, results and worker,
+        grouped by its own manifest (the gateway's grouping flags apply to the default model
+        only), sharing the delivery outbox."""
+        core = self._versioned(manifest)
+        root = lane_root(self.config.spool_dir, manifest.name, default=False)
+        spool, results = Spool(root), ResultStore(root)
+        worker = SpoolWorker(core, spool, results, self.metrics,
+                             self.config.triton_retry_backoff_s, sink=self.delivery,
+                             retention_s=self.config.job_retention_s,
+                             policy=GroupingPolicy.resolve(manifest))
+        return ModelLane(manifest.name, core, spool, results, worker)
+
+    def _inferers(self) -> list[ServingInferer]:
+        """The primary version's inferer of every model."""
+        return [cast(ServingInferer, lane.core.inferer) for lane in self.lanes]
+
+    def _all_inferers(self) -> list[ServingInferer]:
+        found: list[ServingInferer] = []
+        for lane in self.lanes:
+            cores = (lane.core.cores.values() if isinstance(lane.core, VersionedCore)
+                     else [lane.core])
+            found.extend(cast(ServingInferer, c.inferer) for c in cores
+                         if all(c.inferer is not f for f in found))
+        return found
+
+    def _jobs(self, state: str) -> int:
+        return sum(lane.worker.jobs.count(state) for lane in self.lanes)
+
     def _export_state_metrics(self) -> None:
-        """Job states (read from the job table at scrape time) and the breaker's state."""
-        jobs = self.worker.jobs
+        """Job states (read from every model's job table at scrape time) and the breaker's
+        state."""
         for state in JOB_STATES:
-            self.metrics.jobs.labels(state).set_function(partial(jobs.count, state))
+            self.metrics.jobs.labels(state).set_function(partial(self._jobs, state))
+        if len(self.lanes) > 1:  # each model's worker sets these to its own: sum them instead
+            self.metrics.spool_depth.set_function(
+                lambda: sum(lane.worker.depth for lane in self.lanes))
+            self.metrics.groups_open.set_function(
+                lambda: sum(lane.worker.open_groups for lane in self.lanes))
         breaker = getattr(self.inferer, "breaker", None)
         if isinstance(breaker, CircuitBreaker):
             for state in BREAKER_STATES:
@@ -154,27 +297,35 @@ class Gateway:
                     partial(_is_state, breaker, state))
 
     def _mark_delivered(self, names: Sequence[str]) -> None:
-        self.worker.jobs.mark_delivered(names)
+        """Spool names are unique across models: each lane marks the ones it holds."""
+        for lane in self.lanes:
+            lane.worker.jobs.mark_delivered(names)
 
     def ready(self) -> bool:
-        return (self.dimse.listening and self._http.started and self.worker.alive
+        return (self.dimse.listening and self._http.started
+                and all(lane.worker.alive for lane in self.lanes)
                 and (self.delivery is None or self.delivery.alive)
-                and (self.grpc is None or self.grpc.listening) and self.inferer.ready())
+                and (self.grpc is None or self.grpc.listening)
+                and all(inferer.ready() for inferer in self._inferers()))
 
     def _warm_up(self) -> None:
-        """One zero-image inference: opens the gRPC channel and checks that Triton takes the
-        manifest's input shape. Triton being down is not fatal: spooled work waits for it."""
-        try:
-            self.inferer.infer(np.zeros((1, *self.manifest.input.shape), dtype=np.float32))
-        except Unavailable as exc:
-            LOG.warning("warm-up inference failed (%s); starting anyway", exc.reason)
+        """One zero-image inference per model: opens the gRPC channel and checks that Triton
+        takes the manifest's input shape. Triton being down is not fatal: spooled work waits
+        for it."""
+        for lane, inferer in zip(self.lanes, self._inferers(), strict=True):
+            try:
+                inferer.infer(np.zeros((1, *lane.manifest.input.shape), dtype=np.float32))
+            except Unavailable as exc:
+                LOG.warning("warm-up inference of %s failed (%s); starting anyway", lane.name,
+                            exc.reason)
 
     def start(self, timeout_s: float = 10.0) -> None:
         quiet_identifier_quoting_loggers()  # before anything builds or parses a data set
         self._warm_up()
         if self.delivery is not None:
             self.delivery.start()
-        self.worker.start()
+        for lane in self.lanes:
+            lane.worker.start()
         self.dimse.start()
         if self.grpc is not None:
             try:
@@ -200,10 +351,13 @@ class Gateway:
         self._http.should_exit = True
         if self._http_thread.is_alive():
             self._http_thread.join(timeout=10)
-        self.worker.stop()
-        if self.delivery is not None:  # after the worker (no accept in flight), before jobs
+        for lane in self.lanes:
+            lane.worker.stop()
+        if self.delivery is not None:  # after the workers (no accept in flight), before jobs
             self.delivery.stop()
-        self.worker.jobs.close()
-        self.inferer.close()
+        for lane in self.lanes:
+            lane.worker.jobs.close()
+        for inferer in self._all_inferers():
+            inferer.close()
         self.audit.close()
         LOG.info("gateway stopped")

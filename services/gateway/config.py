@@ -99,6 +99,25 @@ class GatewayConfig:
     spool_dir: Path = setting(
         flag="--spool", command_default=Path("bedside-spool"),
         chart_fixed="/var/lib/bedside/spool", why="the spool volume's mount path")
+    # More models served besides ``model_name`` (the default model, which /v1/infer uses
+    # unless told otherwise): their manifests are read from the same repository; "*" serves
+    # every model of the repository that has a manifest.json.
+    models: tuple[str, ...] = setting(
+        (), flag="--serve-model", metavar="NAME", chart="gateway.models",
+        help="another model of the repository to serve as well (repeatable; '*': every model "
+             "with a manifest.json in --repository)")
+    # Versions (inference/versions.py): a shadow version runs beside the primary on the same
+    # inputs (stored and compared, never returned or delivered); a canary version answers for
+    # a share of studies (sticky per study). `bedside models promote|rollback` changes the
+    # primary while the gateway runs; that choice is kept on the spool volume.
+    shadow_versions: tuple[str, ...] = setting(
+        (), flag="--shadow", metavar="MODEL=VERSION", chart="gateway.versions.shadow",
+        help="run VERSION of MODEL in shadow: inferred on the same inputs, compared with the "
+             "primary, never returned or delivered (repeatable)")
+    canary_versions: tuple[str, ...] = setting(
+        (), flag="--canary", metavar="MODEL=VERSION:SHARE", chart="gateway.versions.canary",
+        help="VERSION of MODEL answers for SHARE (0-1) of studies, chosen per study "
+             "(repeatable)")
     http_host: str = setting(
         "127.0.0.1", flag="--http-host", chart_fixed="0.0.0.0",
         why="a pod listens on every address; Services and NetworkPolicies choose who connects")
@@ -339,10 +358,11 @@ class GatewayConfig:
             raise ConfigError("triton_breaker_failures must be >= 1 and "
                               "triton_breaker_cooldown_s > 0")
         self._check_security()
-        if not (self.model_repository / self.model_name / "manifest.json").is_file():
-            raise ConfigError(
-                f"no manifest.json for model {self.model_name!r} in {self.model_repository}"
-            )
+        self.version_settings()  # ConfigError when malformed
+        for name in (self.model_name, *(m for m in self.models if m != "*")):
+            if not (self.model_repository / name / "manifest.json").is_file():
+                raise ConfigError(
+                    f"no manifest.json for model {name!r} in {self.model_repository}")
 
     def _check_security(self) -> None:
         if self.http_tls and self.tls_cert is None:
@@ -371,6 +391,41 @@ class GatewayConfig:
     def manifest_path(self) -> Path:
         return self.model_repository / self.model_name / "manifest.json"
 
+    def version_settings(self) -> dict[str, tuple[int | None, int | None, float]]:
+        """Per model named by --shadow/--canary: (shadow version, canary version, share)."""
+        out: dict[str, tuple[int | None, int | None, float]] = {}
+        for text in self.shadow_versions:
+            name, version = _model_version(text, "shadow")
+            shadow, canary, share = out.get(name, (None, None, 0.0))
+            if shadow is not None:
+                raise ConfigError(f"shadow: two shadow versions of {name}")
+            out[name] = (int(version), canary, share)
+        for text in self.canary_versions:
+            name, rest = _model_version(text, "canary")
+            version, _, share_text = rest.partition(":")
+            try:
+                share = float(share_text)
+            except ValueError:
+                share = -1.0
+            if not version.isdigit() or not 0.0 <= share <= 1.0:
+                raise ConfigError(f"canary {text!r}: MODEL=VERSION:SHARE, SHARE from 0 to 1")
+            shadow, canary, _ = out.get(name, (None, None, 0.0))
+            if canary is not None:
+                raise ConfigError(f"canary: two canary versions of {name}")
+            out[name] = (shadow, int(version), share)
+        return out
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """Every model served, the default model first: ``model_name``, then ``models`` in
+        order ("*": every folder of the repository with a manifest.json, by name)."""
+        names = [self.model_name]
+        for name in self.models:
+            found = ([p.parent.name for p in sorted(self.model_repository.glob("*/manifest.json"))]
+                     if name == "*" else [name])
+            names.extend(n for n in found if n not in names)
+        return tuple(names)
+
     def dicom_tls_context(self) -> ssl.SSLContext | None:
         """The server-side TLS context for the DIMSE listener, or None without DICOM TLS."""
         if self.tls_cert is None or self.tls_key is None or not self.dicom_tls:
@@ -385,6 +440,15 @@ class GatewayConfig:
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"DICOM TLS certificate, key or CA unusable: {exc}") from exc
         return ctx
+
+
+def _model_version(text: str, what: str) -> tuple[str, str]:
+    name, sep, version = text.partition("=")
+    if not sep or not name or not version:
+        raise ConfigError(f"{what} {text!r}: expected MODEL=VERSION")
+    if what == "shadow" and not (version.isdigit() and int(version) >= 1):
+        raise ConfigError(f"shadow {text!r}: VERSION must be a number >= 1")
+    return name, version
 
 
 _REQUIRED = frozenset(f.name for f in dataclasses.fields(GatewayConfig)

@@ -69,6 +69,45 @@ class GatewayMetrics:
             "with backoff), by level", ["level"], registry=self.registry,
         )
 
+        # Versions of one model (inference/versions.py, intake/models.py): baseline is the
+        # primary version, candidate the shadow version; label is one of the manifest's labels
+        # (bounded, no patient data). Agreement = agree="true" / all, per label.
+        version_labels = ["model", "baseline", "candidate", "label"]
+        self.version_decisions = Counter(
+            "bedside_gateway_version_decisions", "Shadow-versus-primary decisions per label "
+            "(agree true or false), classification models", [*version_labels, "agree"],
+            registry=self.registry,
+        )
+        self.version_score_error = Histogram(
+            "bedside_gateway_version_score_error", "Absolute score difference between the "
+            "shadow and the primary version per label, classification models", version_labels,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=self.registry,
+        )
+        self.version_dice = Histogram(
+            "bedside_gateway_version_dice", "Dice between the shadow's and the primary's masks "
+            "per class, segmentation models", version_labels,
+            buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 1.0), registry=self.registry,
+        )
+        self.shadow_failures = Counter(
+            "bedside_gateway_shadow_failures", "Shadow inferences that failed (never affecting "
+            "the primary's answer), by reason", ["model", "candidate", "reason"],
+            registry=self.registry,
+        )
+        self.accuracy_budget = Gauge(
+            "bedside_gateway_model_accuracy_budget", "The manifest's accuracy budget, for the "
+            "agreement alerts: kind min_agreement or max_dice_drop", ["model", "kind"],
+            registry=self.registry,
+        )
+        self.model_version = Gauge(
+            "bedside_gateway_model_version", "1 for each version in use, by role (primary, "
+            "shadow, canary)", ["model", "role", "version"], registry=self.registry,
+        )
+        self.canary_share = Gauge(
+            "bedside_gateway_canary_share", "Share of studies the canary version answers",
+            ["model"], registry=self.registry,
+        )
+
     def observe(self, model: str, protocol: str, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
             if stage in STAGES:

@@ -267,7 +267,8 @@ def test_monitoring_objects(case: tuple[dict[str, Any], list[dict]]) -> None:
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
     assert alerts == {"BedsideLatencyP95High", "BedsideErrorRatioHigh", "BedsideQueueTimeHigh",
                       "BedsideTritonDown", "BedsideGatewayDown", "BedsideDeliveryDeadLetters",
-                      "BedsideDeliveryStalled"}
+                      "BedsideDeliveryStalled", "BedsideShadowAgreementLow",
+                      "BedsideShadowDiceLow"}
     dashboard = next(d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith(
         "-dashboard"))
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -314,3 +315,24 @@ def test_template_guards() -> None:
         render({"model": {"repository": {"source": "objectStore"}}})
     with pytest.raises(helm.HelmError, match=r"must equal model\.name"):
         render({"model": {"name": "other"}})
+
+
+def test_several_models_each_manifest_mounted_and_served() -> None:
+    seg = {**yaml.safe_load((CHART / "values.yaml").read_text())["model"]["manifest"],
+           "name": "ct-seg", "task": "segmentation"}
+    docs = objects(render({"model": {"others": [seg]},
+                           "gateway": {"models": ["ct-seg"],
+                                       "versions": {"shadow": ["ct-seg=2"],
+                                                    "canary": ["cxr-lesion=3:0.1"]}}}))
+    (config,) = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-model")]
+    assert json.loads(config["data"]["ct-seg.manifest.json"])["task"] == "segmentation"
+    (gateway,) = of_kind(docs, "StatefulSet")
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert "--serve-model=ct-seg" in args and "--shadow=ct-seg=2" in args
+    assert "--canary=cxr-lesion=3:0.1" in args
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/bedside/models/ct-seg/manifest.json"]["subPath"] == \
+        "ct-seg.manifest.json"
+    with pytest.raises(helm.HelmError, match=r"give its manifest in model\.others"):
+        render({"gateway": {"models": ["absent"]}})

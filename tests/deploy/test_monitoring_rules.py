@@ -39,7 +39,7 @@ def rules_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_promtool_accepts_the_rendered_rules(rules_file: Path) -> None:
     out = run_promtool("check", "rules", str(rules_file), cwd=rules_file.parent)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 11 rules found" in out.stdout
+    assert "SUCCESS: 13 rules found" in out.stdout
 
 
 def test_promtool_check_can_fail(tmp_path: Path) -> None:
@@ -178,4 +178,69 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules), encoding="utf-8")
     out = run_promtool("check", "rules", str(path), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_shadow_agreement_alerts_fire_below_the_manifest_budget(rules_file: Path) -> None:
+    """Over the chart's window (1h, at least 20 comparisons): a shadow classifier agreeing on
+    90% of decisions against a 0.95 budget fires, one agreeing on 99% does not, one whose
+    every decision disagrees fires with 0%; a shadow segmentation model with mean Dice 0.9
+    against a 0.01 Dice budget fires, one with 0.995 does not."""
+    pair = {**NS, "baseline": "1", "candidate": "2", "label": "lesion"}
+    good, bad, none = ({**pair, "model": m} for m in ("cxr-good", "cxr-bad", "cxr-none"))
+    seg_good, seg_bad = ({**pair, "model": m} for m in ("seg-good", "seg-bad"))
+
+    def decisions(labels: dict[str, str], agree: int, disagree: int) -> list[dict[str, str]]:
+        return [_series("bedside_gateway_version_decisions_total", {**labels, "agree": "true"},
+                        f"0+{agree}x90"),
+                _series("bedside_gateway_version_decisions_total",
+                        {**labels, "agree": "false"}, f"0+{disagree}x90")]
+
+    def budget(model: str, kind: str, value: float) -> dict[str, str]:
+        return _series("bedside_gateway_model_accuracy_budget",
+                       {**NS, "model": model, "kind": kind}, f"{value}x90")
+
+    def dice(labels: dict[str, str], mean: float) -> list[dict[str, str]]:
+        return [_series("bedside_gateway_version_dice_sum", labels, f"0+{mean}x90"),
+                _series("bedside_gateway_version_dice_count", labels, "0+1x90")]
+
+    tests = {"rule_files": [rules_file.name], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            *decisions(good, 99, 1), *decisions(bad, 9, 1),
+            _series("bedside_gateway_version_decisions_total", {**none, "agree": "false"},
+                    "0+2x90"),
+            *(budget(m, "min_agreement", 0.95) for m in ("cxr-good", "cxr-bad", "cxr-none")),
+            *dice(seg_good, 0.995), *dice(seg_bad, 0.9),
+            *(budget(m, "max_dice_drop", 0.01) for m in ("seg-good", "seg-bad")),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "80m", "alertname": "BedsideShadowAgreementLow", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", **{k: v for k, v in bad.items()
+                                                          if k != "namespace"}},
+                 "exp_annotations": {
+                     "summary": "Shadow version agrees less than the accuracy budget allows",
+                     "description": "Version 2 of cxr-bad agrees with primary 1 on 90% of "
+                                    "lesion decisions over 1h: do not promote it."}},
+                {"exp_labels": {"severity": "warning", **{k: v for k, v in none.items()
+                                                          if k != "namespace"}},
+                 "exp_annotations": {
+                     "summary": "Shadow version agrees less than the accuracy budget allows",
+                     "description": "Version 2 of cxr-none agrees with primary 1 on 0% of "
+                                    "lesion decisions over 1h: do not promote it."}}]},
+            {"eval_time": "80m", "alertname": "BedsideShadowDiceLow", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", **{k: v for k, v in seg_bad.items()
+                                                          if k != "namespace"}},
+                 "exp_annotations": {
+                     "summary": "Shadow version's masks differ more than the accuracy budget "
+                                "allows",
+                     "description": "Version 2 of seg-bad has a mean Dice of 0.900 against "
+                                    "primary 1 for lesion over 1h: do not promote it."}}]},
+            # too few comparisons yet (10 minutes of 1 Dice per minute < 20): quiet
+            {"eval_time": "10m", "alertname": "BedsideShadowDiceLow", "exp_alerts": []},
+        ],
+    }]}
+    test_file = rules_file.parent / "agreement_test.yml"
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False), encoding="utf-8")
+    out = run_promtool("test", "rules", test_file.name, cwd=rules_file.parent)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -46,7 +46,8 @@ CHANGED: dict[str, Any] = {
     "ae_title": "OTHER_AE", "group_level": "series",
     "group_timeout_s": 30.0, "allowed_calling_aets": ["CT1", "PACS"],
     "allowed_sources": ["10.1.0.0/16"], "audit_log": "/var/lib/bedside/spool/audit.jsonl",
-    "audit_syslog": "syslog.logging.svc:514",
+    "audit_syslog": "syslog.logging.svc:514", "models": ["*"],
+    "shadow_versions": ["tiny-cxr=2"], "canary_versions": ["tiny-cxr=3:0.25"],
 }
 
 

@@ -169,7 +169,7 @@ def test_both_targets_are_scraped(live: Live) -> None:
 
 
 def test_every_dashboard_query_is_plausible_on_live_data(live: Live) -> None:
-    assert len(DASHBOARD) == 12, "a panel was added or removed: say here what it must show"
+    assert len(DASHBOARD) == 15, "a panel was added or removed: say here what it must show"
     q: dict[str, list[list[dict[str, Any]]]] = {}
     for title, expr in DASHBOARD:
         q.setdefault(title, []).append(live.query(expr))
@@ -211,6 +211,11 @@ def test_every_dashboard_query_is_plausible_on_live_data(live: Live) -> None:
     # CPU-only Triton (--allow-gpu-metrics=false, no GPU here): no GPU series, by design.
     assert gpu == []
 
+    # this stack runs no shadow version: no agreement series, the manifest's budget shown
+    agreement, dice, budget = q["Shadow agreement with the primary, against the accuracy budget"]
+    assert agreement == [] and dice == []
+    assert by(budget, "model") == {MODEL: TINY_MANIFEST.accuracy_budget.min_agreement}
+
 
 def _rules(spec: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [r for g in spec["groups"] for r in g["rules"] if kind in r]
@@ -245,9 +250,11 @@ def test_alert_expressions_match_the_live_state(live: Live) -> None:
     alerts = {r["alert"]: r["expr"] for r in _rules(live.rules, "alert")}
     assert set(alerts) == {"BedsideLatencyP95High", "BedsideErrorRatioHigh",
                            "BedsideQueueTimeHigh", "BedsideTritonDown", "BedsideGatewayDown",
-                           "BedsideDeliveryDeadLetters", "BedsideDeliveryStalled"}
+                           "BedsideDeliveryDeadLetters", "BedsideDeliveryStalled",
+                           "BedsideShadowAgreementLow", "BedsideShadowDiceLow"}
     for quiet in ("BedsideErrorRatioHigh", "BedsideTritonDown", "BedsideGatewayDown",
-                  "BedsideDeliveryDeadLetters", "BedsideDeliveryStalled"):
+                  "BedsideDeliveryDeadLetters", "BedsideDeliveryStalled",
+                  "BedsideShadowAgreementLow", "BedsideShadowDiceLow"):
         assert live.query(alerts[quiet]) == [], quiet
 
     def above(record: str, limit: float) -> set[tuple[tuple[str, str], ...]]:

@@ -152,13 +152,15 @@ Destination = DimseDestination | StowDestination
 class Route:
     """Matches a group when every given criterion matches (an empty one matches anything):
     one of the group's calling AE titles is in ``calling_aets``, one of its protocols is in
-    ``protocols``. A ``default`` route has no criteria and is used when no other matches."""
+    ``protocols``, the model whose results it carries is in ``models``. A ``default`` route has
+    no criteria and is used when no other matches."""
 
     name: str
     destinations: tuple[str, ...]
     calling_aets: tuple[str, ...] = ()
     protocols: tuple[str, ...] = ()
     default: bool = False
+    models: tuple[str, ...] = ()  # model names (manifest names); checked against those served
     deidentify: bool = False
     # Private tags (as 0xGGGGEEEE) kept by de-identification; all other private tags go.
     retain_private: tuple[int, ...] = ()
@@ -171,12 +173,12 @@ class Route:
         _check_name(self.name, "route")
         if not self.destinations:
             raise ConfigError(f"route {self.name}: names no destination")
-        if self.default and (self.calling_aets or self.protocols):
-            raise ConfigError(f"route {self.name}: a default route has no calling_aets or "
-                              "protocols")
-        if not self.default and not (self.calling_aets or self.protocols):
-            raise ConfigError(f"route {self.name}: give calling_aets and/or protocols, or "
-                              "mark it default: true")
+        if self.default and (self.calling_aets or self.protocols or self.models):
+            raise ConfigError(f"route {self.name}: a default route has no calling_aets, "
+                              "protocols or models")
+        if not self.default and not (self.calling_aets or self.protocols or self.models):
+            raise ConfigError(f"route {self.name}: give calling_aets, protocols and/or models, "
+                              "or mark it default: true")
         for aet in self.calling_aets:
             if not _AE_RE.match(aet) or aet != aet.strip():
                 raise ConfigError(f"route {self.name}: calling AE title {aet!r} is not valid")
@@ -190,11 +192,13 @@ class Route:
             raise ConfigError(f"route {self.name}: deidentify and reidentify exclude each "
                               "other (identified results go to identified destinations)")
 
-    def matches(self, protocols: Sequence[str], calling_aets: Sequence[str]) -> bool:
+    def matches(self, protocols: Sequence[str], calling_aets: Sequence[str],
+                model: str = "") -> bool:
         if self.default:
             return False
         return ((not self.calling_aets or any(a in self.calling_aets for a in calling_aets))
-                and (not self.protocols or any(p in self.protocols for p in protocols)))
+                and (not self.protocols or any(p in self.protocols for p in protocols))
+                and (not self.models or model in self.models))
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,15 @@ class RoutesConfig:
     # How long the reverse map keeps a study after its last de-identified copy went out: an
     # object coming back later is no longer recognised (and is treated as any other).
     deid_retention_s: float = 365 * 86400.0
+
+    def check_models(self, served: Sequence[str]) -> None:
+        """ConfigError when a route names a model the gateway does not serve (checked at
+        start, when the served models are known)."""
+        for route in self.routes:
+            unknown = [m for m in route.models if m not in served]
+            if unknown:
+                raise ConfigError(f"route {route.name}: model(s) {unknown} not served by this "
+                                  f"gateway ({', '.join(served)})")
 
     def __post_init__(self) -> None:
         if not self.routes:
@@ -230,10 +243,11 @@ class RoutesConfig:
         if self.deid_secret is not None and len(self.deid_secret) < 16:
             raise ConfigError("deidentification secret: at least 16 bytes")
 
-    def route_for(self, protocols: Sequence[str], calling_aets: Sequence[str]) -> Route | None:
+    def route_for(self, protocols: Sequence[str], calling_aets: Sequence[str],
+                  model: str = "") -> Route | None:
         """The first matching route in file order, else the default route, else None."""
         for route in self.routes:
-            if route.matches(protocols, calling_aets):
+            if route.matches(protocols, calling_aets, model):
                 return route
         return next((r for r in self.routes if r.default), None)
 
@@ -381,7 +395,8 @@ def _route(raw: object, index: int) -> Route:
     where = f"routes[{index}]"
     raw = _mapping(where, raw)
     _keys(where, raw, {"name", "destinations", "calling_aets", "protocols", "default",
-                       "deidentify", "retain_private", "reidentify"}, {"name", "destinations"})
+                       "deidentify", "retain_private", "reidentify", "models"},
+              {"name", "destinations"})
     name = raw["name"]
     if not isinstance(name, str):
         raise ConfigError(f"{where}.name: expected a string")
@@ -395,6 +410,7 @@ def _route(raw: object, index: int) -> Route:
         name=name, destinations=_strings(f"route {name}.destinations", raw["destinations"]),
         calling_aets=_strings(f"route {name}.calling_aets", raw.get("calling_aets", [])),
         protocols=_strings(f"route {name}.protocols", raw.get("protocols", [])),
+        models=_strings(f"route {name}.models", raw.get("models", [])),
         default=raw.get("default", False), deidentify=raw.get("deidentify", False),
         reidentify=raw.get("reidentify", False),
         retain_private=tuple(_tag(f"route {name}.retain_private", t) for t in retain))

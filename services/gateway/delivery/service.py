@@ -29,6 +29,7 @@ retention at start and hourly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -94,11 +95,15 @@ class DeliveryService:
                  metrics: GatewayMetrics, mark_delivered: MarkDelivered | None = None,
                  senders: Mapping[str, Sender] | None = None,
                  device: ResultDevice = DEFAULT_DEVICE,
-                 clock: Callable[[], float] = time.time, poll_s: float = 1.0) -> None:
-        """``senders`` replaces the real clients per destination name (tests)."""
+                 clock: Callable[[], float] = time.time, poll_s: float = 1.0,
+                 manifests: Mapping[str, Manifest] | None = None) -> None:
+        """``senders`` replaces the real clients per destination name (tests). ``manifest``
+        is the default model's; ``manifests`` every served model's by name (a group names its
+        model; its results are built and routed by that model's manifest)."""
         self.routes = routes
         self.outbox = Outbox(spool_root, clock)
         self._manifest = manifest
+        self._manifests = dict(manifests or {manifest.name: manifest})
         self._metrics = metrics
         self._mark = mark_delivered
         self._device = device
@@ -153,7 +158,8 @@ class DeliveryService:
 
     def accept(self, group: CompletedGroup) -> None:
         """Durably record the group's results for every destination of its route."""
-        route = self.routes.route_for(group.protocols, group.calling_aets)
+        route = self.routes.route_for(group.protocols, group.calling_aets,
+                                      group.model or self._manifest.name)
         if route is None:
             LOG.info("group %s matches no route and there is no default route: not delivered",
                      group.key)
@@ -255,17 +261,21 @@ class DeliveryService:
                 raise GatewayError("de-identification without a secret", "deid_no_secret")
             deid = Deidentifier(self._uids, DeidOptions(retain_private=route.retain_private))
             sources = [deid.deidentify(ds) for ds in originals]
-        task = self._manifest.task
+        manifest = self._manifests.get(group.model, self._manifest)
+        task = manifest.task
         items = [(k, r) for k, r in enumerate(group.results) if "error" not in r]
         out = []
         for n, (k, result) in enumerate(items):
-            chosen = [sources[i] for i in self._select(result, originals)]
+            version = result.get("model_version")
+            if isinstance(version, int) and version != manifest.version:
+                manifest = dataclasses.replace(manifest, version=version)  # a canary's result
+            chosen = [sources[i] for i in self._select(result, originals, manifest)]
             if task == "classification":
-                ds = build_sr(chosen, result.get("findings", []), self._manifest, self._device)
+                ds = build_sr(chosen, result.get("findings", []), manifest, self._device)
             else:
                 index = k if len(group.maps) == len(group.results) else n
                 maps = np.load(group.maps[index], allow_pickle=False)
-                ds = build_seg(chosen, maps, self._manifest, self._device)
+                ds = build_seg(chosen, maps, manifest, self._device)
             if route.deidentify:
                 for keyword in ("PatientIdentityRemoved", "DeidentificationMethod",
                                 "DeidentificationMethodCodeSequence"):
@@ -273,13 +283,14 @@ class DeliveryService:
             out.append(ds)
         return out
 
-    def _select(self, result: Mapping[str, Any], originals: Sequence[Dataset]) -> list[int]:
+    def _select(self, result: Mapping[str, Any], originals: Sequence[Dataset],
+                manifest: Manifest | None = None) -> list[int]:
         """The source instances a result is about: all of its series for a 3-D model, else
         the instance it names (else its series, else all of the group's)."""
         every = list(range(len(originals)))
         series = [i for i in every
                   if originals[i].get("SeriesInstanceUID") == result.get("series_instance_uid")]
-        if self._manifest.input.depth is not None:
+        if (manifest or self._manifest).input.depth is not None:
             return series or every
         same = [i for i in every
                 if originals[i].get("SOPInstanceUID") == result.get("sop_instance_uid")]

@@ -8,6 +8,7 @@ into that protocol's error shape (statuses come from ``services.gateway.status``
     oip.py        the protocol-free Open Inference Protocol v2 dataplane
     oip_rest.py   OIP v2 over HTTP/JSON (and binary tensors)
     oip_grpc.py   OIP v2 over gRPC
+    models.py     model versions over HTTP: /v1/models status, promote, rollback
 
 Only the composition root (``services.gateway.app``) imports this package. Edges hand
 instances to ``intake`` (acknowledge after the spool) or to ``inference`` (synchronous calls);

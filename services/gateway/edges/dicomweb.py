@@ -121,8 +121,8 @@ def create_routes(ingestor: Ingestor, metrics: GatewayMetrics,
                                  "wrong_study")
             # a result coming back about a de-identified study: re-identified, not inferred
             if not ingestor.take_returning(ds, "stow"):
-                ingestor.core.check(ds)
-                ingestor.accept(data, ds, "stow", arrival, time.perf_counter())
+                lanes = ingestor.check(ds)
+                ingestor.accept(data, ds, "stow", arrival, time.perf_counter(), lanes=lanes)
             return ds, None
         except GatewayError as exc:
             return ds, exc

@@ -316,9 +316,9 @@ class DicomServer:
             calling = str(event.assoc.requestor.ae_title).strip() or None
             # a result coming back about a de-identified study: re-identified, not inferred
             if not self._ingestor.take_returning(ds, "dimse", calling):
-                self._ingestor.core.check(ds)
+                lanes = self._ingestor.check(ds, calling)
                 self._ingestor.accept(_spooled_bytes(event), ds, "dimse", arrival,
-                                      time.perf_counter(), calling)
+                                      time.perf_counter(), calling, lanes)
         except GatewayError as exc:
             return self._refuse(exc, event, decoded, arrival)
         LOG.debug("C-STORE of %s acknowledged (association %s)",

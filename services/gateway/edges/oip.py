@@ -1,7 +1,8 @@
 """The Open Inference Protocol v2 dataplane, shared by the REST (oip_rest.py) and gRPC
 (oip_grpc.py) edges, so that a stock tritonclient or KServe client can call the gateway.
 
-The gateway serves one model, named as in its manifest, with this signature:
+The gateway serves each of its models under the manifest's name (``/v2/models`` lists them;
+``/v2/models/{name}/infer`` infers with one), each with this signature:
 
 - input ``DICOM``, datatype ``BYTES``, shape ``[N]``: each element one DICOM Part-10 file;
 - output ``SCORES``, ``FP32``, shape ``[N, L]``: per label, the activated score
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from services.gateway.dicom.parsing import parse
 from services.gateway.errors import BadRequest, NotFound, PayloadTooLarge
 from services.gateway.inference.core import InferenceCore, Result, complete_timings
 from services.gateway.intake.ingest import with_preamble
+from services.gateway.intake.models import ModelLane
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.store.results import ResultStore
 
@@ -70,16 +72,46 @@ class InferOutput:
     json_data: list[Any]  # the same values for the JSON form
 
 
+@dataclass(frozen=True)
+class _Served:
+    core: InferenceCore
+    results: ResultStore
+
+    @property
+    def version(self) -> str:
+        return str(self.core.manifest.version)
+
+
 class Dataplane:
     def __init__(self, core: InferenceCore, results: ResultStore, metrics: GatewayMetrics,
-                 ready: Callable[[], bool]) -> None:
+                 ready: Callable[[], bool], lanes: Sequence[ModelLane] = ()) -> None:
+        """``core``/``results``: the default model's; ``lanes``: every model served (empty:
+        the default model alone)."""
         self.core = core
         self._results = results
         self._metrics = metrics
         self._ready = ready
         self.model = core.manifest.name
         self.version = str(core.manifest.version)
-        self._labels = list(core.manifest.output.labels)
+        self._served: dict[str, _Served] = {
+            lane.name: _Served(lane.core, lane.results) for lane in lanes}
+        self._served.setdefault(self.model, _Served(core, results))
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self._served)
+
+    def version_of(self, name: str) -> str:
+        return self._served[name].version if name in self._served else self.version
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        """Every model served: name, version, task, labels and readiness."""
+        ready = self.server_ready()
+        return [{"name": name, "version": served.version,
+                 "task": served.core.manifest.task,
+                 "labels": list(served.core.manifest.output.labels),
+                 "state": "READY" if ready else "UNAVAILABLE"}
+                for name, served in sorted(self._served.items())]
 
     def server_live(self) -> bool:
         return True
@@ -90,23 +122,26 @@ class Dataplane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "bedside-gateway", "version": "1", "extensions": ["binary_tensor_data"]}
 
-    def _check_model(self, name: str, version: str = "") -> None:
-        if name != self.model:
-            raise NotFound(f"unknown model {name!r}; this gateway serves {self.model!r}",
-                           "unknown_model")
-        if version not in ("", self.version):
+    def _check_model(self, name: str, version: str = "") -> _Served:
+        served = self._served.get(name)
+        if served is None:
+            raise NotFound(f"unknown model {name!r}; this gateway serves "
+                           f"{', '.join(repr(m) for m in self.models)}", "unknown_model")
+        if version not in ("", served.version):
             raise NotFound(f"model {name!r} has no version {version!r}", "unknown_version")
+        return served
 
     def model_ready(self, name: str, version: str = "") -> bool:
         self._check_model(name, version)
         return self.server_ready()
 
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
-        self._check_model(name, version)
+        served = self._check_model(name, version)
+        labels = served.core.manifest.output.labels
         return {
-            "name": self.model, "versions": [self.version], "platform": PLATFORM,
+            "name": name, "versions": [served.version], "platform": PLATFORM,
             "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": SCORES, "datatype": "FP32", "shape": [-1, len(self._labels)]},
+            "outputs": [{"name": SCORES, "datatype": "FP32", "shape": [-1, len(labels)]},
                         {"name": FINDINGS, "datatype": "BYTES", "shape": [-1]}],
         }
 
@@ -128,7 +163,7 @@ class Dataplane:
     def infer(self, name: str, version: str, files: list[bytes], protocol: str,
               arrival: float, requested: list[str] | None = None) -> list[InferOutput]:
         """Run every file through the core; all-or-nothing (OIP has no per-element errors)."""
-        self._check_model(name, version)
+        served = self._check_model(name, version)
         wanted = requested or [SCORES, FINDINGS]
         for out in wanted:
             if out not in (SCORES, FINDINGS):
@@ -137,14 +172,15 @@ class Dataplane:
         results: list[Result] = []
         for data in files:
             ds = parse(with_preamble(data))
-            result = self.core.analyze(ds, {"receive": (time.perf_counter() - arrival) * 1000.0})
+            result = served.core.analyze(
+                ds, {"receive": (time.perf_counter() - arrival) * 1000.0})
             complete_timings(result.timings_ms, arrival, time.perf_counter())
             results.append(result)
         for result in results:
-            self._results.save(result.study_instance_uid, result.sop_instance_uid,
-                               result.to_dict())
-            self._metrics.observe(self.model, protocol, result.timings_ms)
-        key = "score" if self.core.manifest.task == "classification" else "max_score"
+            served.results.save(result.study_instance_uid, result.sop_instance_uid,
+                                result.to_dict())
+            self._metrics.observe(name, protocol, result.timings_ms)
+        key = "score" if served.core.manifest.task == "classification" else "max_score"
         scores = np.array([[f[key] for f in r.findings] for r in results], dtype="<f4")
         docs = [json.dumps(r.to_dict(), sort_keys=True).encode("utf-8") for r in results]
         outputs = {

@@ -107,7 +107,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         self._metrics.requests.labels("oip_grpc", "inferred", "ok").inc(len(files))
         return pb.ModelInferResponse(
-            model_name=self._dp.model, model_version=self._dp.version, id=request.id,
+            model_name=request.model_name,
+            model_version=self._dp.version_of(request.model_name), id=request.id,
             outputs=[pb.ModelInferResponse.InferOutputTensor(
                 name=o.name, datatype=o.datatype, shape=o.shape) for o in outputs],
             raw_output_contents=[o.raw for o in outputs])

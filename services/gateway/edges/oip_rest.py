@@ -140,7 +140,7 @@ def create_routes(dataplane: oip.Dataplane, metrics: GatewayMetrics,
                                          request.path_params.get("version", ""))
         except GatewayError as exc:
             return refused(exc)
-        return JSONResponse({"name": dataplane.model, "ready": ok},
+        return JSONResponse({"name": request.path_params["model"], "ready": ok},
                             status_code=200 if ok else 503)
 
     async def infer(request: Request) -> Response:
@@ -160,8 +160,8 @@ def create_routes(dataplane: oip.Dataplane, metrics: GatewayMetrics,
         except GatewayError as exc:
             return refused(exc)
         metrics.requests.labels("oip_rest", "inferred", "ok").inc(len(files))
-        head: dict[str, Any] = {"model_name": dataplane.model,
-                                "model_version": dataplane.version, "outputs": []}
+        head: dict[str, Any] = {"model_name": model,
+                                "model_version": dataplane.version_of(model), "outputs": []}
         if "id" in doc:
             head["id"] = doc["id"]
         blobs = []
@@ -180,8 +180,13 @@ def create_routes(dataplane: oip.Dataplane, metrics: GatewayMetrics,
         return Response(header + b"".join(blobs), media_type="application/octet-stream",
                         headers={HEADER_LENGTH: str(len(header))})
 
+    async def models(request: Request) -> Response:
+        index = await run_in_threadpool(dataplane.repository_index)
+        return JSONResponse({"models": index})
+
     return [
         Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models", models, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2/models/{model:str}", model_metadata, methods=["GET"]),

@@ -106,28 +106,43 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
                ingestor: Ingestor | None = None,
                extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
     """Without an ``ingestor`` the app only infers synchronously (``/v1/infer``): there is no
-    ``POST /v1/studies``, and a study's status is ``done`` as soon as it has results."""
-    model = core.manifest.name
+    ``POST /v1/studies``, and a study's status is ``done`` as soon as it has results. With
+    an ingestor serving several models, ``/v1/infer?model=NAME`` picks one (default: the
+    default model) and a study's results are every model's."""
+    lanes = {lane.name: (lane.core, lane.results)
+             for lane in (ingestor.lanes if ingestor is not None else ())}
+    lanes.setdefault(core.manifest.name, (core, results))
 
-    def infer_bytes(data: bytes, arrival: float) -> Result:
+    def infer_bytes(data: bytes, arrival: float, model: str) -> Result:
+        chosen, store = lanes[model]
         ds = parse(with_preamble(data))
         received = time.perf_counter()
-        result = core.analyze(ds, {"receive": (received - arrival) * 1000.0})
+        result = chosen.analyze(ds, {"receive": (received - arrival) * 1000.0})
         complete_timings(result.timings_ms, arrival, time.perf_counter())
-        results.save(result.study_instance_uid, result.sop_instance_uid, result.to_dict())
+        store.save(result.study_instance_uid, result.sop_instance_uid, result.to_dict())
         return result
+
+    def study_documents(study_uid: str) -> list[dict[str, object]]:
+        found: list[dict[str, object]] = []
+        for _, store in lanes.values():
+            found.extend(store.for_study(study_uid))
+        return found
 
     async def infer(request: Request) -> Response:
         arrival = time.perf_counter()
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        model = request.query_params.get("model", core.manifest.name)
         try:
+            if model not in lanes:
+                raise NotFound(f"unknown model {model[:64]!r}; this gateway serves "
+                               f"{', '.join(sorted(lanes))}", "unknown_model")
             if media != DICOM_MEDIA_TYPE:
                 raise UnsupportedMediaType(f"Content-Type must be {DICOM_MEDIA_TYPE}",
                                            "media_type")
             body = await read_body(request, max_request_bytes)
             if not body:
                 raise InvalidInstance("empty request body", "empty")
-            result = await run_in_threadpool(infer_bytes, body, arrival)
+            result = await run_in_threadpool(infer_bytes, body, arrival, model)
         except GatewayError as exc:
             LOG.warning("REST infer refused: %s", exc.reason)
             metrics.requests.labels("rest", "refused", exc.reason).inc()
@@ -183,7 +198,7 @@ def create_app(core: InferenceCore, results: ResultStore, metrics: GatewayMetric
         study_uid = request.path_params["study_uid"]
         pending = (await run_in_threadpool(ingestor.pending, study_uid)
                    if ingestor is not None else 0)
-        found = await run_in_threadpool(results.for_study, study_uid)
+        found = await run_in_threadpool(study_documents, study_uid)
         if not found and not pending:
             return error_response(NotFound("no results for that study (yet)", "not_found"))
         return JSONResponse({"study_instance_uid": study_uid,

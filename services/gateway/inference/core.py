@@ -95,6 +95,10 @@ class InferenceCore:
         self._limits = limits
         image_sop_classes()  # read the PS3.3 tables now: a broken install fails at start
 
+    @property
+    def inferer(self) -> Inferer:
+        return self._inferer
+
     def check(self, ds: Dataset) -> None:
         """Header-only checks, cheap enough to run before a DIMSE acknowledgement."""
         try:

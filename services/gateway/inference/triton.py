@@ -19,10 +19,11 @@ answered, the request was wrong) counts as the server being there.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -157,9 +158,12 @@ class TritonInferer:
 
     def __init__(self, url: str, model: str, input_name: str, output_name: str,
                  timeout_s: float, breaker: CircuitBreaker | None = None,
-                 retries: int = 2, retry_pause_s: float = 0.05) -> None:
+                 retries: int = 2, retry_pause_s: float = 0.05,
+                 version: int | None = None) -> None:
+        """``version`` None: the version Triton serves by default (its version policy)."""
         self.breaker = breaker if breaker is not None else CircuitBreaker(5, 5.0)
         self._model = model
+        self._version = str(version) if version is not None else ""
         self._wanted = (input_name, output_name)
         self._timeout = timeout_s
         self._retries = max(0, retries)
@@ -195,14 +199,15 @@ class TritonInferer:
 
     def ready(self) -> bool:
         try:
-            return bool(self._run(self._client.is_model_ready(self._model, client_timeout=2.0),
-                                  3.0))
+            return bool(self._run(self._client.is_model_ready(
+                self._model, self._version, client_timeout=2.0), 3.0))
         except (InferenceServerException, Unavailable):
             return False
 
     async def _model_io(self) -> ModelIO:
         if self._io is None:
-            meta = await self._client.get_model_metadata(self._model, as_json=True,
+            meta = await self._client.get_model_metadata(self._model, self._version,
+                                                         as_json=True,
                                                          client_timeout=self._timeout)
             self._io = resolve_io(meta, *self._wanted)
         return self._io
@@ -253,7 +258,8 @@ class TritonInferer:
         tensor = grpcclient.InferInput(io.input_name, list(batch.shape), io.input_datatype)
         tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=dtype))
         result = await self._client.infer(
-            self._model, [tensor], outputs=[grpcclient.InferRequestedOutput(io.output_name)],
+            self._model, [tensor], model_version=self._version,
+            outputs=[grpcclient.InferRequestedOutput(io.output_name)],
             client_timeout=timeout_s,
         )
         out = result.as_numpy(io.output_name)
@@ -271,3 +277,30 @@ class TritonInferer:
             LOG.debug("triton client close failed", exc_info=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+def load_versions(url: str, model: str, versions: Sequence[int], timeout_s: float = 60.0) -> None:
+    """Ask Triton (explicit model control) to serve exactly ``versions`` of ``model``: its
+    current configuration with a ``specific`` version policy, through the repository API's
+    load. Versions already loaded keep serving while the others load; one no longer listed is
+    unloaded. Raises ``Unavailable`` when Triton refuses (not in explicit mode, a version
+    missing from the repository) or cannot be reached."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        if not client.is_model_ready(model, client_timeout=timeout_s):
+            # not loaded yet (explicit mode starts empty): load it as the repository says
+            # first, so that its configuration can be read back
+            client.load_model(model, client_timeout=timeout_s)
+        config = client.get_model_config(model, as_json=True,
+                                         client_timeout=timeout_s)["config"]
+        config["version_policy"] = {"specific": {"versions": [str(v) for v in versions]}}
+        client.load_model(model, config=json.dumps(config), client_timeout=timeout_s)
+        for v in versions:
+            if not client.is_model_ready(model, str(v), client_timeout=timeout_s):
+                raise Unavailable(f"version {v} of {model} did not become ready",
+                                  "version_not_ready")
+    except InferenceServerException as exc:
+        raise Unavailable(f"Triton refused to load versions {list(versions)} of {model}: "
+                          f"{str(exc)[:300]}", "version_load_refused") from exc
+    finally:
+        client.close()

@@ -13,6 +13,12 @@ object that comes back about a study a route de-identified (an external reader's
 SEG), durably queues its re-identified copy, and says so; such an object is acknowledged without
 inference, whatever its SOP class. Anything else (and everything, without a sink) goes the usual
 way, where non-image objects are still refused.
+
+A gateway serving several models has one ``ModelLane`` per model (its own spool folder, job
+table, results and worker; ``models.py``). ``check`` says which lanes take an instance (the
+model's header checks and its routing rules); ``accept`` spools it into each of them, so every
+model gets its own job with its own grouping level and result type. An instance no model takes
+is refused with the reasons of each.
 """
 
 from __future__ import annotations
@@ -21,14 +27,17 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from pydicom.dataset import Dataset
 
+from optimizer.contract.series import not_admitted
 from services.gateway.dicom.parsing import parse
-from services.gateway.errors import PayloadTooLarge, Unavailable
+from services.gateway.errors import GatewayError, PayloadTooLarge, Unavailable, UnsupportedInstance
 from services.gateway.inference.core import InferenceCore
+from services.gateway.intake.models import ModelLane
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
 from services.gateway.processing.worker import Job, SpoolWorker
@@ -56,10 +65,15 @@ class ReturnSink(Protocol):
 class Ingestor:
     def __init__(self, core: InferenceCore, spool: Spool, worker: SpoolWorker,
                  metrics: GatewayMetrics, max_spool_depth: int, max_instance_bytes: int,
-                 min_free_bytes: int = 0, returns: ReturnSink | None = None) -> None:
+                 min_free_bytes: int = 0, returns: ReturnSink | None = None,
+                 lanes: Sequence[ModelLane] = ()) -> None:
+        """``core``/``spool``/``worker``: the default model's; ``lanes``: every model served
+        (the default model's lane first); empty: the default model alone."""
         self.core = core
         self._spool = spool
         self._worker = worker
+        self.lanes: tuple[ModelLane, ...] = tuple(lanes) or (
+            ModelLane(core.manifest.name, core, spool, worker.runner.results, worker),)
         self._metrics = metrics
         self._max_depth = max_spool_depth
         self._max_bytes = max_instance_bytes
@@ -70,7 +84,7 @@ class Ingestor:
         """Back-pressure: refuse new work while too much acknowledged work is unfinished, or
         while the spool's filesystem is below its free-space watermark (checked before any
         byte is written, so a full disk never turns into a half-written, acknowledged file)."""
-        if self._worker.depth >= self._max_depth:
+        if any(lane.worker.depth >= self._max_depth for lane in self.lanes):
             raise Unavailable("too many instances waiting for inference; retry later",
                               "spool_full")
         if self._min_free and shutil.disk_usage(self._spool.root).free < self._min_free:
@@ -93,13 +107,13 @@ class Ingestor:
     def parse_and_check(self, data: bytes) -> tuple[bytes, Dataset]:
         """``read``, then the header checks."""
         data, ds = self.read(data)
-        self.core.check(ds)
+        self.check(ds)
         return data, ds
 
     def take_returning(self, ds: Dataset, protocol: str, calling_aet: str | None = None) -> bool:
         """True when ``ds`` is an object coming back about a de-identified study and is now
         durably queued, re-identified, for delivery: the edge acknowledges it and does no
-        more. False: handle it as any other instance (``core.check``, then ``accept``)."""
+        more. False: handle it as any other instance (``check``, then ``accept``)."""
         if self._returns is None or not self._returns.take_returning(ds, protocol, calling_aet):
             return False
         self._metrics.requests.labels(protocol, "returned", "ok").inc()
@@ -107,19 +121,66 @@ class Ingestor:
                  "(via %s)", uid_hash(str(ds.get("SOPInstanceUID", ""))), protocol)
         return True
 
+    def check(self, ds: Dataset, calling_aet: str | None = None) -> tuple[ModelLane, ...]:
+        """The lanes (models) that take ``ds``: its header checks pass and its routing rules
+        accept it. None does: the error of the only model, or, with several, an
+        ``UnsupportedInstance`` (the first model's reason) listing each model's reason."""
+        if len(self.lanes) == 1:
+            lane = self.lanes[0]
+            lane.core.check(ds)
+            reason = not_admitted(lane.manifest.selection, ds, calling_aet)
+            if reason is not None:
+                raise UnsupportedInstance(f"model {lane.name}'s selection rules leave this "
+                                          "instance out", reason)
+            return self.lanes
+        taken: list[ModelLane] = []
+        refusals: list[tuple[str, GatewayError]] = []
+        for lane in self.lanes:
+            try:
+                lane.core.check(ds)
+            except GatewayError as exc:
+                refusals.append((lane.name, exc))
+                continue
+            reason = not_admitted(lane.manifest.selection, ds, calling_aet)
+            if reason is not None:
+                refusals.append((lane.name, UnsupportedInstance(
+                    "its selection rules leave this instance out", reason)))
+                continue
+            taken.append(lane)
+        if taken:
+            return tuple(taken)
+        first = refusals[0][1]
+        text = "; ".join(f"{name}: {exc}" for name, exc in refusals)
+        raise type(first)(f"no model served here takes this instance ({text})", first.reason)
+
     def accept(self, data: bytes, ds: Dataset, protocol: str, arrival: float,
-               received: float, calling_aet: str | None = None) -> Path:
-        """Spool durably, then queue for inference. Raises Unavailable when it cannot spool:
-        the caller must not acknowledge in that case. ``calling_aet``: the DIMSE calling AE
-        title (kept in the job table for the group and its delivery); None for HTTP edges."""
+               received: float, calling_aet: str | None = None,
+               lanes: Sequence[ModelLane] | None = None) -> Path:
+        """Spool durably, then queue for inference, once per lane (model) that takes it
+        (``lanes``, from ``check``; None: checked here). Raises Unavailable when it cannot
+        spool: the caller must not acknowledge in that case (lanes spooled before the failure
+        keep their job: the instance is inferred by those models, and again if resent).
+        ``calling_aet``: the DIMSE calling AE title (kept in the job table for the group and
+        its delivery); None for HTTP edges. Returns the first lane's spool file."""
         self.check_capacity()
+        if lanes is None:
+            lanes = self.lanes if len(self.lanes) == 1 else self.check(ds, calling_aet)
+        paths = [self._accept_into(lane, data, ds, protocol, arrival, received, calling_aet)
+                 for lane in lanes]
+        self._metrics.requests.labels(protocol, "accepted", "ok").inc()
+        LOG.info("spooled instance %s via %s for %d model(s)", uid_hash(str(ds.SOPInstanceUID)),
+                 protocol, len(paths))
+        return paths[0]
+
+    def _accept_into(self, lane: ModelLane, data: bytes, ds: Dataset, protocol: str,
+                     arrival: float, received: float, calling_aet: str | None) -> Path:
         try:
-            path = self._spool.put(data)
+            path = lane.spool.put(data)
         except OSError as exc:
             LOG.error("spool write failed: %s", exc.strerror)
             raise Unavailable("cannot spool the instance", "spool_error") from exc
         try:
-            self._worker.jobs.insert(path.name, str(ds.get("StudyInstanceUID", "")),
+            lane.worker.jobs.insert(path.name, str(ds.get("StudyInstanceUID", "")),
                                      str(ds.get("SeriesInstanceUID", "")),
                                      str(ds.get("SOPInstanceUID", "")), protocol,
                                      calling_aet)
@@ -127,21 +188,19 @@ class Ingestor:
             LOG.error("job table insert failed: %s", type(exc).__name__)
             # if even that fails, start-up reconciliation processes the file once
             with contextlib.suppress(OSError):
-                self._spool.remove(path)
+                lane.spool.remove(path)
             raise Unavailable("cannot record the instance", "spool_error") from exc
         acked = time.perf_counter()
-        self._worker.submit(Job(
+        lane.worker.submit(Job(
             path=path, protocol=protocol, arrival=arrival, acked=acked,
             timings_ms={"receive": (received - arrival) * 1000.0,
                         "spool": (acked - received) * 1000.0},
             calling_aet=calling_aet,
         ))
-        self._metrics.requests.labels(protocol, "accepted", "ok").inc()
-        LOG.info("spooled instance %s via %s", uid_hash(str(ds.SOPInstanceUID)), protocol)
         return path
 
     def pending(self, study_uid: str) -> int:
         """Instances of the study acknowledged and not finished yet (job table rows still
         ``received``). The worker stores a result before it finishes the row, so an instance
         is always pending, or has a result, or briefly both: never neither."""
-        return self._worker.jobs.pending(study_uid)
+        return sum(lane.worker.jobs.pending(study_uid) for lane in self.lanes)

@@ -43,6 +43,7 @@ class CompletedGroup:
     maps: tuple[Path, ...]
     protocols: tuple[str, ...]  # e.g. ("dimse",), ("stow",), ("rest",)
     calling_aets: tuple[str, ...]  # DIMSE calling AE titles seen; empty for HTTP
+    model: str = ""  # the model (manifest name) whose results these are; "" : the default
 
 
 class GroupSink(Protocol):

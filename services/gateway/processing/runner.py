@@ -182,6 +182,7 @@ class Runner:
         ``skipped`` with the rule as the reason."""
         first = series[0]
         doc: dict[str, Any] = {
+            "model": self.core.manifest.name, "model_version": self.core.manifest.version,
             "study_instance_uid": first.uid("StudyInstanceUID"),
             "series_instance_uid": first.uid("SeriesInstanceUID"),
             "skipped": {"reason": reason, "instances": len(series),
@@ -301,6 +302,7 @@ class Runner:
         except GatewayError as exc:
             LOG.warning("series %s failed: %s", uid_hash(series_uid), exc.reason)
             self.results.save(study_uid, series_uid, {
+                "model": self.core.manifest.name, "model_version": self.core.manifest.version,
                 "study_instance_uid": study_uid, "series_instance_uid": series_uid,
                 "inferred_on": "series",
                 "error": {"reason": exc.reason, "message": str(exc)},
@@ -365,6 +367,7 @@ class Runner:
         aets = {r.calling_aet for r in rows.values() if r is not None and r.calling_aet}
         return CompletedGroup(
             key=group.key, level=group.level, study_uid=study_uid,
+            model=self.core.manifest.name,
             series_uids=tuple(series_uids), job_names=tuple(m.name for m in group.members),
             sources=tuple(sources), results=tuple(results),
             maps=tuple(p for p in maps if p.exists()),
@@ -382,6 +385,7 @@ class Runner:
         self.jobs.insert(name, study, "", sop, job.protocol)  # no-op when the row exists
         if study and sop:
             self.results.save(study, sop, {
+                "model": self.core.manifest.name, "model_version": self.core.manifest.version,
                 "study_instance_uid": study, "sop_instance_uid": sop,
                 "error": {"reason": exc.reason, "message": str(exc)},
             }, job=name)

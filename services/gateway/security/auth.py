@@ -47,7 +47,7 @@ from services.errors import ConfigError
 LOG = logging.getLogger(__name__)
 
 # What each scope allows. Health and readiness need none.
-SCOPES = ("infer", "submit", "read", "metrics")
+SCOPES = ("infer", "submit", "read", "metrics", "models")  # models: promote, roll back
 KEY_PREFIX = "bsk_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -83,6 +83,9 @@ HTTP_RULES: tuple[tuple[str, re.Pattern[str], Rule], ...] = tuple(
         ("GET", "/v2", Rule("metadata", "read", "oip_rest")),
         ("GET", "/v2/models/[^/]+(/versions/[^/]+)?", Rule("metadata", "read", "oip_rest")),
         ("GET", "/metrics", Rule("metrics", "metrics", "rest")),
+        ("GET", "/v2/models", Rule("metadata", "read", "oip_rest")),
+        ("GET", "/v1/models", Rule("models", "read", "rest")),
+        ("POST", "/v1/models/[^/]+/(promote|rollback)", Rule("model_version", "models", "rest")),
     ))
 OTHER_HTTP = Rule("other", ANY, "rest")
 

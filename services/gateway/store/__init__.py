@@ -3,6 +3,7 @@
     durable.py    directory fsync; SQLite in WAL mode with ``synchronous=FULL`` transactions
     spool.py      acknowledged instances as fsynced files (``incoming/``, ``failed/``)
     jobs.py       the job table: one row per spooled instance, its state, its group
+    versions.py   which version of each model is primary (after promotion or rollback)
     results.py    one JSON result per instance, named by hashed UIDs
 
 The bottom layer: it knows nothing of inference, protocols or delivery.
