@@ -28,6 +28,9 @@ class ModelRelease:
     target: str  # "cpu" (python backend) or "gpu" (onnxruntime + TensorRT)
     # "onnxruntime" (model.onnx) or "openvino" (model.xml + configs/openvino.pbtxt)
     runtime: str = "onnxruntime"
+    # The manifests of the repository's other models (the chart's model.others, for a
+    # gateway that serves several: gateway.models), by name.
+    others: tuple[dict[str, Any], ...] = ()
 
     @property
     def model_config_name(self) -> str:
@@ -68,8 +71,16 @@ class ModelRelease:
             raise RepositoryError(f"version {manifest.version} of {model!r} is OpenVINO IR but "
                                   f"{cluster_config} (the openvino backend's config) is missing")
         target = "cpu" if (version_dir / "model.py").is_file() else "gpu"
+        others = []
+        for name in models:
+            if name != model:
+                try:
+                    others.append(Manifest.load(repository / name / MANIFEST_FILE).to_dict())
+                except ManifestError as exc:
+                    raise RepositoryError(f"{repository / name / MANIFEST_FILE}: {exc}") from exc
         return cls(name=manifest.name, version=manifest.version,
-                   manifest=manifest.to_dict(), target=target, runtime=runtime)
+                   manifest=manifest.to_dict(), target=target, runtime=runtime,
+                   others=tuple(others))
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,6 +100,12 @@ def release_values(model: ModelRelease, user_values: Mapping[str, Any]) -> dict[
     OpenVINO version: configs/openvino.pbtxt, the stock image's openvino backend)."""
     overlay: dict[str, Any] = {"model": {"name": model.name, "version": model.version,
                                          "manifest": model.manifest}}
+    # A gateway serving more of the repository's models (gateway.models, "*": all) gets their
+    # manifests from the repository too.
+    served = user_values.get("gateway", {}).get("models") or []
+    others = [m for m in model.others if "*" in served or m["name"] in served]
+    if others:
+        overlay["model"]["others"] = others
     triton: dict[str, Any] = {}
     if model.target == "cpu":
         # The python-backend (CPU) variant needs no GPU; keep the user's choice otherwise.

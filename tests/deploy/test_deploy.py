@@ -270,3 +270,25 @@ def test_successful_install_with_fake_apiserver() -> None:
                          MODEL, {}, timeout_s=10)
     assert (outcome.action, outcome.model, outcome.version) == ("install", "cxr", 3)
     assert releaser.calls == [("install", "demo")]
+
+
+def test_release_values_carry_the_manifests_of_the_other_served_models(
+        tmp_path: Path, optimized: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(optimized / "repository", repo)
+    name = next(p.name for p in repo.iterdir())
+    second = json.loads((repo / name / "manifest.json").read_text())
+    second["name"] = "ct-seg"
+    (repo / "ct-seg").mkdir()
+    (repo / "ct-seg" / "manifest.json").write_text(json.dumps(second))
+    model = ModelRelease.from_repository(repo, name)
+    assert [m["name"] for m in model.others] == ["ct-seg"]
+    served = release_values(model, {"gateway": {"models": ["ct-seg"]}})
+    assert [m["name"] for m in served["model"]["others"]] == ["ct-seg"]
+    assert "others" not in release_values(model, {})["model"]  # not served: not mounted
+    assert [m["name"] for m in release_values(
+        model, {"gateway": {"models": ["*"]}})["model"]["others"]] == ["ct-seg"]
+    second["task"] = "regression"
+    (repo / "ct-seg" / "manifest.json").write_text(json.dumps(second))
+    with pytest.raises(RepositoryError, match=r"ct-seg.manifest\.json: manifest\.task"):
+        ModelRelease.from_repository(repo, name)
