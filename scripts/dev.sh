@@ -87,6 +87,8 @@ setup_test_peers() {
   # runner batches files through Java's source launcher, which needs a JDK.
   [ -f /usr/share/java/pixelmed.jar ] || missing+=(pixelmed-apps libpixelmed-java)
   command -v javac >/dev/null || missing+=(openjdk-17-jdk-headless)
+  # PostgreSQL 15: the shared job table of several gateway replicas, started by the tests
+  [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql)
   [ ${#missing[@]} = 0 ] || as_root_or_explain "test peers" "${missing[@]}"
 }
 

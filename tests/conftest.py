@@ -18,7 +18,7 @@ import pytest
 
 from optimizer.contract.manifest import AccuracyBudget, InputSpec, Manifest, Normalize, OutputSpec
 
-pytest_plugins = ("tests.optimizer.fixtures",)
+pytest_plugins = ("tests.optimizer.fixtures", "tests.postgres")
 
 ROOT = Path(__file__).resolve().parents[1]
 

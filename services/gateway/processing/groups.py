@@ -12,6 +12,12 @@ tests drive it instead of sleeping. Nothing here writes to disk: the memberships
 queued in ``joins`` for the worker to write in one transaction, and no group comes due while a
 membership is unrecorded (a restart must find every member of a group it closes).
 
+Several workers (processes, replicas) share the job table: a group's key is the one the table
+gives (``JobTable.join_groups``: the open group any worker opened for the series or study), so
+``joins_recorded`` may re-key a group, or split off the members that joined a newer one when
+another worker closed the old group meanwhile. Local timers only say when to try to claim a
+group; the table decides who closes it (``JobTable.claim_group``).
+
 PHI: raw UIDs stay in memory (``Member.ds``); keys, hashes and job names are all that is logged.
 """
 
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,8 +194,58 @@ class Groups:
     def discard(self, name: str) -> None:
         self._held.discard(name)
 
-    def joins_recorded(self) -> None:
+    def joins_recorded(self, keys: Mapping[str, str] | None = None) -> None:
+        """The pending memberships are in the table; ``keys`` (job name -> the key of the group
+        it joined, from ``JobTable.join_groups``) re-keys a group another worker opened first.
+        When the group this worker had recorded earlier members under was closed meanwhile,
+        the new members form a group of their own under the table's key, and the old one is
+        tried (and found gone, or claimed) at once."""
+        batch: dict[str, list[str]] = {}  # local key -> names joined in this batch
+        actual: dict[str, str] = {}
+        for key, _level, _study, _series, name in self.joins:
+            batch.setdefault(key, []).append(name)
+            if keys and name in keys:
+                actual[key] = keys[name]
         self.joins = []
+        for ident, group in list(self._open.items()):
+            new = actual.get(group.key)
+            if new is None or new == group.key:
+                continue
+            joined = set(batch[group.key])
+            if all(m.name in joined for m in group.members):
+                group.key = new  # all its members joined the table's group: the same group
+                continue
+            moved = [m for m in group.members if m.name in joined]
+            group.members = [m for m in group.members if m.name not in joined]
+            group.due = self.clock()
+            self._closing[group.key] = group
+            self._open[ident] = Group(new, group.level, group.study_hash, group.series_hash,
+                                      persisted=True, members=moved, due=group.due)
+
+    def dues(self) -> dict[str, float]:
+        """Due time of each open group by key (what the table's ``due_at`` must reach)."""
+        return {g.key: g.due for g in self._open.values()}
+
+    def take(self, key: str) -> Group | None:
+        """The group with this key, taken out (another path claimed it), or None."""
+        for ident, group in list(self._open.items()):
+            if group.key == key:
+                del self._open[ident]
+                return group
+        return self._closing.pop(key, None)
+
+    def rearm(self, group: Group, due: float) -> None:
+        """An open group whose closing time a later arrival (maybe elsewhere) pushed."""
+        group.due = due
+        ident = (group.level, group.study_hash, group.series_hash)
+        current = self._open.get(ident)
+        if current is None:
+            self._open[ident] = group
+        elif current.key == group.key:
+            current.members.extend(group.members)
+            current.due = max(current.due, due)
+        else:
+            self._closing[group.key] = group
 
     def wait_s(self, until: float) -> float:
         """Seconds until the next group is due, or until ``until`` if that is sooner; >= 0."""

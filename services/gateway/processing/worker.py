@@ -23,14 +23,28 @@ transaction, once) -> ``sink.accept`` (the sink records the group durably before
 a sink that raises is retried with backoff, never skipped) -> group closed -> spool files
 removed. A group's memberships are recorded (one transaction per batch of arrivals) before it
 can close. ``recover`` reconciles the spool with the table at start-up, before any new work.
+
+Several workers share one spool and one job table (gateway processes in a pod, replicas on
+PostgreSQL with the spool on a shared volume): each has an ``owner`` id and a lease it renews
+from a thread of its own (``lease_s``). Groups are keyed in the table; a local timer says when
+to try to claim a group, the table's conditional UPDATE says who closes it, and the claimer
+reads the members other workers spooled from the shared spool. Every ``lease_s / 3`` the worker
+claims due groups whoever opened them and takes over the rows and ``closing`` groups of workers
+whose lease ran out (killed); start-up recovery looks only at what no live worker holds.
+Times in the table (due times, leases) come from ``clock``: wall time by default, the one clock
+replicas share.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import time
+import uuid
+from pathlib import Path
 
 from services.gateway.dicom.parsing import parse
 from services.gateway.errors import GatewayError, InvalidInstance
@@ -46,9 +60,9 @@ from services.gateway.processing.groups import (
     Member,
     read_header,
 )
-from services.gateway.processing.recovery import RECOVERED, plan_recovery
+from services.gateway.processing.recovery import RECOVERED, RecoveryPlan, plan_recovery
 from services.gateway.processing.runner import MAX_BACKOFF_S, Refused, Runner
-from services.gateway.store.jobs import OPEN, JobRow, JobTable
+from services.gateway.store.jobs import CLAIMED, LATER, OPEN, RECEIVED, GroupRow, JobRow, JobTable
 from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import Spool
 
@@ -62,12 +76,19 @@ class SpoolWorker:
     def __init__(self, core: InferenceCore, spool: Spool, results: ResultStore,
                  metrics: GatewayMetrics, backoff_s: float, jobs: JobTable | None = None,
                  sink: GroupSink | None = None, policy: GroupingPolicy | None = None,
-                 retention_s: float = 7 * 86400.0, clock: Clock = time.monotonic) -> None:
+                 retention_s: float = 7 * 86400.0, clock: Clock = time.time,
+                 owner: str | None = None, lease_s: float = 15.0) -> None:
         """``jobs`` defaults to the job table beside the spool. ``sink`` receives every
         completed group (grouping.py) before its spool files are released; None: a closed
         group just finishes. ``policy`` defaults to the manifest's own; ``retention_s`` is how
-        long finished rows stay in the job table; ``clock`` times groups and pruning."""
+        long finished rows stay in the job table; ``clock`` times groups, leases and pruning
+        (shared with the other workers through the table). ``owner`` names this worker in the
+        table (default: host, pid and a random part; no patient data); ``lease_s``: how long
+        after its last heartbeat a silent worker's claims are taken over."""
         self.jobs = jobs if jobs is not None else JobTable(spool.root)
+        self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease_s = lease_s
+        self._scan_every = lease_s / 3
         self.policy = policy if policy is not None else GroupingPolicy.resolve(core.manifest)
         self._retention = retention_s
         self._spool = spool
@@ -80,11 +101,13 @@ class SpoolWorker:
         self._depth_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spool-worker", daemon=True)
+        self._beat = threading.Thread(target=self._heartbeats, name="worker-lease", daemon=True)
         self.runner = Runner(core, spool, results, self.jobs, metrics, self.policy, sink,
                              backoff_s, self._stop)
         # worker-thread state (filled by ``start`` before the thread runs)
         self.groups = Groups(self.policy, clock)
         self._next_prune = 0.0
+        self._next_scan = 0.0
 
     @property
     def sink(self) -> GroupSink | None:
@@ -104,32 +127,64 @@ class SpoolWorker:
         return self.groups.open_count
 
     def start(self) -> None:
+        self.jobs.heartbeat(self.owner, self._clock() + self.lease_s)
         for job in self.recover():
             self.submit(job)
         self._prune()
+        self._next_scan = self._clock() + self._scan_every
+        self._beat.start()
         self._thread.start()
+
+    def _heartbeats(self) -> None:
+        """Renew this worker's lease until it stops; a failed renewal is retried (the lease
+        outlives a few of them)."""
+        while not self._stop.wait(self._scan_every):
+            try:
+                self.jobs.heartbeat(self.owner, self._clock() + self.lease_s)
+            except Exception as exc:
+                LOG.error("job table lease renewal failed: %s", type(exc).__name__)
 
     # -- start-up ---------------------------------------------------------------------------
 
     def recover(self) -> list[Job]:
         """Reconcile the spool with the job table after a stop, clean or not (recovery.py
-        says what each leftover means); the jobs to run as new arrivals. Members of open
-        groups rejoin their group (timer re-armed from now); finished instances whose group
-        was not handed on yet are handed on again."""
+        says what each leftover means); the jobs to run as new arrivals. Only what no live
+        worker holds: rows of workers whose lease ended (or of none), and spool files without
+        a row when no other worker is alive (one may be between its spool write and its row)
+        or older than a lease. Members of open groups rejoin their group (timer re-armed from
+        now); finished instances whose group was not handed on yet are handed on again."""
+        now = self._clock()
+        self.jobs.take_over(self.owner, now)  # dead workers' closing groups reopen
+        live = self.jobs.live_owners(now) - {self.owner}
         files = self._spool.pending()
-        rows: dict[str, JobRow] = {}
-        for path in files:
-            row = self.jobs.get(path.name)
-            if row is not None:
-                rows[path.name] = row
-        plan = plan_recovery(files, rows, self.jobs.received(), self.jobs.groups(OPEN),
+        rows = self.jobs.rows([p.name for p in files])
+        wall, old = time.time(), self.lease_s
+        mine = [p for p in files if (
+            ((row := rows.get(p.name)) is None and (not live or _age(p, wall) > old))
+            or (row is not None and row.owner not in live))]
+        received = [r for r in self.jobs.received() if r.owner not in live]
+        plan = plan_recovery(mine, rows, received, self.jobs.groups(OPEN),
                              self._results.stored, hand_on=self.sink is not None)
+        held_elsewhere = {r.group_key for n, r in rows.items() if r.owner in live}
+        plan.close = [k for k in plan.close if k not in held_elsewhere]
+        self.jobs.adopt([p.name for p in mine if p.name in rows], self.owner)
+        self._apply(plan)
+        if plan.rejoin:
+            self.jobs.rearm({r.group.key for r in plan.rejoin},
+                               self._clock() + self.policy.timeout_s)
+        if mine:
+            LOG.info("recovered %d acknowledged instances from the spool (%d open groups)",
+                     len(mine), plan.open_groups)
+        return plan.requeue
+
+    def _apply(self, plan: RecoveryPlan) -> None:
         for done in plan.finish:
             if done.lost:
                 LOG.error("job %s was acknowledged but its spool file is gone", done.name)
             self.jobs.finish(done.name, done.state, done.reason)
         for new in plan.insert:
-            self.jobs.insert(new.name, new.study_uid, new.series_uid, new.sop_uid, RECOVERED)
+            self.jobs.insert(new.name, new.study_uid, new.series_uid, new.sop_uid, RECOVERED,
+                             owner=self.owner)
         for path in plan.remove:
             self._spool.remove(path)
         for key in plan.close:
@@ -141,10 +196,32 @@ class SpoolWorker:
             self.groups.rehand(rehand.member, rehand.row)
             self._change_depth(+1)
         self._metrics.groups_open.set(self.groups.open_count)
-        if files:
-            LOG.info("recovered %d acknowledged instances from the spool (%d open groups)",
-                     len(files), plan.open_groups)
-        return plan.requeue
+
+    def _scan(self) -> None:
+        """Take over what workers whose lease ended left, and claim the due groups no live
+        worker closed (their members may all be at another worker, or at a dead one)."""
+        self._next_scan = self._clock() + self._scan_every
+        try:
+            taken = self.jobs.take_over(self.owner, self._clock())
+            if taken:
+                self._adopt(taken)
+            for row in self.jobs.claim_due(self.owner, self._clock()):
+                self._close_claimed(row)
+                if self._stop.is_set():
+                    return
+        except Exception as exc:  # the table unreachable: tried again at the next scan
+            LOG.error("job table scan failed: %s", type(exc).__name__)
+
+    def _adopt(self, taken: list[JobRow]) -> None:
+        """Received rows a dead worker left outside any group: queued here (finished from
+        their stored result, or failed, when their spool file is gone)."""
+        files = [p for r in taken if (p := self._spool.incoming / r.name).exists()]
+        plan = plan_recovery(files, {r.name: r for r in taken}, taken, [],
+                             self._results.stored, hand_on=self.sink is not None)
+        self._apply(plan)
+        LOG.info("took over %d jobs of a worker whose lease ended", len(taken))
+        for job in plan.requeue:
+            self.submit(job)
 
     # -- queue ------------------------------------------------------------------------------
 
@@ -158,15 +235,24 @@ class SpoolWorker:
             self._metrics.spool_depth.set(self._depth)
 
     def stop(self) -> None:
+        """Stop after the current item; the lease is given up, so the other workers take over
+        what is left (a group in the middle of closing reopens for them)."""
         self._stop.set()
         self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if self._beat.is_alive():
+            self._beat.join(timeout=5)
+        try:
+            self.jobs.retire(self.owner)
+        except Exception as exc:
+            LOG.error("job table: giving up the lease failed: %s", type(exc).__name__)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                items = [self._queue.get(timeout=self.groups.wait_s(self._next_prune))]
+                items = [self._queue.get(timeout=self.groups.wait_s(
+                    min(self._next_prune, self._next_scan)))]
             except queue.Empty:
                 items = []
             while True:  # take every arrival before closing groups: none is left behind
@@ -182,6 +268,8 @@ class SpoolWorker:
             if self._stop.is_set():
                 return
             self._close_due()
+            if self._clock() >= self._next_scan and not self._stop.is_set():
+                self._scan()
             if self._clock() >= self._next_prune:
                 self._prune()
 
@@ -231,7 +319,7 @@ class SpoolWorker:
         member = Member(job, ds, full=level == "instance")
         study, series, sop = (member.uid(k) for k in UIDS)
         self.jobs.insert(name, study, series, sop, job.protocol,  # no-op when acked here
-                         job.calling_aet)
+                         job.calling_aet, owner=self.owner)
         ready = self.groups.add(member, acked)
         self._metrics.groups_open.set(self.groups.open_count)
         if ready is not None:
@@ -244,19 +332,60 @@ class SpoolWorker:
         if not self.groups.joins:
             return
         try:
-            self.jobs.join_groups(self.groups.joins)
+            keys = self.jobs.join_groups(self.groups.joins, self.groups.dues())
         except Exception as exc:  # retried with the next batch; closing waits for it
             LOG.error("recording group memberships failed: %s", type(exc).__name__)
             self._stop.wait(self._backoff)
             return
-        self.groups.joins_recorded()
+        self.groups.joins_recorded(keys)
 
     def _close_due(self) -> None:
         for group in self.groups.due():  # none while a membership is unrecorded
             self._metrics.groups_open.set(self.groups.open_count)
+            if group.persisted:
+                state, due = self.jobs.claim_group(group.key, self.owner, self._clock())
+                if state == LATER:  # a later arrival, maybe at another worker
+                    self.groups.rearm(group, due)
+                    continue
+                if state != CLAIMED:  # another worker closed it, our members included
+                    self._forget(group)
+                    continue
+                self._merge_members(group)
             self._close(group)
             if self._stop.is_set():
                 break
+
+    def _forget(self, group: Group) -> None:
+        self._change_depth(-len([m for m in group.members if self.groups.holds(m.name)]))
+        self.groups.release(group)
+
+    def _close_claimed(self, row: GroupRow) -> None:
+        """A group claimed by the scan: this worker's own (taken out of its timers) or one
+        whose members were spooled elsewhere, read from the shared spool."""
+        group = self.groups.take(row.key)
+        if group is None:
+            group = Group(row.key, row.level, row.study_hash, row.series_hash, persisted=True)
+        self._merge_members(group)
+        self._close(group)
+
+    def _merge_members(self, group: Group) -> None:
+        """Add the members other workers recorded in the table (their files are in the
+        shared spool); a member whose file is gone is finished from its stored result, or
+        failed as ``spool_missing``, never left pending."""
+        have = {m.name for m in group.members}
+        for row in self.jobs.members(group.key):
+            if row.name in have:
+                continue
+            path = self._spool.incoming / row.name
+            header = read_header(path) if path.exists() else None
+            if header is None:
+                if row.state == RECEIVED:
+                    plan = plan_recovery([], {}, [row], [], self._results.stored,
+                                         hand_on=False)
+                    self._apply(plan)
+                continue
+            group.members.append(Member(Job(path=path, protocol=row.protocol,
+                                            calling_aet=row.calling_aet), header, full=False))
 
     def _close(self, group: Group) -> None:
         """The runner closes the group; unfinished (stopping, or a sink that raised), it is
@@ -269,5 +398,11 @@ class SpoolWorker:
             LOG.warning("group %s: sink refused (%s); retrying in %.2fs", group.key,
                         outcome.error, delay)
         else:
-            self._change_depth(-len(group.members))
-            self.groups.release(group)
+            self._forget(group)
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -32,20 +32,28 @@ and its jobs name it in ``group_key``; an open group's jobs stay ``received`` un
 so the group survives a restart. Pruning deletes rows in a final state older than the retention,
 never rows of a group that is still open.
 
-Schema changes are migrations: an older table (states received/inferred/failed, no group
-columns) is rebuilt in one transaction on open, its rows kept.
+Shared by several workers (gateway processes in one pod on SQLite, replicas on PostgreSQL;
+``jobdb.py`` holds both backends and the versioned migrations): every worker registers an
+``owner`` id with a lease it renews (``workers``); the rows it ingests carry its owner. A group
+is keyed in the database: at most one ``open`` group per (level, study, series), so an instance
+arriving at another process joins the group the first one opened, and the group's ``due_at`` is
+the latest member's acknowledgement plus the timeout. Closing is claimed by one conditional
+UPDATE (``open`` -> ``closing``, owner set; row locks with SKIP LOCKED on PostgreSQL): exactly
+one worker closes a group. Rows and ``closing`` groups of a worker whose lease expired (killed)
+are taken over by a live one (``take_over``); live claims are never taken.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from services.gateway.phi import uid_hash
-from services.gateway.store.durable import DurableDb
+from services.gateway.store.jobdb import SQLITE, Database, DbTarget, migrate, open_database
 
 LOG = logging.getLogger(__name__)
 RECEIVED, INFERRED, FAILED = "received", "inferred", "failed"
@@ -53,43 +61,13 @@ SKIPPED, DELIVERED = "skipped", "delivered"
 STATES = (RECEIVED, INFERRED, FAILED, SKIPPED, DELIVERED)
 FINISHED = (INFERRED, FAILED, SKIPPED)  # what the worker finishes a job with
 FINAL = (INFERRED, FAILED, SKIPPED, DELIVERED)  # nothing left for the worker to do
-OPEN, CLOSED = "open", "closed"
+OPEN, CLOSING, CLOSED = "open", "closing", "closed"
+CLAIMED, LATER, GONE = "claimed", "later", "gone"  # what ``claim_group`` found
 
-_JOBS = """
-CREATE TABLE IF NOT EXISTS {table} (
-    name        TEXT PRIMARY KEY,      -- spool file name (not a UID)
-    study_hash  TEXT NOT NULL,
-    series_hash TEXT NOT NULL,
-    sop_hash    TEXT NOT NULL,
-    protocol    TEXT NOT NULL,
-    state       TEXT NOT NULL CHECK (state IN
-                    ('received', 'inferred', 'failed', 'skipped', 'delivered')),
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    received_at REAL NOT NULL,
-    updated_at  REAL NOT NULL,
-    error       TEXT,
-    group_key   TEXT,                  -- series/study group (grouping.group_key); NULL: none
-    calling_aet TEXT                   -- DIMSE calling AE title; NULL for HTTP edges
-)"""
-_SCHEMA = _JOBS.format(table="jobs") + """;
-CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_hash, state);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
-CREATE INDEX IF NOT EXISTS jobs_group ON jobs (group_key);
-CREATE TABLE IF NOT EXISTS groups (
-    key         TEXT PRIMARY KEY,      -- grouping.group_key: no UID
-    level       TEXT NOT NULL,
-    study_hash  TEXT NOT NULL,
-    series_hash TEXT NOT NULL,
-    state       TEXT NOT NULL CHECK (state IN ('open', 'closed')),
-    opened_at   REAL NOT NULL,
-    updated_at  REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS groups_state ON groups (state);
-"""
 _COLUMNS = ("name, study_hash, series_hash, sop_hash, protocol, state, attempts, received_at,"
-            " updated_at, error, group_key, calling_aet")
-_V1_COLUMNS = ("name, study_hash, series_hash, sop_hash, protocol, state, attempts,"
-               " received_at, updated_at, error")
+            " updated_at, error, group_key, calling_aet, owner")
+_GROUP_COLUMNS = "key, level, study_hash, series_hash, state, opened_at, updated_at"
+_BATCH = 500  # rows one take-over or claim moves at most
 
 
 @dataclass(frozen=True)
@@ -106,6 +84,7 @@ class JobRow:
     error: str | None
     group_key: str | None = None
     calling_aet: str | None = None
+    owner: str | None = None  # the worker holding it (jobs.py: leases); None: nobody
 
 
 @dataclass(frozen=True)
@@ -123,59 +102,73 @@ def _hash(uid: str) -> str:
     return uid_hash(uid) if uid else ""
 
 
-class JobTable(DurableDb):
-    """Thread-safe (one connection, one lock): DIMSE threads, HTTP threads and the worker
-    share it. Every method is one transaction."""
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+class JobTable:
+    """Thread-safe: DIMSE threads, HTTP threads and the worker share one; several processes
+    (and replicas, on PostgreSQL) share the database. Every method is one transaction."""
 
     FILE = "jobs.sqlite3"
 
-    def __init__(self, spool_root: Path) -> None:
-        super().__init__(spool_root / self.FILE, "job table")
-        self._migrate()
-        self._db.executescript(_SCHEMA)
+    def __init__(self, spool_root: Path, target: DbTarget | None = None) -> None:
+        self.target = target if target is not None else DbTarget()
+        self.path = spool_root / self.FILE  # the SQLite file (unused on PostgreSQL)
+        self.db: Database = open_database(self.target, spool_root, self.FILE)
+        try:
+            migrate(self.db)
+        except BaseException:
+            self.db.close()
+            raise
 
-    def _migrate(self) -> None:
-        """Rebuild a table of the first schema (no skipped/delivered states, no group columns)
-        in one transaction, keeping its rows."""
-        cols = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
-        if not cols or "group_key" in cols:
-            return
-        with self._tx() as db:
-            db.execute(_JOBS.format(table="jobs_v2"))
-            db.execute(f"INSERT INTO jobs_v2 ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM jobs")
-            db.execute("DROP TABLE jobs")
-            db.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
-        LOG.info("job table %s migrated to the grouping schema", self.path.name)
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
+
+    def _run(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.db.tx() as tx:
+            return tx.execute(sql, tuple(params))[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- jobs -------------------------------------------------------------------------------
 
     def insert(self, name: str, study_uid: str, series_uid: str, sop_uid: str,
-               protocol: str, calling_aet: str | None = None) -> None:
-        """A newly spooled instance, state ``received``. Idempotent on ``name``."""
+               protocol: str, calling_aet: str | None = None, owner: str | None = None) -> None:
+        """A newly spooled instance, state ``received``, held by ``owner`` (the worker that
+        will process it). Idempotent on ``name``."""
         now = time.time()
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO jobs (name, study_hash, series_hash, sop_hash, protocol,"
-                " state, attempts, received_at, updated_at, calling_aet)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
-                (name, _hash(study_uid), _hash(series_uid), _hash(sop_uid), protocol, RECEIVED,
-                 now, now, calling_aet))
+        self._run("INSERT INTO jobs (name, study_hash, series_hash, sop_hash, protocol,"
+                  " state, attempts, received_at, updated_at, calling_aet, owner)"
+                  " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                  (name, _hash(study_uid), _hash(series_uid), _hash(sop_uid), protocol,
+                   RECEIVED, now, now, calling_aet, owner))
 
     def get(self, name: str) -> JobRow | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE name = ?",
-                                   (name,)).fetchone()
-        return JobRow(*row) if row is not None else None
+        rows = self._run(f"SELECT {_COLUMNS} FROM jobs WHERE name = ?", (name,))
+        return JobRow(*rows[0]) if rows else None
+
+    def rows(self, names: Collection[str]) -> dict[str, JobRow]:
+        """The rows of these jobs (those that have one), by name."""
+        out: dict[str, JobRow] = {}
+        listed = list(names)
+        for i in range(0, len(listed), _BATCH):
+            chunk = listed[i:i + _BATCH]
+            for r in self._run(f"SELECT {_COLUMNS} FROM jobs WHERE name IN"
+                               f" ({_marks(len(chunk))})", chunk):
+                out[r[0]] = JobRow(*r)
+        return out
 
     def all(self) -> list[JobRow]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY name").fetchall()
-        return [JobRow(*r) for r in rows]
+        return [JobRow(*r) for r in self._run(f"SELECT {_COLUMNS} FROM jobs ORDER BY name")]
 
     def attempt(self, name: str, error: str | None = None) -> None:
         """Count one inference attempt (before the call); ``error`` notes why the previous one
         did not finish (e.g. ``triton_unavailable``)."""
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET attempts = attempts + 1, updated_at = ?,"
-                       " error = COALESCE(?, error) WHERE name = ?", (time.time(), error, name))
+        self._run("UPDATE jobs SET attempts = attempts + 1, updated_at = ?,"
+                  " error = COALESCE(?, error) WHERE name = ?", (time.time(), error, name))
 
     def finish(self, name: str, state: str, error: str | None = None) -> bool:
         """``received`` -> ``state`` (inferred, failed or skipped), once: False when the row
@@ -188,79 +181,198 @@ class JobTable(DurableDb):
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
         done = 0
-        with self._tx() as db:
+        with self.db.tx() as tx:
             for name in names:
-                cur = db.execute("UPDATE jobs SET state = ?, error = ?, updated_at = ?"
-                                 " WHERE name = ? AND state = ?",
-                                 (state, error, time.time(), name, RECEIVED))
-                done += cur.rowcount
+                done += tx.execute("UPDATE jobs SET state = ?, error = ?, updated_at = ?"
+                                   " WHERE name = ? AND state = ?",
+                                   (state, error, time.time(), name, RECEIVED))[1]
         return done
 
     def mark_delivered(self, names: Iterable[str]) -> None:
         """``inferred``/``failed`` -> ``delivered`` for these jobs, in one transaction: a
         destination confirmed their results. Idempotent; other states are left as they are."""
         now = time.time()
-        with self._tx() as db:
+        with self.db.tx() as tx:
             for name in names:
-                db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE name = ? AND"
+                tx.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE name = ? AND"
                            " state IN (?, ?)", (DELIVERED, now, name, INFERRED, FAILED))
 
-    def open_group(self, key: str, level: str, study_hash: str, series_hash: str,
-                   names: Iterable[str]) -> None:
-        """Record the group (once) and make these jobs its members, in one transaction."""
-        now = time.time()
-        with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO groups (key, level, study_hash, series_hash,"
-                       " state, opened_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (key, level, study_hash, series_hash, OPEN, now, now))
-            for name in names:
-                db.execute("UPDATE jobs SET group_key = ? WHERE name = ?", (key, name))
+    # -- groups -----------------------------------------------------------------------------
 
-    def join_groups(self, entries: Iterable[tuple[str, str, str, str, str]]) -> None:
-        """``open_group`` for many arrivals in one transaction: (key, level, study hash,
-        series hash, job name) each."""
-        now = time.time()
-        with self._tx() as db:
+    def open_group(self, key: str, level: str, study_hash: str, series_hash: str,
+                   names: Iterable[str], due_at: float = 0.0) -> str:
+        """``join_groups`` for one group's members; the key they joined."""
+        keys = self.join_groups([(key, level, study_hash, series_hash, name)
+                                 for name in names], {key: due_at})
+        return next(iter(keys.values()), key)
+
+    def join_groups(self, entries: Iterable[tuple[str, str, str, str, str]],
+                    due: Mapping[str, float] | None = None) -> dict[str, str]:
+        """Memberships for many arrivals in one transaction: (proposed key, level, study hash,
+        series hash, job name) each. A job joins the open group of its (level, study, series)
+        if any worker opened one, else opens it under the proposed key; the group's ``due_at``
+        becomes at least ``due[proposed key]``. The key each job joined, by job name."""
+        now, joined = time.time(), {}
+        due = due or {}
+        with self.db.tx() as tx:
             for key, level, study_hash, series_hash, name in entries:
-                db.execute("INSERT OR IGNORE INTO groups (key, level, study_hash, series_hash,"
-                           " state, opened_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (key, level, study_hash, series_hash, OPEN, now, now))
-                db.execute("UPDATE jobs SET group_key = ? WHERE name = ?", (key, name))
+                actual = self._open_key(tx, key, level, study_hash, series_hash, now)
+                when = due.get(key, 0.0)
+                tx.execute("UPDATE groups SET due_at = ?, updated_at = ? WHERE key = ? AND"
+                           " due_at < ?", (when, now, actual, when))
+                tx.execute("UPDATE jobs SET group_key = ? WHERE name = ?", (actual, name))
+                joined[name] = actual
+        return joined
+
+    def _open_key(self, tx: Any, key: str, level: str, study_hash: str, series_hash: str,
+                  now: float) -> str:
+        """The open group's key for this (level, study, series), opening it when none is."""
+        select = ("SELECT key FROM groups WHERE level = ? AND study_hash = ? AND series_hash = ?"
+                  " AND state = ?" + (" FOR UPDATE" if self.dialect != SQLITE else ""))
+        ident = (level, study_hash, series_hash, OPEN)
+        rows, _ = tx.execute(select, ident)
+        if rows:
+            return str(rows[0][0])
+        tx.execute("INSERT INTO groups (key, level, study_hash, series_hash, state, opened_at,"
+                   " updated_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING",
+                   (key, *ident[:3], OPEN, now, now))
+        rows, _ = tx.execute(select, ident)  # ours, or the one a concurrent worker opened
+        if rows:
+            return str(rows[0][0])
+        raise RuntimeError(f"group {key} exists but is not open")  # key reuse: a bug
+
+    def claim_group(self, key: str, owner: str, now: float) -> tuple[str, float]:
+        """Claim one group for closing: (CLAIMED, due) when it was open and due (now
+        ``closing``, held by ``owner``) or already this owner's; (LATER, due_at) when open but
+        a later arrival (maybe at another process) pushed its time; (GONE, 0) when another
+        worker claimed or closed it."""
+        with self.db.tx() as tx:
+            rows, _ = tx.execute("SELECT state, due_at, owner FROM groups WHERE key = ?" + (
+                " FOR UPDATE" if self.dialect != SQLITE else ""), (key,))
+            if not rows:
+                return GONE, 0.0
+            state, due_at, holder = rows[0]
+            if state == CLOSING and holder == owner:
+                return CLAIMED, float(due_at)
+            if state != OPEN:
+                return GONE, 0.0
+            if float(due_at) > now:
+                return LATER, float(due_at)
+            tx.execute("UPDATE groups SET state = ?, owner = ?, updated_at = ? WHERE key = ?"
+                       " AND state = ?", (CLOSING, owner, time.time(), key, OPEN))
+            return CLAIMED, float(due_at)
+
+    def claim_due(self, owner: str, now: float, limit: int = 50) -> list[GroupRow]:
+        """Claim open groups that are due, whoever opened them (a killed worker's included),
+        in due order; those now ``closing`` under ``owner``."""
+        with self.db.tx() as tx:
+            keys = [k for (k,) in tx.execute(
+                "SELECT key FROM groups WHERE state = ? AND due_at <= ? ORDER BY due_at, key"
+                f" LIMIT {int(limit)}{self.db.skip_locked}", (OPEN, now))[0]]
+            for key in keys:
+                tx.execute("UPDATE groups SET state = ?, owner = ?, updated_at = ? WHERE"
+                           " key = ? AND state = ?", (CLOSING, owner, time.time(), key, OPEN))
+            if not keys:
+                return []
+            rows, _ = tx.execute(f"SELECT {_GROUP_COLUMNS} FROM groups WHERE key IN"
+                                 f" ({_marks(len(keys))}) ORDER BY key", keys)
+        return [GroupRow(*r) for r in rows]
 
     def close_group(self, key: str) -> None:
         """The group was handed on (or had nothing to hand on): closed for good."""
-        with self._tx() as db:
-            db.execute("UPDATE groups SET state = ?, updated_at = ? WHERE key = ?",
-                       (CLOSED, time.time(), key))
+        self._run("UPDATE groups SET state = ?, updated_at = ? WHERE key = ?",
+                  (CLOSED, time.time(), key))
+
+    def reopen(self, key: str, due_at: float) -> None:
+        """A claimed group this worker could not finish (stopping): open again, due at
+        ``due_at``, for whichever worker comes next."""
+        self._run("UPDATE groups SET state = ?, owner = NULL, due_at = ?, updated_at = ?"
+                  " WHERE key = ? AND state = ?", (OPEN, due_at, time.time(), key, CLOSING))
+
+    def rearm(self, keys: Iterable[str], due_at: float) -> None:
+        """Open groups due at ``due_at`` (their timers re-armed at a restart)."""
+        with self.db.tx() as tx:
+            for key in keys:
+                tx.execute("UPDATE groups SET due_at = ? WHERE key = ? AND state = ?",
+                           (due_at, key, OPEN))
+
+    def group(self, key: str) -> GroupRow | None:
+        rows = self._run(f"SELECT {_GROUP_COLUMNS} FROM groups WHERE key = ?", (key,))
+        return GroupRow(*rows[0]) if rows else None
 
     def groups(self, state: str = OPEN) -> list[GroupRow]:
-        with self._lock:
-            rows = self._db.execute("SELECT key, level, study_hash, series_hash, state,"
-                                    " opened_at, updated_at FROM groups WHERE state = ?"
-                                    " ORDER BY opened_at, key", (state,)).fetchall()
-        return [GroupRow(*r) for r in rows]
+        return [GroupRow(*r) for r in self._run(
+            f"SELECT {_GROUP_COLUMNS} FROM groups WHERE state = ? ORDER BY opened_at, key",
+            (state,))]
 
     def members(self, key: str) -> list[JobRow]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE group_key = ?"
-                                    " ORDER BY name", (key,)).fetchall()
+        return [JobRow(*r) for r in self._run(
+            f"SELECT {_COLUMNS} FROM jobs WHERE group_key = ? ORDER BY name", (key,))]
+
+    # -- workers, leases, take-over ---------------------------------------------------------
+
+    def heartbeat(self, owner: str, lease_until: float) -> None:
+        """This worker is alive until ``lease_until`` (its claims are not taken before)."""
+        with self.db.tx() as tx:
+            if not tx.execute("UPDATE workers SET lease_until = ? WHERE owner = ?",
+                              (lease_until, owner))[1]:
+                tx.execute("INSERT INTO workers (owner, lease_until) VALUES (?, ?)"
+                           " ON CONFLICT DO NOTHING", (owner, lease_until))
+
+    def retire(self, owner: str) -> None:
+        """A clean stop: the lease ends now, so live workers take over what is left."""
+        self._run("DELETE FROM workers WHERE owner = ?", (owner,))
+
+    def live_owners(self, now: float) -> set[str]:
+        return {o for (o,) in self._run("SELECT owner FROM workers WHERE lease_until > ?",
+                                        (now,))}
+
+    def take_over(self, owner: str, now: float) -> list[JobRow]:
+        """What workers whose lease ended (or rows with no owner) left: their ``closing``
+        groups reopen, due now (a live worker claims them); their rows become ``owner``'s.
+        The rows taken that belong to no open or closing group (the caller requeues or
+        re-hands them); rows of a live worker are never taken."""
+        dead = ("(owner IS NULL OR owner NOT IN (SELECT owner FROM workers WHERE"
+                " lease_until > ?))")
+        with self.db.tx() as tx:
+            tx.execute("DELETE FROM workers WHERE lease_until <= ? AND owner != ?", (now, owner))
+            tx.execute(f"UPDATE groups SET state = ?, owner = NULL, due_at = ? WHERE state = ?"
+                       f" AND {dead}", (OPEN, now, CLOSING, now))
+            names = [n for (n,) in tx.execute(
+                f"SELECT name FROM jobs WHERE state = ? AND {dead} AND (group_key IS NULL OR"
+                " group_key NOT IN (SELECT key FROM groups WHERE state IN (?, ?)))"
+                f" ORDER BY name LIMIT {_BATCH}{self.db.skip_locked}",
+                (RECEIVED, now, OPEN, CLOSING))[0]]
+            if not names:
+                return []
+            tx.execute(f"UPDATE jobs SET owner = ? WHERE name IN ({_marks(len(names))})",
+                       (owner, *names))
+            rows, _ = tx.execute(f"SELECT {_COLUMNS} FROM jobs WHERE name IN"
+                                 f" ({_marks(len(names))}) ORDER BY name", names)
         return [JobRow(*r) for r in rows]
+
+    def adopt(self, names: Iterable[str], owner: str) -> None:
+        """Rows this worker found at start without a live owner become its own."""
+        with self.db.tx() as tx:
+            for name in names:
+                tx.execute("UPDATE jobs SET owner = ? WHERE name = ?", (owner, name))
+
+    # -- housekeeping and queries -----------------------------------------------------------
 
     def prune(self, retention_s: float, keep: Collection[str] = ()) -> int:
         """Delete rows in a final state not updated for ``retention_s`` seconds, except the
-        jobs named in ``keep`` (their spool files still exist) and members of open groups;
-        then closed groups left without members. How many job rows went."""
+        jobs named in ``keep`` (their spool files still exist) and members of open or closing
+        groups; then closed groups left without members. How many job rows went."""
         cutoff = time.time() - retention_s
-        marks = ", ".join("?" * len(FINAL))
-        with self._tx() as db:
-            names = [n for (n,) in db.execute(
-                f"SELECT name FROM jobs WHERE state IN ({marks}) AND updated_at < ? AND"
-                " (group_key IS NULL OR group_key NOT IN"
-                " (SELECT key FROM groups WHERE state = ?))",
-                (*FINAL, cutoff, OPEN)).fetchall() if n not in keep]
+        with self.db.tx() as tx:
+            names = [n for (n,) in tx.execute(
+                f"SELECT name FROM jobs WHERE state IN ({_marks(len(FINAL))}) AND"
+                " updated_at < ? AND (group_key IS NULL OR group_key NOT IN"
+                " (SELECT key FROM groups WHERE state IN (?, ?)))",
+                (*FINAL, cutoff, OPEN, CLOSING))[0] if n not in keep]
             for name in names:
-                db.execute("DELETE FROM jobs WHERE name = ?", (name,))
-            db.execute("DELETE FROM groups WHERE state = ? AND updated_at < ? AND key NOT IN"
+                tx.execute("DELETE FROM jobs WHERE name = ?", (name,))
+            tx.execute("DELETE FROM groups WHERE state = ? AND updated_at < ? AND key NOT IN"
                        " (SELECT group_key FROM jobs WHERE group_key IS NOT NULL)",
                        (CLOSED, cutoff))
         if names:
@@ -269,16 +381,14 @@ class JobTable(DurableDb):
 
     def pending(self, study_uid: str) -> int:
         """Instances of the study acknowledged and not finished yet."""
-        with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE study_hash = ? AND"
-                                    " state = ?", (uid_hash(study_uid), RECEIVED)).fetchone()
+        (n,), = self._run("SELECT COUNT(*) FROM jobs WHERE study_hash = ? AND state = ?",
+                          (uid_hash(study_uid), RECEIVED))
         return int(n)
 
     def count(self, state: str) -> int:
-        with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?",
-                                    (state,)).fetchone()
+        (n,), = self._run("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,))
         return int(n)
 
     def received(self) -> list[JobRow]:
-        return [r for r in self.all() if r.state == RECEIVED]
+        return [JobRow(*r) for r in self._run(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY name", (RECEIVED,))]
