@@ -52,7 +52,9 @@ from services.gateway.security.guard import (
 )
 from services.gateway.security.ratelimit import ConcurrencyCap, RateLimiter
 from services.gateway.security.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
+from services.gateway.store.jobdb import JobDbError
 from services.gateway.store.jobs import STATES as JOB_STATES
+from services.gateway.store.jobs import JobTable
 from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import Spool
 from services.gateway.store.versions import VersionStore
@@ -122,9 +124,15 @@ class Gateway:
                                          manifests={self.manifest.name: self.manifest,
                                                     **others})
                          if routes is not None else None)
+        try:
+            jobs = JobTable(config.spool_dir, config.job_table)
+        except JobDbError as exc:
+            raise ConfigError(str(exc)) from None
+        LOG.info("job table: %s", config.job_table.redacted())
         self.worker = SpoolWorker(
             self.core, self.spool, self.results, self.metrics, config.triton_retry_backoff_s,
-            sink=self.delivery, retention_s=config.job_retention_s,
+            jobs=jobs, sink=self.delivery, retention_s=config.job_retention_s,
+            lease_s=config.job_lease_s,
             policy=GroupingPolicy.resolve(self.manifest, config.group_level,
                                           config.group_timeout_s))
         # One lane per served model (intake/models.py); the default model's is the gateway's

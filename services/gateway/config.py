@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import os
 import re
 import ssl
 import types
@@ -21,11 +22,14 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from services.errors import ConfigError
 
 _AE_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$")
 SETTING: Final = "setting"  # the key of a field's declaration in its dataclass metadata
+SQLITE, POSTGRESQL = "sqlite", "postgresql"  # the job table's backends (store/jobdb.py)
+PASSWORD_ENV: Final = "BEDSIDE_JOB_DB_PASSWORD"
 
 
 class _Same:
@@ -220,6 +224,28 @@ class GatewayConfig:
         7 * 86400.0, flag="--job-retention", metavar="SECONDS",
         chart="gateway.jobRetentionSeconds",
         help="finished job-table rows are deleted after this long")
+    # The job table (store/jobdb.py): "sqlite" (jobs.sqlite3 beside the spool: one pod, any
+    # number of gateway processes) or a PostgreSQL URL without a password (several replicas,
+    # the spool then on a ReadWriteMany volume they share). The password comes from
+    # job_db_password_file or $BEDSIDE_JOB_DB_PASSWORD, never from the URL or a log.
+    job_db: str = setting(
+        "sqlite", flag="--job-db", metavar="sqlite|postgresql://USER@HOST:PORT/DB",
+        why="the chart passes sqlite, or with gateway.jobTable.backend postgresql the URL it "
+            "builds from gateway.jobTable.postgresql (host, port, database, user)",
+        help="job table: sqlite (beside the spool) or a postgresql:// URL shared by several "
+             "replicas (no password in it: --job-db-password-file or "
+             "$BEDSIDE_JOB_DB_PASSWORD)")
+    job_db_password_file: Path | None = setting(
+        None, flag="--job-db-password-file", metavar="FILE",
+        why="the chart gives the password as $BEDSIDE_JOB_DB_PASSWORD from the Secret "
+            "gateway.jobTable.postgresql.passwordSecret (secretKeyRef), not as a file",
+        help="file holding the PostgreSQL job table's password (else $BEDSIDE_JOB_DB_PASSWORD)")
+    # A worker renews its lease in the job table every third of this; a worker silent for this
+    # long (killed) has its claims taken over by the others.
+    job_lease_s: float = setting(
+        15.0, flag="--job-lease", metavar="SECONDS", chart="gateway.jobTable.leaseSeconds",
+        help="seconds after which a silent gateway worker's jobs and groups are taken over by "
+             "the others")
     # Results delivery (delivery/): the routes file (YAML, or JSON by suffix),
     # loaded and validated once when the gateway is built; None delivers nothing.
     routes_file: Path | None = setting(
@@ -352,6 +378,12 @@ class GatewayConfig:
             raise ConfigError("group_timeout_s must be > 0")
         if self.job_retention_s <= 0:
             raise ConfigError("job_retention_s must be > 0")
+        try:
+            self.job_table.check()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.job_lease_s < 1:
+            raise ConfigError("job_lease_s must be >= 1 second")
         if self.routes_file is not None and not self.routes_file.is_file():
             raise ConfigError(f"routes_file {self.routes_file} is not a file")
         if self.triton_breaker_failures < 1 or self.triton_breaker_cooldown_s <= 0:
@@ -386,6 +418,10 @@ class GatewayConfig:
                 raise ConfigError(f"{name} must be > 0")
         if self.max_connections_per_source < 0:
             raise ConfigError("max_connections_per_source must be >= 0 (0 = no cap)")
+
+    @property
+    def job_table(self) -> DbTarget:
+        return DbTarget(self.job_db, self.job_db_password_file)
 
     @property
     def manifest_path(self) -> Path:
@@ -524,3 +560,46 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
             value = _absolute(value)
         out[name] = value
     return out
+
+
+@dataclass(frozen=True)
+class DbTarget:
+    """Where the job table lives: ``url`` "sqlite" (beside the spool) or a ``postgresql://``
+    URL without a password; the password read from ``password_file`` or ``$PASSWORD_ENV``."""
+
+    url: str = SQLITE
+    password_file: Path | None = None
+
+    @property
+    def dialect(self) -> str:
+        return SQLITE if self.url == SQLITE else POSTGRESQL
+
+    def check(self) -> None:
+        """Raise ValueError with a clear message when the target cannot be right."""
+        if self.url == SQLITE:
+            if self.password_file is not None:
+                raise ValueError("a job-table password file needs a postgresql:// URL")
+            return
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("job table: 'sqlite' or a postgresql://USER@HOST:PORT/DB URL "
+                             f"(scheme {parts.scheme!r} is neither)")
+        if parts.password is not None:
+            raise ValueError("job table URL carries a password: give it in a file "
+                             f"(--job-db-password-file) or ${PASSWORD_ENV} instead")
+        if not (parts.hostname or "host=" in parts.query) or not parts.path.strip("/"):
+            raise ValueError("job table URL needs a host and a database name")
+        if self.password_file is not None and not self.password_file.is_file():
+            raise ValueError(f"job table password file {self.password_file} is not a file")
+
+    def password(self) -> str | None:
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        return os.environ.get(PASSWORD_ENV) or None
+
+    def redacted(self) -> str:
+        """The URL as it may be logged (no user, no password)."""
+        if self.url == SQLITE:
+            return SQLITE
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 5432}{parts.path}"

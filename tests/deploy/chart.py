@@ -29,7 +29,17 @@ PERMUTATIONS: dict[str, dict[str, Any]] = {
             "image": {"repository": "registry.example.org/models/cxr", "tag": "1.0.0"}}}},
         "tensorrt": {"engineBuild": {"enabled": True}},
         "triton": {"autoscaling": {"enabled": True}, "modelControlMode": "explicit"},
-        "gateway": {"autoscaling": {"enabled": True}},
+        # several gateway replicas: the PostgreSQL job table and one shared spool
+        "gateway": {"autoscaling": {"enabled": True}, "spool": {"shared": {"enabled": True}},
+                    "jobTable": {"backend": "postgresql",
+                                 "postgresql": {"host": "jobs.db.svc"}}},
+    },
+    "two gateway replicas on postgresql, an existing shared spool claim": {
+        "gateway": {"replicas": 2,
+                    "spool": {"shared": {"enabled": True, "existingClaim": "spool-rwx"}},
+                    "jobTable": {"backend": "postgresql", "postgresql": {
+                        "host": "jobs.db.svc", "database": "bedside_jobs", "user": "gw",
+                        "passwordSecret": {"name": "jobs-db", "key": "pw"}}}},
     },
     "kserve on, tls on": {
         "kserve": {"enabled": True},

@@ -304,6 +304,15 @@ def test_engine_build_job_is_a_hook_on_gpu_nodes() -> None:
     ({"model": {"repository": {"source": "nfs"}}}, "/model/repository/source"),
     ({"triton": {"podSecurityContext": {"runAsNonRoot": False}}}, "runAsNonRoot"),
     ({"triton": {"modelConfigName": "../openvino"}}, "/triton/modelConfigName"),
+    # several gateway replicas need the PostgreSQL job table and one shared spool
+    ({"gateway": {"replicas": 2}}, "/gateway/jobTable/backend"),
+    ({"gateway": {"replicas": 2, "jobTable": {"backend": "postgresql",
+                                               "postgresql": {"host": "db"}}}},
+     "/gateway/spool/shared/enabled"),
+    ({"gateway": {"autoscaling": {"enabled": True, "maxReplicas": 3}}},
+     "/gateway/jobTable/backend"),
+    ({"gateway": {"jobTable": {"backend": "postgresql"}}}, "/gateway/jobTable/postgresql/host"),
+    ({"gateway": {"jobTable": {"backend": "mysql"}}}, "/gateway/jobTable/backend"),
 ])
 def test_values_schema_refuses_bad_values(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmError, match=message.replace("/", ".")):
@@ -336,3 +345,33 @@ def test_several_models_each_manifest_mounted_and_served() -> None:
         "ct-seg.manifest.json"
     with pytest.raises(helm.HelmError, match=r"give its manifest in model\.others"):
         render({"gateway": {"models": ["absent"]}})
+
+
+def test_two_replicas_share_a_postgresql_job_table_and_one_spool_claim() -> None:
+    docs = objects(render(PERMUTATIONS[
+        "two gateway replicas on postgresql, an existing shared spool claim"]))
+    sts = next(d for d in of_kind(docs, "StatefulSet") if d["spec"]["template"]["spec"][
+        "containers"][0]["command"] == ["bedside", "gateway"])
+    assert sts["spec"]["replicas"] == 2 and "volumeClaimTemplates" not in sts["spec"]
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--job-db=postgresql://gw@jobs.db.svc:5432/bedside_jobs" in container["args"]
+    assert not [a for a in container["args"] if "password" in a.lower()]
+    (env,) = [e for e in container["env"] if e["name"] == "BEDSIDE_JOB_DB_PASSWORD"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "jobs-db", "key": "pw"}
+    (spool,) = [v for v in pod["volumes"] if v["name"] == "spool"]
+    assert spool["persistentVolumeClaim"]["claimName"] == "spool-rwx"
+    assert not [d for d in of_kind(docs, "PersistentVolumeClaim")
+                if d["metadata"]["name"].endswith("-spool")]  # the existing claim is used
+
+
+def test_shared_spool_claim_is_read_write_many_when_the_chart_makes_it() -> None:
+    docs = objects(render(PERMUTATIONS["gpu, oci, tensorrt engines, autoscaling"]))
+    (pvc,) = [d for d in of_kind(docs, "PersistentVolumeClaim")
+              if d["metadata"]["name"] == "demo-bedside-gateway-spool"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    defaults = objects(render({}))
+    sts = next(d for d in of_kind(defaults, "StatefulSet")
+               if d["metadata"]["name"] == "demo-bedside-gateway")
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "--job-db=sqlite" in sts["spec"]["template"]["spec"]["containers"][0]["args"]

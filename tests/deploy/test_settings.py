@@ -38,6 +38,8 @@ DERIVED_AT_DEFAULTS: dict[str, Any] = {
     "tls_cert": None, "tls_key": None, "tls_ca": None, "routes_file": None,
     "http_tls": False,  # --plaintext: TLS ends at the ingress unless gateway.tls.enabled
     "dicom_tls": True,
+    "job_db": "sqlite",  # postgresql://USER@HOST:PORT/DB with gateway.jobTable.backend postgresql
+    "job_db_password_file": None,  # the password comes as $BEDSIDE_JOB_DB_PASSWORD instead
 }
 
 # Values that differ from each chart default, for the settings a generic change cannot make

@@ -183,7 +183,7 @@ class Ingestor:
             lane.worker.jobs.insert(path.name, str(ds.get("StudyInstanceUID", "")),
                                      str(ds.get("SeriesInstanceUID", "")),
                                      str(ds.get("SOPInstanceUID", "")), protocol,
-                                     calling_aet)
+                                     calling_aet, owner=self._worker.owner)
         except Exception as exc:  # sqlite3.Error, OSError: not acknowledged, so take it back
             LOG.error("job table insert failed: %s", type(exc).__name__)
             # if even that fails, start-up reconciliation processes the file once

@@ -22,7 +22,6 @@ the URL, and is never logged; errors name the error class and the host, not the 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,13 +29,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
+from services.gateway.config import POSTGRESQL, SQLITE, DbTarget
 from services.gateway.store.durable import DurableDb
 
+__all__ = ["POSTGRESQL", "SQLITE", "Database", "DbTarget", "JobDbError", "migrate",
+           "open_database"]
+
 LOG = logging.getLogger(__name__)
-SQLITE, POSTGRESQL = "sqlite", "postgresql"
-PASSWORD_ENV = "BEDSIDE_JOB_DB_PASSWORD"
 
 
 class JobDbError(Exception):
@@ -59,49 +59,6 @@ class Database(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class DbTarget:
-    """Where the job table lives: ``url`` "sqlite" (beside the spool) or a ``postgresql://``
-    URL without a password; the password read from ``password_file`` or ``$PASSWORD_ENV``."""
-
-    url: str = SQLITE
-    password_file: Path | None = None
-
-    @property
-    def dialect(self) -> str:
-        return SQLITE if self.url == SQLITE else POSTGRESQL
-
-    def check(self) -> None:
-        """Raise ValueError with a clear message when the target cannot be right."""
-        if self.url == SQLITE:
-            if self.password_file is not None:
-                raise ValueError("a job-table password file needs a postgresql:// URL")
-            return
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("postgresql", "postgres"):
-            raise ValueError("job table: 'sqlite' or a postgresql://USER@HOST:PORT/DB URL "
-                             f"(scheme {parts.scheme!r} is neither)")
-        if parts.password is not None:
-            raise ValueError("job table URL carries a password: give it in a file "
-                             f"(--job-db-password-file) or ${PASSWORD_ENV} instead")
-        if not (parts.hostname or "host=" in parts.query) or not parts.path.strip("/"):
-            raise ValueError("job table URL needs a host and a database name")
-        if self.password_file is not None and not self.password_file.is_file():
-            raise ValueError(f"job table password file {self.password_file} is not a file")
-
-    def password(self) -> str | None:
-        if self.password_file is not None:
-            return self.password_file.read_text(encoding="utf-8").strip()
-        return os.environ.get(PASSWORD_ENV) or None
-
-    def redacted(self) -> str:
-        """The URL as it may be logged (no user, no password)."""
-        if self.url == SQLITE:
-            return SQLITE
-        parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 5432}{parts.path}"
 
 
 class _SqliteTx:
