@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from services.gateway.store.jobdb import DbTarget
+from services.gateway.config import DbTarget
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 _counter = itertools.count()
