@@ -1,7 +1,9 @@
 """The job table and the crash-recovery paths of the worker (fake Triton, unit level).
 
 Each "crash" is simulated by leaving the spool, result store and table exactly as a process
-killed between two durable steps would, then starting a fresh worker on the same folder."""
+killed between two durable steps would, then starting a fresh worker on the same folder. The
+tests taking ``job_db`` run against both backends: SQLite beside the spool and a real
+PostgreSQL (tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import StoragePresentationContexts
 
 from services.errors import ConfigError
-from services.gateway.config import GatewayConfig
+from services.gateway.config import DbTarget, GatewayConfig
 from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
@@ -29,16 +31,16 @@ from tests.gateway.harness import base_url, fake_gateway, model_repository, wait
 from tests.gateway.util import dicom_bytes, make_instance
 
 
-def _worker(tmp: Path, fake: FakeInferer) -> SpoolWorker:
+def _worker(tmp: Path, fake: FakeInferer, db: DbTarget | None = None) -> SpoolWorker:
     return SpoolWorker(InferenceCore(TINY_MANIFEST, fake), Spool(tmp), ResultStore(tmp),
-                       GatewayMetrics(), backoff_s=0.01)
+                       GatewayMetrics(), backoff_s=0.01, jobs=JobTable(tmp, db))
 
 
-def _acked(tmp: Path, seed: int = 0) -> tuple[str, str, str]:
+def _acked(tmp: Path, seed: int = 0, db: DbTarget | None = None) -> tuple[str, str, str]:
     """An instance spooled and recorded as the ingest path does; (job name, study, sop)."""
     ds = make_instance(seed)
     path = Spool(tmp).put(dicom_bytes(ds))
-    table = JobTable(tmp)
+    table = JobTable(tmp, db)
     table.insert(path.name, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
                  "dimse")
     table.close()
@@ -65,8 +67,8 @@ def test_table_is_wal_and_holds_hashed_uids_only(tmp_path: Path) -> None:
     assert name.encode() in raw  # the table really was read: the job name is there
 
 
-def test_finish_happens_once(tmp_path: Path) -> None:
-    table = JobTable(tmp_path)
+def test_finish_happens_once(tmp_path: Path, job_db: DbTarget) -> None:
+    table = JobTable(tmp_path, job_db)
     table.insert("a.dcm", "1.2.3", "1.2.3.4", "1.2.3.4.5", "rest")
     assert table.finish("a.dcm", INFERRED)
     assert not table.finish("a.dcm", FAILED)  # already final: no second transition
@@ -78,11 +80,11 @@ def test_finish_happens_once(tmp_path: Path) -> None:
 
 
 def test_acknowledged_work_is_inferred_once_with_attempts_counted_with_fake_triton(
-    tmp_path: Path,
+    tmp_path: Path, job_db: DbTarget,
 ) -> None:
-    name, study, _ = _acked(tmp_path)
+    name, study, _ = _acked(tmp_path, db=job_db)
     fake = FakeInferer(unavailable_calls=2)
-    worker = _worker(tmp_path, fake)
+    worker = _worker(tmp_path, fake, job_db)
     _run_until_idle(worker)
     row = worker.jobs.get(name)
     assert row is not None and (row.state, row.attempts) == (INFERRED, 3)
@@ -91,12 +93,14 @@ def test_acknowledged_work_is_inferred_once_with_attempts_counted_with_fake_trit
     assert Spool(tmp_path).pending() == []
 
 
-def test_crash_after_result_write_is_not_inferred_again_with_fake_triton(tmp_path: Path) -> None:
-    name, study, sop = _acked(tmp_path)
+def test_crash_after_result_write_is_not_inferred_again_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    name, study, sop = _acked(tmp_path, db=job_db)
     ResultStore(tmp_path).save(study, sop, {"study_instance_uid": study,
                                             "sop_instance_uid": sop, "findings": []}, job=name)
     fake = FakeInferer()
-    worker = _worker(tmp_path, fake)
+    worker = _worker(tmp_path, fake, job_db)
     _run_until_idle(worker)
     assert fake.calls == 0
     row = worker.jobs.get(name)
@@ -104,23 +108,25 @@ def test_crash_after_result_write_is_not_inferred_again_with_fake_triton(tmp_pat
     assert Spool(tmp_path).pending() == []
 
 
-def test_crash_after_finish_only_removes_the_spool_file_with_fake_triton(tmp_path: Path) -> None:
-    name, _, _ = _acked(tmp_path)
-    table = JobTable(tmp_path)
+def test_crash_after_finish_only_removes_the_spool_file_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    name, _, _ = _acked(tmp_path, db=job_db)
+    table = JobTable(tmp_path, job_db)
     table.finish(name, INFERRED)
     table.close()
     fake = FakeInferer()
-    _run_until_idle(_worker(tmp_path, fake))
+    _run_until_idle(_worker(tmp_path, fake, job_db))
     assert fake.calls == 0 and Spool(tmp_path).pending() == []
 
 
 def test_spool_file_without_row_is_reconciled_and_inferred_once_with_fake_triton(
-    tmp_path: Path,
+    tmp_path: Path, job_db: DbTarget,
 ) -> None:
     ds = make_instance(3)
     path = Spool(tmp_path).put(dicom_bytes(ds))  # crash before the row insert
     fake = FakeInferer()
-    worker = _worker(tmp_path, fake)
+    worker = _worker(tmp_path, fake, job_db)
     _run_until_idle(worker)
     row = worker.jobs.get(path.name)
     assert row is not None and (row.state, row.protocol, row.attempts) == (
@@ -128,30 +134,34 @@ def test_spool_file_without_row_is_reconciled_and_inferred_once_with_fake_triton
     assert row.sop_hash == uid_hash(ds.SOPInstanceUID) and fake.calls == 1
 
 
-def test_row_whose_spool_file_vanished_is_failed_not_pending(tmp_path: Path) -> None:
-    name, study, _ = _acked(tmp_path)
+def test_row_whose_spool_file_vanished_is_failed_not_pending(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    name, study, _ = _acked(tmp_path, db=job_db)
     (Spool(tmp_path).incoming / name).unlink()
-    worker = _worker(tmp_path, FakeInferer())
+    worker = _worker(tmp_path, FakeInferer(), job_db)
     _run_until_idle(worker)
     row = worker.jobs.get(name)
     assert row is not None and (row.state, row.error) == (FAILED, "spool_missing")
     assert worker.jobs.pending(study) == 0
 
 
-def test_resent_instance_is_inferred_again_with_fake_triton(tmp_path: Path) -> None:
-    name, study, sop = _acked(tmp_path)
+def test_resent_instance_is_inferred_again_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    name, study, sop = _acked(tmp_path, db=job_db)
     ResultStore(tmp_path).save(study, sop, {"study_instance_uid": study,
                                             "sop_instance_uid": sop}, job="earlier.dcm")
     fake = FakeInferer()
-    worker = _worker(tmp_path, fake)
+    worker = _worker(tmp_path, fake, job_db)
     _run_until_idle(worker)
     assert fake.calls == 1
     assert ResultStore(tmp_path).stored(uid_hash(study), uid_hash(sop))["_job"] == name  # type: ignore[index]
 
 
-def test_unreadable_spool_file_is_quarantined_and_failed(tmp_path: Path) -> None:
+def test_unreadable_spool_file_is_quarantined_and_failed(tmp_path: Path, job_db: DbTarget) -> None:
     path = Spool(tmp_path).put(b"not dicom at all")
-    worker = _worker(tmp_path, FakeInferer())
+    worker = _worker(tmp_path, FakeInferer(), job_db)
     _run_until_idle(worker)
     row = worker.jobs.get(path.name)
     assert row is not None and row.state == FAILED and row.error
@@ -244,8 +254,10 @@ def test_job_table_of_the_first_schema_is_migrated_with_its_rows(tmp_path: Path)
     assert [(r.name, r.state) for r in again.all()] == [("a.dcm", SKIPPED), ("b.dcm", DELIVERED)]
 
 
-def test_mark_delivered_moves_only_inferred_or_failed_rows_once(tmp_path: Path) -> None:
-    table = JobTable(tmp_path)
+def test_mark_delivered_moves_only_inferred_or_failed_rows_once(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    table = JobTable(tmp_path, job_db)
     for name in ("a", "b", "c", "d"):
         table.insert(name, "1.2", "1.2.3", f"1.2.3.{name}", "dimse", "MODALITY")
     table.finish("a", INFERRED)
@@ -262,18 +274,16 @@ def test_mark_delivered_moves_only_inferred_or_failed_rows_once(tmp_path: Path) 
 
 
 def test_prune_deletes_old_final_rows_but_keeps_pending_open_and_kept_ones(
-    tmp_path: Path,
+    tmp_path: Path, job_db: DbTarget,
 ) -> None:
-    table = JobTable(tmp_path)
+    table = JobTable(tmp_path, job_db)
     for name in ("old", "kept", "grouped", "fresh", "waiting"):
         table.insert(name, "1.2", "1.2.3", f"1.2.3.{name}", "rest")
     for name in ("old", "kept", "grouped"):
         table.finish(name, INFERRED)
     table.open_group("g1", "series", "h", "hs", ["grouped"])
-    db = sqlite3.connect(tmp_path / JobTable.FILE)
-    db.execute("UPDATE jobs SET updated_at = 0 WHERE name != 'fresh'")
-    db.commit()
-    db.close()
+    with table.db.tx() as tx:  # either backend: the rows grew old
+        tx.execute("UPDATE jobs SET updated_at = 0 WHERE name != 'fresh'")
     table.finish("fresh", INFERRED)
     assert table.prune(3600, keep={"kept"}) == 1  # "old" only
     assert sorted(r.name for r in table.all()) == ["fresh", "grouped", "kept", "waiting"]

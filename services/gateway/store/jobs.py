@@ -332,17 +332,17 @@ class JobTable:
         groups reopen, due now (a live worker claims them); their rows become ``owner``'s.
         The rows taken that belong to no open or closing group (the caller requeues or
         re-hands them); rows of a live worker are never taken."""
-        dead = ("(owner IS NULL OR owner NOT IN (SELECT owner FROM workers WHERE"
-                " lease_until > ?))")
+        dead = ("(owner IS NULL OR (owner != ? AND owner NOT IN (SELECT owner FROM workers"
+                " WHERE lease_until > ?)))")
         with self.db.tx() as tx:
             tx.execute("DELETE FROM workers WHERE lease_until <= ? AND owner != ?", (now, owner))
             tx.execute(f"UPDATE groups SET state = ?, owner = NULL, due_at = ? WHERE state = ?"
-                       f" AND {dead}", (OPEN, now, CLOSING, now))
+                       f" AND {dead}", (OPEN, now, CLOSING, owner, now))
             names = [n for (n,) in tx.execute(
                 f"SELECT name FROM jobs WHERE state = ? AND {dead} AND (group_key IS NULL OR"
                 " group_key NOT IN (SELECT key FROM groups WHERE state IN (?, ?)))"
                 f" ORDER BY name LIMIT {_BATCH}{self.db.skip_locked}",
-                (RECEIVED, now, OPEN, CLOSING))[0]]
+                (RECEIVED, owner, now, OPEN, CLOSING))[0]]
             if not names:
                 return []
             tx.execute(f"UPDATE jobs SET owner = ? WHERE name IN ({_marks(len(names))})",

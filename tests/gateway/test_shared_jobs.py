@@ -1,0 +1,330 @@
+"""Several workers sharing one spool and one job table (gateway processes in one pod on SQLite,
+replicas on PostgreSQL), against both backends: versioned migrations, groups keyed in the table,
+one claim per group, leases and take-over, a study split across workers, a worker that dies.
+
+Triton is faked (names say so). "Dies" in-process means the worker's threads stop with nothing
+cleaned up: no lease given up, claims left as they were, as after kill -9; the last test kills a
+real gateway process with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.presentation import StoragePresentationContexts
+
+from services.gateway.config import DbTarget
+from services.gateway.inference.core import InferenceCore
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy
+from services.gateway.processing.worker import Job, SpoolWorker
+from services.gateway.store.jobdb import LATEST, JobDbError, migrate, open_database
+from services.gateway.store.jobs import (
+    CLAIMED,
+    CLOSED,
+    CLOSING,
+    GONE,
+    INFERRED,
+    LATER,
+    OPEN,
+    RECEIVED,
+    JobTable,
+)
+from services.gateway.store.results import ResultStore
+from services.gateway.store.spool import Spool
+from services.net import free_port
+from tests.conftest import ROOT, TINY_MANIFEST
+from tests.gateway.fakes import FakeInferer
+from tests.gateway.harness import fake_gateway, wait_for
+from tests.gateway.util import dicom_bytes, make_study
+from tests.postgres import Postgres
+
+LEASE_S = 1.0
+
+
+class SharedSink:
+    """One sink for every worker of a test (thread-safe): the groups handed on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.accepted: list[CompletedGroup] = []
+
+    def accept(self, group: CompletedGroup) -> None:
+        assert all(p.exists() for p in group.sources)  # valid until accept returned
+        with self._lock:
+            self.accepted.append(group)
+
+
+def _study(per_series: int = 2) -> tuple[list[Dataset], list[Dataset]]:
+    """One study of two series, ``per_series`` instances each."""
+    study = generate_uid()
+    first, second = make_study(per_series, seed=10), make_study(per_series, seed=20)
+    for ds in first + second:
+        ds.StudyInstanceUID = study
+    return first, second
+
+
+def _worker(tmp: Path, db: DbTarget, fake: FakeInferer, sink: SharedSink | None,
+            timeout_s: float = 0.5) -> SpoolWorker:
+    return SpoolWorker(InferenceCore(TINY_MANIFEST, fake), Spool(tmp), ResultStore(tmp),
+                       GatewayMetrics(), backoff_s=0.01, jobs=JobTable(tmp, db), sink=sink,
+                       policy=GroupingPolicy(level="study", timeout_s=timeout_s),
+                       lease_s=LEASE_S)
+
+
+def _acked(worker: SpoolWorker, tmp: Path, ds: Dataset) -> None:
+    """Spooled, recorded under the worker's lease and queued, as its ingest path does."""
+    path = Spool(tmp).put(dicom_bytes(ds))
+    worker.jobs.insert(path.name, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                       "dimse", "MOD1", owner=worker.owner)
+    worker.submit(Job(path=path, protocol="dimse", acked=time.perf_counter()))
+
+
+def _die(worker: SpoolWorker) -> None:
+    """Threads stop, nothing else: the lease is not given up, claims stay (as after kill -9)."""
+    worker._stop.set()
+    worker._queue.put(None)
+    worker._thread.join(timeout=10)
+    worker._beat.join(timeout=10)
+
+
+def _stop_all(*workers: SpoolWorker) -> None:
+    for w in workers:
+        w.stop()
+        w.jobs.close()
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+def test_schema_of_version_1_is_migrated_with_its_rows(tmp_path: Path, job_db: DbTarget) -> None:
+    db = open_database(job_db, tmp_path, JobTable.FILE)
+    assert migrate(db, upto=1) == 0
+    with db.tx() as tx:
+        tx.execute("INSERT INTO jobs VALUES ('a.dcm', 's', 'se', 'i1', 'dimse', 'received', 0,"
+                   " 1.0, 1.0, NULL)")
+    with pytest.raises(Exception), db.tx() as tx:  # noqa: B017 - v1's CHECK refuses it
+        tx.execute("UPDATE jobs SET state = 'skipped'")
+    db.close()
+    table = JobTable(tmp_path, job_db)
+    with table.db.tx() as tx:
+        assert tx.execute("SELECT version FROM schema_version")[0] == [(LATEST,)]
+    row = table.get("a.dcm")
+    assert row is not None and (row.state, row.group_key, row.owner) == (RECEIVED, None, None)
+    assert table.finish("a.dcm", "skipped", "rule")  # the migrated CHECK takes the new states
+    table.close()
+    again = JobTable(tmp_path, job_db)  # opening it again changes nothing
+    assert [(r.name, r.state) for r in again.all()] == [("a.dcm", "skipped")]
+    again.close()
+
+
+def test_a_schema_newer_than_the_gateway_is_refused(tmp_path: Path, job_db: DbTarget) -> None:
+    JobTable(tmp_path, job_db).close()
+    db = open_database(job_db, tmp_path, JobTable.FILE)
+    with db.tx() as tx:
+        tx.execute("UPDATE schema_version SET version = ?", (LATEST + 1,))
+    db.close()
+    with pytest.raises(JobDbError, match="newer than this gateway"):
+        JobTable(tmp_path, job_db)
+
+
+def test_two_workers_join_one_open_group_and_only_one_claims_it(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    a, b = JobTable(tmp_path, job_db), JobTable(tmp_path, job_db)
+    for table, name in ((a, "a1"), (b, "b1")):
+        table.insert(name, "1.2", "1.2.3", f"1.2.3.{name}", "dimse", owner=name[0])
+    joined_a = a.join_groups([("ka", "study", "h", "", "a1")], {"ka": 10.0})
+    joined_b = b.join_groups([("kb", "study", "h", "", "b1")], {"kb": 20.0})
+    assert joined_a == {"a1": "ka"} and joined_b == {"b1": "ka"}  # b joined a's group
+    assert [m.name for m in a.members("ka")] == ["a1", "b1"] and b.group("kb") is None
+    assert a.claim_group("ka", "a", now=15.0) == (LATER, 20.0)  # b's arrival pushed it
+    assert a.claim_group("ka", "a", now=20.0) == (CLAIMED, 20.0)
+    assert b.claim_group("ka", "b", now=20.0) == (GONE, 0.0)  # a holds it
+    assert b.claim_due("b", now=99.0) == []
+    group = a.group("ka")
+    assert group is not None and group.state == CLOSING
+    a.close_group("ka")
+    # a later arrival opens a new group: the closed one is never joined again
+    b.insert("b2", "1.2", "1.2.3", "1.2.3.b2", "dimse", owner="b")
+    assert b.join_groups([("kc", "study", "h", "", "b2")], {"kc": 30.0}) == {"b2": "kc"}
+    assert [g.key for g in a.groups(CLOSED)] == ["ka"]
+    a.close()
+    b.close()
+
+
+def test_take_over_takes_a_dead_workers_rows_and_claims_never_a_live_ones(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    table = JobTable(tmp_path, job_db)
+    table.heartbeat("live", lease_until=100.0)
+    table.heartbeat("dead", lease_until=50.0)
+    for owner in ("live", "dead"):
+        table.insert(f"{owner}.dcm", "1.2", "1.2.3", f"1.2.3.{owner}", "rest", owner=owner)
+        table.insert(f"{owner}-g.dcm", "1.2", "1.2.4", f"1.2.4.{owner}", "rest", owner=owner)
+        table.join_groups([(f"g-{owner}", "series", owner, "s", f"{owner}-g.dcm")],
+                          {f"g-{owner}": 10.0})
+        assert table.claim_group(f"g-{owner}", owner, now=10.0)[0] == CLAIMED
+    assert table.take_over("me", now=60.0) == [r for r in table.all() if r.name == "dead.dcm"]
+    assert {r.name: r.owner for r in table.all()} == {
+        "dead.dcm": "me", "dead-g.dcm": "dead", "live.dcm": "live", "live-g.dcm": "live"}
+    states = {g.key: g.state for g in table.groups(OPEN) + table.groups(CLOSING)}
+    assert states == {"g-dead": OPEN, "g-live": CLOSING}  # the dead claim reopened, due now
+    assert [g.key for g in table.claim_due("me", now=60.0)] == ["g-dead"]
+    assert table.live_owners(60.0) == {"live"}
+    assert table.take_over("me", now=60.0) == []  # nothing twice
+    table.close()
+
+
+# -- workers --------------------------------------------------------------------------------
+
+
+def test_a_study_split_across_two_workers_is_one_group_inferred_once_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    sink, fake_a, fake_b = SharedSink(), FakeInferer(), FakeInferer()
+    a, b = _worker(tmp_path, job_db, fake_a, sink), _worker(tmp_path, job_db, fake_b, sink)
+    a.start()
+    b.start()
+    try:
+        first, second = _study()
+        for ds_a, ds_b in zip(first, second, strict=True):  # interleaved, as two associations
+            _acked(a, tmp_path, ds_a)
+            _acked(b, tmp_path, ds_b)
+        assert wait_for(lambda: len(sink.accepted) == 1 and a.depth == b.depth == 0)
+        time.sleep(LEASE_S)  # time for a second, wrong hand-off to show
+        (group,) = sink.accepted
+        assert len(group.job_names) == 4 and len(group.results) == 4
+        assert len(group.series_uids) == 2
+        assert fake_a.calls + fake_b.calls == 4  # each instance inferred once
+        rows = a.jobs.all()
+        assert [(r.state, r.attempts, r.group_key) for r in rows] == [
+            (INFERRED, 1, group.key)] * 4
+        assert a.jobs.groups(OPEN) == [] and Spool(tmp_path).pending() == []
+    finally:
+        _stop_all(a, b)
+
+
+def test_a_dead_workers_open_group_is_finished_by_the_other_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    sink, fake_a, fake_b = SharedSink(), FakeInferer(), FakeInferer()
+    a = _worker(tmp_path, job_db, fake_a, sink, timeout_s=2.0)  # a dies before it is due
+    b = _worker(tmp_path, job_db, fake_b, sink, timeout_s=2.0)
+    a.start()
+    b.start()
+    try:
+        first, second = _study()
+        for ds in first:
+            _acked(a, tmp_path, ds)
+        assert wait_for(lambda: len(a.jobs.groups(OPEN)) == 1
+                        and len(a.jobs.members(a.jobs.groups(OPEN)[0].key)) == 2)
+        _die(a)
+        for ds in second:
+            _acked(b, tmp_path, ds)
+        assert wait_for(lambda: len(sink.accepted) == 1 and b.depth == 0, timeout=30)
+        (group,) = sink.accepted
+        assert len(group.job_names) == 4 and len(group.results) == 4
+        assert fake_a.calls == 0 and fake_b.calls == 4
+        assert {(r.state, r.attempts) for r in b.jobs.all()} == {(INFERRED, 1)}
+        assert Spool(tmp_path).pending() == []
+    finally:
+        _stop_all(a, b)
+
+
+def test_a_group_whose_closer_died_mid_inference_is_taken_over_once_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    sink = SharedSink()
+    down, up = FakeInferer(unavailable_calls=10**6), FakeInferer()  # a's Triton never answers
+    a = _worker(tmp_path, job_db, down, sink, timeout_s=0.2)
+    a.start()
+    b = None
+    try:
+        first, second = _study()
+        for ds in first + second:
+            _acked(a, tmp_path, ds)
+        assert wait_for(lambda: down.calls > 0 and len(a.jobs.groups(CLOSING)) == 1)
+        _die(a)  # claimed, inferring, gone
+        b = _worker(tmp_path, job_db, up, sink)
+        b.start()
+        assert wait_for(lambda: len(sink.accepted) == 1 and not b.jobs.groups(CLOSING)
+                        and not b.jobs.groups(OPEN), timeout=30)
+        time.sleep(LEASE_S)
+        assert len(sink.accepted) == 1 and len(sink.accepted[0].results) == 4
+        assert up.calls == 4 and {r.state for r in b.jobs.all()} == {INFERRED}
+        assert Spool(tmp_path).pending() == []
+    finally:
+        _stop_all(a, *([b] if b is not None else []))
+
+
+# -- gateway replicas -----------------------------------------------------------------------
+
+_REPLICA = """
+import sys, time
+from pathlib import Path
+from tests.gateway.harness import fake_gateway
+gw = fake_gateway(Path(sys.argv[1]), job_db=sys.argv[2], dicom_port=int(sys.argv[3]),
+                  group_level="study", group_timeout_s=3.0, job_lease_s=1.0)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _c_store(port: int, instances: list[Dataset]) -> None:
+    ae = AE(ae_title="MOD1")
+    ae.requested_contexts = StoragePresentationContexts[:20]
+    assoc = ae.associate("127.0.0.1", port, ae_title="BEDSIDE")
+    assert assoc.is_established
+    try:
+        for ds in instances:
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_two_replicas_on_postgresql_one_killed_mid_study_the_other_finishes_it_with_fake_triton(
+    tmp_path: Path, postgres: Postgres,
+) -> None:
+    """Two gateways (two processes, real DIMSE) on one spool and one PostgreSQL database: a
+    study's first series reaches replica A, which is killed with SIGKILL; the second series
+    reaches replica B, which closes the study as one group with A's instances in it."""
+    url = postgres.new_database()
+    port_a = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _REPLICA, str(tmp_path), url, str(port_a)],
+                            stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    b = None
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        b = fake_gateway(tmp_path, job_db=url, group_level="study", group_timeout_s=3.0,
+                         job_lease_s=1.0)
+        first, second = _study()
+        _c_store(port_a, first)  # acknowledged by A: durable in the shared spool and table
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        _c_store(b.config.dicom_port, second)
+        study = str(first[0].StudyInstanceUID)
+        assert wait_for(lambda: b is not None and b.worker.jobs.pending(study) == 0
+                        and not b.worker.jobs.groups(OPEN)
+                        and not b.worker.jobs.groups(CLOSING)
+                        and not Spool(tmp_path / "spool").pending(), timeout=30)
+        rows = b.worker.jobs.all()
+        assert len(rows) == 4 and {(r.state, r.attempts) for r in rows} == {(INFERRED, 1)}
+        assert len({r.group_key for r in rows}) == 1  # one group across both replicas
+        assert len(ResultStore(tmp_path / "spool").for_study(study)) == 4
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if b is not None:
+            b.stop()
