@@ -21,6 +21,7 @@ from optimizer.contract.series import not_selected, orientation, slice_order
 from services.cli import _parser
 from services.commands.gateway import config_from_args
 from services.errors import ConfigError
+from services.gateway.config import DbTarget
 from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
@@ -70,16 +71,18 @@ class FlakySink:
 
 def _worker(tmp: Path, fake: FakeInferer, policy: GroupingPolicy,
             sink: FlakySink | None = None, manifest: Manifest = TINY_MANIFEST,
-            retention_s: float = 7 * 86400.0) -> SpoolWorker:
+            retention_s: float = 7 * 86400.0, db: DbTarget | None = None) -> SpoolWorker:
+    """``db``: the job table's backend (tests taking ``job_db`` run on SQLite and PostgreSQL)."""
     return SpoolWorker(InferenceCore(manifest, fake), Spool(tmp), ResultStore(tmp),
                        GatewayMetrics(), backoff_s=0.01, sink=sink, policy=policy,
-                       retention_s=retention_s)
+                       retention_s=retention_s, jobs=JobTable(tmp, db))
 
 
-def _acked(tmp: Path, ds: Dataset, protocol: str = "dimse", aet: str | None = "MOD1") -> Job:
+def _acked(tmp: Path, ds: Dataset, protocol: str = "dimse", aet: str | None = "MOD1",
+           db: DbTarget | None = None) -> Job:
     """Spooled and recorded as the ingest path does."""
     path = Spool(tmp).put(dicom_bytes(ds))
-    table = JobTable(tmp)
+    table = JobTable(tmp, db)
     table.insert(path.name, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
                  protocol, aet)
     table.close()
@@ -100,13 +103,13 @@ SERIES = GroupingPolicy(level="series", timeout_s=0.2)
 
 
 def test_series_group_closes_after_inactivity_and_hands_on_once_with_fake_triton(
-    tmp_path: Path,
+    tmp_path: Path, job_db: DbTarget,
 ) -> None:
     fake, sink = FakeInferer(), FlakySink()
-    worker = _worker(tmp_path, fake, SERIES, sink)
+    worker = _worker(tmp_path, fake, SERIES, sink, db=job_db)
     instances = _series(3)
     worker.start()
-    jobs = [_acked(tmp_path, ds) for ds in instances]
+    jobs = [_acked(tmp_path, ds, db=job_db) for ds in instances]
     try:
         for job in jobs:
             worker.submit(job)
@@ -146,17 +149,20 @@ def test_inactivity_timer_restarts_with_each_arrival_with_fake_triton(tmp_path: 
         worker.stop()
 
 
-def test_study_level_groups_every_series_of_the_study_with_fake_triton(tmp_path: Path) -> None:
+def test_study_level_groups_every_series_of_the_study_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
     sink = FlakySink()
     worker = _worker(tmp_path, FakeInferer(), GroupingPolicy(level="study", timeout_s=0.2),
-                     sink)
+                     sink, db=job_db)
     study = generate_uid()
     a, b = _series(2, 0, study), _series(1, 5, study)
     other = _series(1, 9)  # another study: its own group
-    worker.start()
+    jobs = [_acked(tmp_path, ds, "stow", None, db=job_db) for ds in (*a, *b, *other)]
+    worker.start()  # spooled first: arrivals closer together than the timeout, even under load
     try:
-        for ds in (*a, *b, *other):
-            worker.submit(_acked(tmp_path, ds, "stow", None))
+        for job in jobs:
+            worker.submit(job)
         assert wait_for(lambda: len(sink.accepted) == 2 and worker.depth == 0)
     finally:
         worker.stop()
@@ -226,10 +232,11 @@ def test_series_not_selected_is_skipped_not_inferred_nor_an_error_with_fake_trit
     axial, coronal, short = _series(2, 0, study), _series(2, 3, study), _series(1, 6, study)
     for ds in coronal:
         ds.ImageOrientationPatient = CORONAL
-    worker.start()
+    jobs = [_acked(tmp_path, ds) for ds in (*axial, *coronal, *short)]  # spooled first: the
+    worker.start()  # arrivals then come closer together than the 0.2 s timeout, even under load
     try:
-        for ds in (*axial, *coronal, *short):
-            worker.submit(_acked(tmp_path, ds))
+        for job in jobs:
+            worker.submit(job)
         assert wait_for(lambda: worker.depth == 0)
     finally:
         worker.stop()
@@ -308,15 +315,15 @@ def test_per_series_3d_stacks_the_sorted_slices_into_one_volume_with_fake_triton
 
 
 def test_open_group_survives_a_restart_and_is_inferred_once_with_fake_triton(
-    tmp_path: Path,
+    tmp_path: Path, job_db: DbTarget,
 ) -> None:
     fake = FakeInferer()
-    first = _worker(tmp_path, fake, GroupingPolicy(level="series", timeout_s=60.0))
+    first = _worker(tmp_path, fake, GroupingPolicy(level="series", timeout_s=60.0), db=job_db)
     series = _series(2)
     first.start()
     try:
         for ds in series:
-            first.submit(_acked(tmp_path, ds))
+            first.submit(_acked(tmp_path, ds, db=job_db))
         assert wait_for(lambda: len(first.jobs.groups(OPEN)) == 1 and len(
             first.jobs.members(first.jobs.groups(OPEN)[0].key)) == 2)
     finally:
@@ -324,7 +331,7 @@ def test_open_group_survives_a_restart_and_is_inferred_once_with_fake_triton(
     first.jobs.close()
     assert fake.calls == 0
     sink = FlakySink()
-    second = _worker(tmp_path, fake, GroupingPolicy(level="series", timeout_s=1.0), sink)
+    second = _worker(tmp_path, fake, GroupingPolicy(level="series", timeout_s=1.0), sink, db=job_db)
     second.start()
     try:
         assert second.open_groups == 1 and second.depth == 2  # re-armed, not closed at once
@@ -338,18 +345,18 @@ def test_open_group_survives_a_restart_and_is_inferred_once_with_fake_triton(
 
 
 def test_restart_after_a_series_result_was_stored_does_not_infer_again_with_fake_triton(
-    tmp_path: Path,
+    tmp_path: Path, job_db: DbTarget,
 ) -> None:
     """Crash between the series result write and finishing its rows."""
     fake = FakeInferer()
     manifest = _per_series()
     first = _worker(tmp_path, fake, GroupingPolicy(level="series", timeout_s=60.0),
-                    manifest=manifest)
+                    manifest=manifest, db=job_db)
     series = _series(3)
     first.start()
     try:
         for ds in series:
-            first.submit(_acked(tmp_path, ds))
+            first.submit(_acked(tmp_path, ds, db=job_db))
         assert wait_for(lambda: len(first.jobs.groups(OPEN)) == 1 and len(
             first.jobs.members(first.jobs.groups(OPEN)[0].key)) == 3)
     finally:
@@ -358,7 +365,7 @@ def test_restart_after_a_series_result_was_stored_does_not_infer_again_with_fake
     first.jobs.close()
     ResultStore(tmp_path).save(series[0].StudyInstanceUID, series[0].SeriesInstanceUID, {
         "study_instance_uid": series[0].StudyInstanceUID, "findings": []}, job=key)
-    second = _worker(tmp_path, fake, GroupingPolicy.resolve(manifest), manifest=manifest)
+    second = _worker(tmp_path, fake, GroupingPolicy.resolve(manifest), manifest=manifest, db=job_db)
     second.start()
     try:
         assert wait_for(lambda: second.depth == 0)
@@ -368,13 +375,13 @@ def test_restart_after_a_series_result_was_stored_does_not_infer_again_with_fake
 
 
 def test_sink_that_raises_is_retried_and_nothing_is_released_before_with_fake_triton(
-    tmp_path: Path,
+    tmp_path: Path, job_db: DbTarget,
 ) -> None:
     sink = FlakySink(failures=2)
-    worker = _worker(tmp_path, FakeInferer(), GroupingPolicy(), sink)  # instance level
+    worker = _worker(tmp_path, FakeInferer(), GroupingPolicy(), sink, db=job_db)  # instance level
     ds = make_instance(1)
     worker.start()
-    job = _acked(tmp_path, ds)
+    job = _acked(tmp_path, ds, db=job_db)
     try:
         worker.submit(job)
         assert wait_for(lambda: sink.calls >= 1)
@@ -390,13 +397,13 @@ def test_sink_that_raises_is_retried_and_nothing_is_released_before_with_fake_tr
 
 
 def test_group_refused_by_the_sink_before_a_restart_is_handed_on_after_it_with_fake_triton(
-    tmp_path: Path,
+    tmp_path: Path, job_db: DbTarget,
 ) -> None:
     fake = FakeInferer()
     refusing = FlakySink(failures=10**6)
-    first = _worker(tmp_path, fake, GroupingPolicy(), refusing)
+    first = _worker(tmp_path, fake, GroupingPolicy(), refusing, db=job_db)
     first.start()
-    job = _acked(tmp_path, make_instance(2))
+    job = _acked(tmp_path, make_instance(2), db=job_db)
     try:
         first.submit(job)
         assert wait_for(lambda: refusing.calls >= 2)
@@ -405,7 +412,7 @@ def test_group_refused_by_the_sink_before_a_restart_is_handed_on_after_it_with_f
     first.jobs.close()
     assert job.path.exists() and fake.calls == 1
     sink = FlakySink()
-    second = _worker(tmp_path, fake, GroupingPolicy(), sink)
+    second = _worker(tmp_path, fake, GroupingPolicy(), sink, db=job_db)
     second.start()
     try:
         assert wait_for(lambda: second.depth == 0)
