@@ -205,6 +205,8 @@ class SpoolWorker:
             taken = self.jobs.take_over(self.owner, self._clock())
             if taken:
                 self._adopt(taken)
+            if self.groups.joins:  # a membership unrecorded: no group may close yet
+                return
             for row in self.jobs.claim_due(self.owner, self._clock()):
                 self._close_claimed(row)
                 if self._stop.is_set():
@@ -366,6 +368,9 @@ class SpoolWorker:
         if group is None:
             group = Group(row.key, row.level, row.study_hash, row.series_hash, persisted=True)
         self._merge_members(group)
+        if not group.members:  # every member finished and released already
+            self.jobs.close_group(group.key)
+            return
         self._close(group)
 
     def _merge_members(self, group: Group) -> None:
