@@ -22,7 +22,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.presentation import StoragePresentationContexts
 
-from services.gateway.config import DbTarget
+from services.errors import ConfigError
+from services.gateway.config import PASSWORD_ENV, DbTarget, GatewayConfig
 from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy
@@ -44,7 +45,7 @@ from services.gateway.store.spool import Spool
 from services.net import free_port
 from tests.conftest import ROOT, TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
-from tests.gateway.harness import fake_gateway, wait_for
+from tests.gateway.harness import fake_gateway, model_repository, wait_for
 from tests.gateway.util import dicom_bytes, make_study
 from tests.postgres import Postgres
 
@@ -328,3 +329,45 @@ def test_two_replicas_on_postgresql_one_killed_mid_study_the_other_finishes_it_w
             proc.wait()
         if b is not None:
             b.stop()
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("postgresql://gw:s3cret@db:5432/jobs", "carries a password"),
+    ("mysql://gw@db/jobs", "scheme 'mysql'"),
+    ("postgresql://gw@db:5432/", "host and a database"),
+    ("jobs.sqlite3", "scheme ''"),
+])
+def test_job_db_url_is_validated_at_start(tmp_path: Path, url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as refused:
+        GatewayConfig(model_repository=model_repository(tmp_path),
+                      model_name=TINY_MANIFEST.name, triton_grpc_url="x:1",
+                      spool_dir=tmp_path / "s", job_db=url)
+    assert "s3cret" not in str(refused.value)
+
+
+def test_password_comes_from_its_file_or_the_environment_never_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    target = DbTarget("postgresql://gw@db:5432/jobs", secret)
+    target.check()
+    assert target.password() == "from-file"
+    monkeypatch.setenv(PASSWORD_ENV, "from-env")
+    assert DbTarget("postgresql://gw@db:5432/jobs").password() == "from-env"
+    assert target.redacted() == "postgresql://db:5432/jobs"  # no user, no password
+    with pytest.raises(ValueError, match="not a file"):
+        DbTarget("postgresql://gw@db:5432/jobs", tmp_path / "missing").check()
+
+
+def test_an_unreachable_database_is_a_clear_error_without_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+    url = f"postgresql://gw@127.0.0.1:{free_port()}/jobs"  # nothing listens there
+    with pytest.raises(JobDbError, match="unreachable: OperationalError") as refused:
+        JobTable(tmp_path, DbTarget(url))
+    assert "s3cret" not in str(refused.value) and "gw@" not in str(refused.value)

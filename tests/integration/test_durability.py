@@ -21,6 +21,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from loadtests.stack import GatewayProcess as SharedGatewayProcess
+from services.gateway.config import DbTarget
 from services.gateway.phi import uid_hash
 from services.gateway.store.jobs import INFERRED, RECEIVED, JobTable
 from tests.conftest import TINY_MANIFEST
@@ -34,8 +35,9 @@ MODEL = TINY_MANIFEST.name
 class GatewayProcess(SharedGatewayProcess):
     """``bedside gateway`` as a subprocess, so that it can be killed for real."""
 
-    def __init__(self, repository: Path, spool: Path, triton_url: str, log: Path) -> None:
-        super().__init__(repository, MODEL, spool, triton_url, log)
+    def __init__(self, repository: Path, spool: Path, triton_url: str, log: Path,
+                 *extra: str) -> None:
+        super().__init__(repository, MODEL, spool, triton_url, log, *extra)
 
     def study(self, study_uid: str) -> tuple[int, Any]:
         r = httpx.get(f"{self.url}/v1/studies/{study_uid}/results", timeout=10)
@@ -75,8 +77,18 @@ def _acknowledged(storescu_output: str) -> list[str]:
     return acked
 
 
-def _rows(spool: Path) -> list[tuple[str, str, str, int]]:
-    """(name, sop_hash, state, attempts) per job, read while the gateway may be writing."""
+def _job_rows(spool: Path, target: DbTarget | None = None) -> list[tuple[str, str, str, int]]:
+    """(name, sop_hash, state, attempts) per job, read while the gateway may be writing, from
+    SQLite beside the spool or from ``target``'s PostgreSQL database."""
+    if target is not None and target.url != "sqlite":
+        import psycopg
+
+        with psycopg.connect(target.url) as conn:
+            try:
+                return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+                    "SELECT name, sop_hash, state, attempts FROM jobs ORDER BY name")]
+            except psycopg.errors.UndefinedTable:
+                return []
     db = sqlite3.connect(f"file:{spool / JobTable.FILE}?mode=ro", uri=True, timeout=10)
     try:
         return list(db.execute("SELECT name, sop_hash, state, attempts FROM jobs ORDER BY name"))
@@ -96,12 +108,18 @@ def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-unty
 
 
 def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
-    triton: Triton, optimized: Path, tmp_path: Path,
+    triton: Triton, optimized: Path, tmp_path: Path, job_db: DbTarget,
 ) -> None:
+    """On each job-table backend: SQLite beside the spool, PostgreSQL (--job-db)."""
     repository, spool, log = optimized / "repository", tmp_path / "spool", tmp_path / "gw.log"
+    flags = ("--job-db", job_db.url)
+
+    def _rows(spool: Path) -> list[tuple[str, str, str, int]]:
+        return _job_rows(spool, job_db)
+
     # 1. a first study, fully processed before anything goes wrong
     study_a, files_a = _write_study(tmp_path / "a", 4, seed=300)
-    gw = GatewayProcess(repository, spool, triton.grpc_url, log)
+    gw = GatewayProcess(repository, spool, triton.grpc_url, log, *flags)
     try:
         proc = _storescu(gw.dicom_port, list(files_a))
         out, _ = proc.communicate(timeout=60)
@@ -132,7 +150,7 @@ def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
     # 3. Triton back on the same ports, gateway restarted on the same spool
     triton.start()
     baseline = triton.successful_requests()  # the model's own warm-up requests, if any
-    gw = GatewayProcess(repository, spool, triton.grpc_url, log)
+    gw = GatewayProcess(repository, spool, triton.grpc_url, log, *flags)
     try:
         _wait(lambda: not any(r[2] == RECEIVED for r in _rows(spool)), 120,
               "every acknowledged instance to finish")
@@ -214,6 +232,6 @@ def test_triton_stopped_and_restarted_mid_run_loses_and_fails_nothing(
     assert all("error" not in r and r["findings"] for r in body["instances"])
     assert 'bedside_gateway_triton_breaker{state="closed"} 1.0' in metrics
     assert 'bedside_gateway_jobs{state="failed"} 0.0' in metrics
-    rows = _rows(spool)
+    rows = _job_rows(spool)
     assert len(rows) == 9 and all(r[2] == INFERRED for r in rows)
     assert not list((spool / "incoming").glob("*.dcm"))

@@ -154,6 +154,7 @@ class SpoolWorker:
         or older than a lease. Members of open groups rejoin their group (timer re-armed from
         now); finished instances whose group was not handed on yet are handed on again."""
         now = self._clock()
+        self._retire_dead_neighbours(now)
         self.jobs.take_over(self.owner, now)  # dead workers' closing groups reopen
         live = self.jobs.live_owners(now) - {self.owner}
         files = self._spool.pending()
@@ -202,6 +203,7 @@ class SpoolWorker:
         worker closed (their members may all be at another worker, or at a dead one)."""
         self._next_scan = self._clock() + self._scan_every
         try:
+            self._retire_dead_neighbours(self._clock())
             taken = self.jobs.take_over(self.owner, self._clock())
             if taken:
                 self._adopt(taken)
@@ -213,6 +215,18 @@ class SpoolWorker:
                     return
         except Exception as exc:  # the table unreachable: tried again at the next scan
             LOG.error("job table scan failed: %s", type(exc).__name__)
+
+    def _retire_dead_neighbours(self, now: float) -> None:
+        """Leases of workers on this host whose process is gone (a gateway killed and
+        restarted, a sibling process killed) end now, not when they expire: the owner id
+        names host and pid. Elsewhere (other replicas) only the lease's expiry tells."""
+        host = socket.gethostname()
+        for owner in self.jobs.live_owners(now) - {self.owner}:
+            where = owner.rpartition("-")[0]
+            at, _, pid = where.rpartition("-")
+            if at == host and pid.isdigit() and not _pid_alive(int(pid)):
+                LOG.info("worker %s is gone; taking over its jobs", owner)
+                self.jobs.retire(owner)
 
     def _adopt(self, taken: list[JobRow]) -> None:
         """Received rows a dead worker left outside any group: queued here (finished from
@@ -404,6 +418,16 @@ class SpoolWorker:
                         outcome.error, delay)
         else:
             self._forget(group)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _age(path: Path, now: float) -> float:
