@@ -6,6 +6,8 @@ tests/integration/test_delivery_peers.py."""
 from __future__ import annotations
 
 import io
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from services.gateway.delivery.destinations import (
     failed_reasons,
     http_status_class,
 )
-from services.gateway.delivery.outbox import DEAD, DELIVERED, PENDING, Outbox
+from services.gateway.delivery.outbox import CLAIM_S, DEAD, DELIVERED, PENDING, NewRow, Outbox
 from services.gateway.delivery.routing import (
     DimseDestination,
     Retry,
@@ -446,3 +448,32 @@ def test_a_failing_destination_is_held_off_not_tried_row_after_row_with_fake_des
         assert h.senders["pacs"].calls == 4  # 1 failure, then each row once
     finally:
         h.service.stop()
+
+
+def test_processes_sharing_an_outbox_never_claim_one_row_together(tmp_path: Path) -> None:
+    """Two connections to one outbox, as two gateway processes (or replicas) have: a row one
+    claimed for sending is not due for the other until the claim runs out."""
+    first, second = Outbox(tmp_path), Outbox(tmp_path)
+    first.add("g1", "default", "dimse", ["j1"], [NewRow("pacs", ())])
+    now = time.time()
+    row = first.claim("pacs", now)
+    assert row is not None and row.group_key == "g1"
+    assert second.claim("pacs", now) is None and first.claim("pacs", now + 1) is None
+    again = second.claim("pacs", now + CLAIM_S + 1)  # the claimer died: due again
+    assert again is not None and again.id == row.id
+    second.delivered(again.id, 1)
+    assert first.claim("pacs", now + 10 * CLAIM_S) is None
+
+
+def test_a_claim_of_a_killed_process_of_this_host_is_released_at_start(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.add("g1", "default", "dimse", ["j1"], [NewRow("pacs", ())])
+    assert outbox.claim("pacs", time.time()) is not None
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid no longer runs
+    with outbox._tx() as db:  # the claim made by that process, as if it were killed mid-send
+        db.execute("UPDATE outbox SET claimed_by = ?", (f"{socket.gethostname()}-{gone.pid}",))
+    outbox.close()
+    assert Outbox(tmp_path).claim("pacs", time.time()) is not None  # due again at once
+    still = Outbox(tmp_path)  # a claim of a live process (this one) is kept
+    assert still.claim("pacs", time.time()) is None

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,10 @@ PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 RETRY = "retry"  # an attempt's outcome when the row stays pending
 STATES = (PENDING, DELIVERED, DEAD)
 MarkDelivered = Callable[[Sequence[str]], None]
+# Several gateway processes may share one outbox: a row one of them is sending is not due for
+# the others for this long (its sender dying leaves it due again after it).
+CLAIM_S = 300.0
+ORPHAN_AGE_S = 600.0  # a rowless folder younger than this may be another process's accept
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -97,15 +103,35 @@ class Outbox(DurableDb):
         self._clock = clock
         super().__init__(spool_root / self.FILE, "outbox")
         self._db.executescript(_SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)").fetchall()}
+        if "claimed_by" not in cols:  # the claim's holder (host-pid), added for shared outboxes
+            with self._tx() as db:
+                db.execute("ALTER TABLE outbox ADD COLUMN claimed_by TEXT")
+        self._release_dead_claims()
         self._remove_orphans()
+
+    def _release_dead_claims(self) -> None:
+        """Rows a process of this host claimed and could not finish (killed mid-send) are due
+        again now, not when the claim would have run out."""
+        host = socket.gethostname()
+        with self._tx() as db:
+            for row_id, holder in db.execute(
+                    "SELECT id, claimed_by FROM outbox WHERE state = ? AND claimed_by IS NOT"
+                    " NULL", (PENDING,)).fetchall():
+                at, _, pid = str(holder).rpartition("-")
+                if at == host and pid.isdigit() and not _pid_alive(int(pid)):
+                    db.execute("UPDATE outbox SET next_at = ?, claimed_by = NULL WHERE id = ?",
+                               (self._clock(), row_id))
 
     def _remove_orphans(self) -> None:
         """Folders written by an ``accept`` that crashed before its rows were committed: that
-        group was not accepted, so the worker offers it again and they are rebuilt."""
+        group was not accepted, so the worker offers it again and they are rebuilt (over any
+        leftover). Only old ones: a young folder may be another process's accept in progress."""
         with self._lock:
             known = {r[0] for r in self._db.execute("SELECT folder FROM outbox")}
+        now = time.time()
         for entry in self.folder.iterdir():
-            if entry.name not in known:
+            if entry.name not in known and now - entry.stat().st_mtime > ORPHAN_AGE_S:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def folder_for(self, group_key: str, destination: str) -> Path:
@@ -158,6 +184,27 @@ class Outbox(DurableDb):
                 " next_at <= ? ORDER BY next_at, id LIMIT 1",
                 (destination, PENDING, now)).fetchone()
         return OutboxRow.of(row) if row is not None else None
+
+    def claim(self, destination: str, now: float, hold_s: float = CLAIM_S) -> OutboxRow | None:
+        """``due``, taken for sending: in the same transaction its ``next_at`` moves ``hold_s``
+        ahead, so no other process sharing the outbox sends it meanwhile; ``retry``,
+        ``delivered`` or ``dead`` then set what follows."""
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE destination = ? AND state = ? AND"
+                " next_at <= ? ORDER BY next_at, id LIMIT 1",
+                (destination, PENDING, now)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE outbox SET next_at = ?, claimed_by = ? WHERE id = ?",
+                       (now + hold_s, _claimant(), row[0]))
+        return OutboxRow.of(row)
+
+    def release(self, row_id: int, next_at: float) -> None:
+        """A claimed row that was not attempted after all: due at ``next_at``."""
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET next_at = ?, claimed_by = NULL WHERE id = ? AND"
+                       " state = ?", (next_at, row_id, PENDING))
 
     def next_at(self, destination: str) -> float | None:
         with self._lock:
@@ -238,3 +285,21 @@ class Outbox(DurableDb):
                 (n,) = self._db.execute("SELECT COUNT(*) FROM outbox WHERE state = ? AND"
                                         " destination = ?", (state, destination)).fetchone()
         return int(n)
+
+
+def _claimant() -> str:
+    """This process as a claim's holder: host and pid (after a fork, the child's), no
+    patient data."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -29,6 +29,7 @@ retention at start and hourly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -306,12 +307,13 @@ class DeliveryService:
         retry = self.routes.destinations[name].retry
         failures, hold_until = 0, 0.0
         while not self._stop.is_set():
+            row: OutboxRow | None = None
             try:
                 now = self._clock()
                 if now < hold_until:
                     self._stop.wait(min(self._poll_s, hold_until - now))
                     continue
-                row = self.outbox.due(name, now)
+                row = self.outbox.claim(name, now)  # no other process sends it meanwhile
                 if row is None:
                     when = self.outbox.next_at(name)
                     wait = self._poll_s if when is None else min(
@@ -328,6 +330,9 @@ class DeliveryService:
                     failures = 0
             except Exception:  # never end the thread: the row stays pending
                 LOG.exception("delivery to %s: unexpected error", name)
+                if row is not None:  # claimed: due again soon, not when the claim runs out
+                    with contextlib.suppress(Exception):
+                        self.outbox.release(row.id, self._clock() + self._poll_s)
                 self._stop.wait(self._poll_s)
 
     def attempt(self, row: OutboxRow) -> str:
