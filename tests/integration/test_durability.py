@@ -77,7 +77,7 @@ def _acknowledged(storescu_output: str) -> list[str]:
     return acked
 
 
-def _job_rows(spool: Path, target: DbTarget | None = None) -> list[tuple[str, str, str, int]]:
+def _rows(spool: Path, target: DbTarget | None = None) -> list[tuple[str, str, str, int]]:
     """(name, sop_hash, state, attempts) per job, read while the gateway may be writing, from
     SQLite beside the spool or from ``target``'s PostgreSQL database."""
     if target is not None and target.url != "sqlite":
@@ -114,8 +114,8 @@ def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
     repository, spool, log = optimized / "repository", tmp_path / "spool", tmp_path / "gw.log"
     flags = ("--job-db", job_db.url)
 
-    def _rows(spool: Path) -> list[tuple[str, str, str, int]]:
-        return _job_rows(spool, job_db)
+    def job_rows(spool: Path) -> list[tuple[str, str, str, int]]:
+        return _rows(spool, job_db)
 
     # 1. a first study, fully processed before anything goes wrong
     study_a, files_a = _write_study(tmp_path / "a", 4, seed=300)
@@ -130,7 +130,7 @@ def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
         triton.stop()
         study_b, files_b = _write_study(tmp_path / "b", 150, seed=400)
         proc = _storescu(gw.dicom_port, list(files_b))
-        _wait(lambda: sum(r[2] == RECEIVED for r in _rows(spool)) >= 10, 60,
+        _wait(lambda: sum(r[2] == RECEIVED for r in job_rows(spool)) >= 10, 60,
               "some acknowledged instances")
         gw.kill()
         out, _ = proc.communicate(timeout=60)
@@ -139,7 +139,7 @@ def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
     acked_b = _acknowledged(out)
     assert 10 <= len(acked_b) < len(files_b), f"not killed mid-study: {len(acked_b)} acked"
     assert proc.returncode != 0  # the association broke: storescu saw the kill
-    spooled = [r for r in _rows(spool) if r[2] == RECEIVED]
+    spooled = [r for r in job_rows(spool) if r[2] == RECEIVED]
     assert len(spooled) >= len(acked_b)  # every ack had its row first (maybe one more)
     # What the restart must infer is every spooled file: the kill may also land between a
     # spool file's fsync and its row's insert (not acknowledged, so no row yet); recovery
@@ -152,7 +152,7 @@ def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
     baseline = triton.successful_requests()  # the model's own warm-up requests, if any
     gw = GatewayProcess(repository, spool, triton.grpc_url, log, *flags)
     try:
-        _wait(lambda: not any(r[2] == RECEIVED for r in _rows(spool)), 120,
+        _wait(lambda: not any(r[2] == RECEIVED for r in job_rows(spool)), 120,
               "every acknowledged instance to finish")
         status, body = gw.study(study_b)
         assert status == 200 and body["status"] == "done"
@@ -166,7 +166,7 @@ def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
     for path in acked_b:  # every acknowledged instance has exactly one, real, result
         result = results_b[files_b[path]]
         assert "error" not in result and result["findings"][0]["score"] >= 0
-    rows = _rows(spool)
+    rows = job_rows(spool)
     sop_hashes = [r[1] for r in rows]
     assert len(sop_hashes) == len(set(sop_hashes))  # one row per instance
     assert {uid_hash(files_b[p]) for p in acked_b} <= set(sop_hashes)
@@ -232,6 +232,6 @@ def test_triton_stopped_and_restarted_mid_run_loses_and_fails_nothing(
     assert all("error" not in r and r["findings"] for r in body["instances"])
     assert 'bedside_gateway_triton_breaker{state="closed"} 1.0' in metrics
     assert 'bedside_gateway_jobs{state="failed"} 0.0' in metrics
-    rows = _job_rows(spool)
+    rows = _rows(spool)
     assert len(rows) == 9 and all(r[2] == INFERRED for r in rows)
     assert not list((spool / "incoming").glob("*.dcm"))
