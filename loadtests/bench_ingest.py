@@ -1,6 +1,6 @@
 """DIMSE ingest benchmark: durable C-STORE acknowledgement rate, the gateway beside Orthanc.
 
-    .venv/bin/python -m loadtests.bench_ingest [--n 300] [--json out.json]
+    .venv/bin/python -m loadtests.bench_ingest [--n 300] [--json out.json] [--replicas]
 
 What runs, all on this machine, in one run:
 
@@ -19,6 +19,10 @@ What runs, all on this machine, in one run:
   behind an open circuit breaker, so storescu competes with nothing but the acknowledgement
   path itself, like Orthanc, which infers nothing. DIMSE keeps acknowledging to the spool while
   Triton is down, so this is a real operating state, not a special mode.
+- With ``--replicas``: two gateways inferring on one PostgreSQL job table (Debian postgresql
+  15 started for the run) and one shared spool, the files split between them over as many
+  associations in all as the most above, beside the one gateway on SQLite of the same run
+  (the figure "two replicas on PostgreSQL vs one on SQLite").
 - Orthanc: the Debian package with its default durable storage (fsync after each write,
   SQLite index), on its own free ports and a private storage folder.
 
@@ -182,15 +186,24 @@ class Sent:
 
 def storescu(port: int, called_aet: str, files: Sequence[Path], associations: int) -> Sent:
     """Send ``files`` split over ``associations`` concurrent storescu processes."""
+    return storescu_many([(port, files)], called_aet, associations)
+
+
+def storescu_many(targets: Sequence[tuple[int, Sequence[Path]]], called_aet: str,
+                  associations: int) -> Sent:
+    """Each target's (port, files) split over ``associations`` concurrent storescu processes,
+    every target at once (one wall clock for all)."""
     if not os.access(STORESCU, os.X_OK):
         raise FileNotFoundError(f"{STORESCU} missing: install Debian dcmtk")
-    chunks = [list(files[k::associations]) for k in range(associations)]
+    chunks = [(port, list(files[k::associations])) for port, files in targets
+              for k in range(associations)]
+    files = [f for _, chunk in chunks for f in chunk]
     env = dict(os.environ, TCP_NODELAY="1")
     start = time.perf_counter()
     procs = [subprocess.Popen(
         [str(STORESCU), "-v", "-aet", "BENCHSCU", "-aec", called_aet, "127.0.0.1", str(port),
          *map(str, chunk)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for chunk in chunks]
+        for port, chunk in chunks]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     seconds = time.perf_counter() - start
     acked = sum(out.count("Received Store Response (Success)") for out in outputs)
@@ -223,9 +236,41 @@ def _overheads(results: list[dict[str, Any]]) -> dict[str, float]:
 
 # -- the run -------------------------------------------------------------------------------
 
+def replicas_on_postgresql(repo: Path, root: Path, triton_url: str, files: Sequence[Path],
+                           associations: int, gateway_args: Sequence[str]) -> dict[str, Any]:
+    """Two gateways (``--job-db`` on one PostgreSQL database, one shared spool) inferring,
+    the files split between them, ``associations`` in all; the figures."""
+    from tests.postgres import Postgres
+
+    server = Postgres()
+    replicas: list[Gateway] = []
+    try:
+        server.start()
+        flags = [*gateway_args, "--job-db", server.new_database()]
+        for name in ("a", "b"):
+            replicas.append(Gateway(repo, root / "spool-shared", triton_url,
+                                    root / f"gateway-replica-{name}.log", flags))
+        half = len(files) // 2
+        sent = storescu_many([(replicas[0].dicom_port, files[:half]),
+                              (replicas[1].dicom_port, files[half:])], "BEDSIDE",
+                             max(1, associations // 2))
+        drain_s = max(g.drain(timeout_s=600) for g in replicas)
+        results = replicas[0].results(str(_study_uid(files[0])))
+        if len(results) != len(files):
+            raise RuntimeError(f"{len(results)} results for {len(files)} instances")
+        return {"replicas": 2, "associations": associations, "instances": len(files),
+                "per_s": sent.rate(), "seconds": sent.seconds, "drain_s": drain_s}
+    finally:
+        for g in replicas:
+            g.stop()
+        server.stop()
+
+
 def run(n: int = 300, associations: Sequence[int] = (1, 4), work: Path | None = None,
-        gateway_args: Sequence[str] = ()) -> dict[str, Any]:
-    """Synthesize, start Triton + gateway + Orthanc, measure; the figures as a dict."""
+        gateway_args: Sequence[str] = (), replicas: bool = False) -> dict[str, Any]:
+    """Synthesize, start Triton + gateway + Orthanc, measure; the figures as a dict.
+    ``replicas``: also two replicas on PostgreSQL, with as many associations as the most
+    above, beside the one gateway on SQLite of the same run."""
     from services.triton.launcher import TritonInstall, TritonPorts, TritonServer
     from tests.integration.orthanc import OrthancServer
 
@@ -237,6 +282,8 @@ def run(n: int = 300, associations: Sequence[int] = (1, 4), work: Path | None = 
         t0 = time.perf_counter()
         for k, assoc in enumerate(associations):
             sets[assoc] = synthesize(root / f"data-{assoc}", n, seed=k)
+        replica_files = (synthesize(root / "data-replicas", n, seed=len(associations))
+                         if replicas else [])
         synth_s = time.perf_counter() - t0
         size = sets[associations[0]][0].stat().st_size
         repo = build_repository(root / "model")
@@ -249,6 +296,7 @@ def run(n: int = 300, associations: Sequence[int] = (1, 4), work: Path | None = 
         ingest_only: Gateway | None = None
         orthanc = OrthancServer(root / "orthanc")
         rows: list[dict[str, Any]] = []
+        replica_figures: dict[str, Any] | None = None
         try:
             gateway = Gateway(repo, root / "spool", triton.grpc_url, root / "gateway.log",
                               gateway_args)
@@ -275,6 +323,17 @@ def run(n: int = 300, associations: Sequence[int] = (1, 4), work: Path | None = 
                     "gateway_drain_s": drain_s, "orthanc_instances_stored": stored,
                     **_overheads(results),
                 })
+            if replicas:
+                for g in (gateway, ingest_only):
+                    if g is not None:
+                        g.stop()
+                gateway = ingest_only = None  # their CPU is the replicas' now
+                most = max(associations)
+                two = replicas_on_postgresql(repo, root, triton.grpc_url, replica_files, most,
+                                             gateway_args)
+                one = next(r for r in rows if r["associations"] == most)["gateway_per_s"]
+                replica_figures = {**two, "one_sqlite_per_s": one,
+                                   "ratio_to_one_sqlite": two["per_s"] / one}
         finally:
             for g in (gateway, ingest_only):
                 if g is not None:
@@ -285,7 +344,8 @@ def run(n: int = 300, associations: Sequence[int] = (1, 4), work: Path | None = 
                 "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
                 "synthesis_s": synth_s, "rows": rows,
                 "overhead_source": "result timings_ms: gateway_overhead - queue",
-                "background": "gateway worker inferring with the real bundled Triton"}
+                "background": "gateway worker inferring with the real bundled Triton",
+                "replicas_postgresql": replica_figures}
     finally:
         if own_work:
             shutil.rmtree(root, ignore_errors=True)
@@ -313,6 +373,12 @@ def table(figures: dict[str, Any]) -> str:
                      f"{r['ratio']:.2f} / {r['ratio_ingest_only']:.2f} | "
                      f"{r['ack_p50_ms']:.1f} / {r['ack_p95_ms']:.1f} | "
                      f"{r['overhead_p50_ms']:.1f} / {r['overhead_p95_ms']:.1f} |")
+    two = figures.get("replicas_postgresql")
+    if two:
+        lines += ["", f"two replicas on PostgreSQL (one spool), {two['associations']} "
+                  f"associations, inferring: {two['per_s']:.0f} inst/s; one gateway on SQLite, "
+                  f"same run: {two['one_sqlite_per_s']:.0f} inst/s "
+                  f"({two['ratio_to_one_sqlite']:.2f}x)"]
     lines += ["", "gateway/Orthanc: inferring / ingest only. ack: the C-STORE's arrival to durable",
               "spool + job row (the acknowledgement); overhead: gateway_overhead - queue wait;",
               "both from each result's timings_ms (inferring run)."]
@@ -328,9 +394,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="keep data and logs here")
     p.add_argument("--gateway-arg", action="append", default=[],
                    help="extra argument for bedside gateway (repeatable)")
+    p.add_argument("--replicas", action="store_true",
+                   help="also two gateway replicas on one PostgreSQL (Debian postgresql 15) "
+                        "and one shared spool, beside the one gateway on SQLite")
     args = p.parse_args(argv)
     figures = run(args.n, tuple(int(a) for a in args.associations.split(",")), args.work,
-                  args.gateway_arg)
+                  args.gateway_arg, args.replicas)
     print(table(figures))
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2), encoding="utf-8")
