@@ -157,6 +157,48 @@ def test_a_consumer_that_stops_early_leaves_the_other_due_groups_in_place() -> N
     assert len(_due(groups)) == 1
 
 
+def test_a_group_another_worker_opened_first_takes_the_tables_key() -> None:
+    groups, _ = _groups()
+    groups.add(_member("a.dcm"), acked=100.0)
+    [(mine, *_)] = groups.joins
+    groups.joins_recorded({"a.dcm": "theirs"})  # the table: another worker's open group
+    assert groups.open_count == 1 and groups.dues() == {"theirs": 130.0}
+    assert mine != "theirs"
+
+
+def test_arrivals_after_the_old_group_closed_elsewhere_form_a_new_group() -> None:
+    """Another worker claimed the group this worker recorded a.dcm in; b.dcm then joined a
+    newer group in the table: b.dcm moves there, and the old group is tried at once (the
+    table will say it is gone)."""
+    groups, clock = _groups(timeout_s=30.0)
+    groups.add(_member("a.dcm"), acked=clock.now)
+    groups.joins_recorded()
+    [old] = groups.dues()
+    clock.now += 5.0
+    groups.add(_member("b.dcm"), acked=clock.now)
+    groups.joins_recorded({"b.dcm": "newer"})
+    assert groups.dues() == {"newer": 135.0} and groups.closing_count == 1
+    [gone] = _due(groups)  # due now, to be found gone
+    assert gone.key == old and [m.name for m in gone.members] == ["a.dcm"]
+    assert groups.holds("a.dcm") and groups.holds("b.dcm")
+    clock.now += 30.0
+    [new] = _due(groups)
+    assert new.key == "newer" and [m.name for m in new.members] == ["b.dcm"]
+
+
+def test_a_group_claimed_elsewhere_can_be_taken_out_and_a_pushed_one_rearmed() -> None:
+    groups, clock = _groups(timeout_s=30.0)
+    groups.add(_member("a.dcm"), acked=clock.now)
+    groups.joins_recorded()
+    [key] = groups.dues()
+    clock.now += 30.0
+    [group] = _due(groups)
+    groups.rearm(group, due=clock.now + 10.0)  # a later arrival at another worker
+    assert _due(groups) == [] and groups.dues() == {key: clock.now + 10.0}
+    taken = groups.take(key)
+    assert taken is group and groups.open_count == 0 and groups.take(key) is None
+
+
 def _group_row(key: str, level: str = "series") -> GroupRow:
     return GroupRow(key, level, uid_hash("1.2.3"), uid_hash("1.2.3.4"), OPEN, 0.0, 0.0)
 

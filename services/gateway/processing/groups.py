@@ -216,11 +216,11 @@ class Groups:
                 group.key = new  # all its members joined the table's group: the same group
                 continue
             moved = [m for m in group.members if m.name in joined]
-            group.members = [m for m in group.members if m.name not in joined]
-            group.due = self.clock()
-            self._closing[group.key] = group
             self._open[ident] = Group(new, group.level, group.study_hash, group.series_hash,
                                       persisted=True, members=moved, due=group.due)
+            group.members = [m for m in group.members if m.name not in joined]
+            group.due = self.clock()  # tried at once: the table says who holds it
+            self._closing[group.key] = group
 
     def dues(self) -> dict[str, float]:
         """Due time of each open group by key (what the table's ``due_at`` must reach)."""
