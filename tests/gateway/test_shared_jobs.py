@@ -268,6 +268,42 @@ def test_a_group_whose_closer_died_mid_inference_is_taken_over_once_with_fake_tr
         _stop_all(a, *([b] if b is not None else []))
 
 
+def test_start_up_recovery_leaves_a_live_workers_work_alone_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    """B starts while A is alive: A's received row and a fresh spool file without a row (A
+    may be between its spool write and its insert) stay A's; an old rowless file and the row
+    of a worker whose lease ended are recovered by B. SQLite only: the rule is the worker's."""
+    db = DbTarget()
+    table = JobTable(tmp_path, db)
+    table.heartbeat("A", lease_until=time.time() + 60)
+    table.heartbeat("gone", lease_until=time.time() - 1)
+    spool = Spool(tmp_path)
+    ds_a, ds_gone, ds_fresh, ds_old = make_study(4, seed=30)
+    held = spool.put(dicom_bytes(ds_a))
+    table.insert(held.name, ds_a.StudyInstanceUID, ds_a.SeriesInstanceUID, ds_a.SOPInstanceUID,
+                 "dimse", owner="A")
+    orphan = spool.put(dicom_bytes(ds_gone))
+    table.insert(orphan.name, ds_gone.StudyInstanceUID, ds_gone.SeriesInstanceUID,
+                 ds_gone.SOPInstanceUID, "dimse", owner="gone")
+    fresh = spool.put(dicom_bytes(ds_fresh))  # no row yet: A's ingest in progress
+    old = spool.put(dicom_bytes(ds_old))
+    os.utime(old, (time.time() - 10 * LEASE_S, time.time() - 10 * LEASE_S))
+    fake = FakeInferer()
+    b = SpoolWorker(InferenceCore(TINY_MANIFEST, fake), spool, ResultStore(tmp_path),
+                    GatewayMetrics(), backoff_s=0.01, jobs=JobTable(tmp_path, db),
+                    lease_s=LEASE_S)
+    try:
+        requeued = {job.path.name for job in b.recover()}
+        assert requeued == {orphan.name, old.name}
+        rows = {r.name: r for r in table.all()}
+        assert rows[held.name].owner == "A" and rows[orphan.name].owner == b.owner
+        assert rows[old.name].owner == b.owner and fresh.name not in rows
+    finally:
+        b.jobs.close()
+        table.close()
+
+
 # -- gateway replicas -----------------------------------------------------------------------
 
 _REPLICA = """
