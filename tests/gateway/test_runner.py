@@ -20,6 +20,7 @@ from services.gateway.phi import uid_hash
 from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy
 from services.gateway.processing.groups import Group, Groups, Job, Member, read_header
 from services.gateway.processing.runner import MAX_BACKOFF_S, Refused, Runner
+from services.gateway.store.jobdb import JobDbUnavailable
 from services.gateway.store.jobs import FAILED, INFERRED, RECEIVED, SKIPPED, JobTable
 from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import Spool
@@ -296,3 +297,27 @@ def test_a_bug_while_closing_quarantines_and_closes_the_group_with_fake_triton(
     assert bench.results.stored(uid_hash(ds.StudyInstanceUID),
                                 uid_hash(ds.SOPInstanceUID)) is None
     assert sink is None or sink.accepted == []
+
+
+def test_a_job_table_that_does_not_answer_keeps_the_group_for_later_with_fake_triton(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The table fails "unavailable" as the inferred instance is finished (a database restart,
+    faked here): the group is kept (Refused), not quarantined; closed again, the stored result
+    finishes the job without a second inference."""
+    bench = Bench(tmp_path, FakeInferer(), sink=Sink())
+    member = bench.acked(make_instance(5))
+    group = bench.groups.add(member, acked=0.0)
+    assert group is not None
+    real = bench.jobs.finish_many
+
+    def unavailable(*args: object, **kwargs: object) -> int:
+        raise JobDbUnavailable("job table: SQLITE_BUSY")
+
+    monkeypatch.setattr(bench.jobs, "finish_many", unavailable)
+    assert bench.runner.close(group) == Refused("job_table_unavailable")
+    assert member.job.path.exists() and bench.state(member.name)[0] == RECEIVED
+    monkeypatch.setattr(bench.jobs, "finish_many", real)
+    assert bench.runner.close(group) == "closed"
+    assert bench.fake.calls == 1 and bench.state(member.name)[0] == INFERRED
+    assert not member.job.path.exists()

@@ -28,7 +28,13 @@ from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy
 from services.gateway.processing.worker import Job, SpoolWorker
-from services.gateway.store.jobdb import LATEST, JobDbError, migrate, open_database
+from services.gateway.store.jobdb import (
+    LATEST,
+    JobDbError,
+    JobDbUnavailable,
+    migrate,
+    open_database,
+)
 from services.gateway.store.jobs import (
     CLAIMED,
     CLOSED,
@@ -183,6 +189,28 @@ def test_take_over_takes_a_dead_workers_rows_and_claims_never_a_live_ones(
     assert [g.key for g in table.claim_due("me", now=60.0)] == ["g-dead"]
     assert table.live_owners(60.0) == {"live"}
     assert table.take_over("me", now=60.0) == []  # nothing twice
+    table.close()
+
+
+def test_a_dropped_postgresql_connection_is_retryable_and_replaced(
+    tmp_path: Path, postgres: Postgres,
+) -> None:
+    """The server ends the gateway's session (restart, failover): that transaction fails as
+    "unavailable, try later" (the worker and ingest retry or refuse, never drop), and the
+    next one runs on a new connection."""
+    import psycopg
+
+    url = postgres.new_database()
+    table = JobTable(tmp_path, DbTarget(url))
+    table.insert("a.dcm", "1.2", "1.2.3", "1.2.3.4", "dimse")
+    with psycopg.connect(url, autocommit=True) as admin:
+        killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
+                               " application_name = 'bedside-gateway' AND"
+                               " datname = current_database()").fetchall()
+    assert killed == [(True,)]
+    with pytest.raises(JobDbUnavailable, match="AdminShutdown"):  # an OperationalError
+        table.count(RECEIVED)
+    assert table.count(RECEIVED) == 1  # reconnected
     table.close()
 
 

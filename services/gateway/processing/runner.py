@@ -43,6 +43,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
 from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy, GroupSink
 from services.gateway.processing.groups import Group, Job, Member, hashed
+from services.gateway.store.jobdb import JobDbUnavailable
 from services.gateway.store.jobs import (
     DELIVERED,
     FAILED,
@@ -69,7 +70,8 @@ class Stopping(Protocol):
 
 @dataclass(frozen=True)
 class Refused:
-    """The sink raised: the group is kept (results stored, files in the spool) for a retry."""
+    """The sink raised, or the job table did not answer: the group is kept (results stored,
+    files in the spool) for a retry."""
 
     error: str  # the exception's class name (a message may carry PHI)
 
@@ -102,6 +104,9 @@ class Runner:
         No exception escapes: a bug quarantines what was left unfinished and closes the group."""
         try:
             return self._close(group)
+        except JobDbUnavailable:  # nothing is lost: the worker tries the group again later
+            LOG.error("group %s: job table unavailable; closing it later", group.key)
+            return Refused("job_table_unavailable")
         except Exception as exc:
             LOG.exception("unexpected %s closing group %s; its unfinished instances are "
                           "quarantined", type(exc).__name__, group.key)

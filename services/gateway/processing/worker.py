@@ -62,6 +62,7 @@ from services.gateway.processing.groups import (
 )
 from services.gateway.processing.recovery import RECOVERED, RecoveryPlan, plan_recovery
 from services.gateway.processing.runner import MAX_BACKOFF_S, Refused, Runner
+from services.gateway.store.jobdb import JobDbUnavailable
 from services.gateway.store.jobs import CLAIMED, LATER, OPEN, RECEIVED, GroupRow, JobRow, JobTable
 from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import Spool
@@ -292,6 +293,11 @@ class SpoolWorker:
     def _guarded(self, job: Job, acked: float) -> None:
         try:
             self._arrive(job, acked)
+        except JobDbUnavailable as exc:  # not the instance's fault: it waits, queued again
+            LOG.error("job table unavailable (%s); instance %s queued again", exc,
+                      job.path.name)
+            self._stop.wait(self._backoff)
+            self._queue.put((job, acked))
         except Exception as exc:  # a bug must not stop the queue behind this instance
             LOG.exception("unexpected %s on a spooled instance; quarantined",
                           type(exc).__name__)
@@ -359,7 +365,13 @@ class SpoolWorker:
         for group in self.groups.due():  # none while a membership is unrecorded
             self._metrics.groups_open.set(self.groups.open_count)
             if group.persisted:
-                state, due = self.jobs.claim_group(group.key, self.owner, self._clock())
+                try:
+                    state, due = self.jobs.claim_group(group.key, self.owner, self._clock())
+                except JobDbUnavailable as exc:  # tried again after a backoff
+                    delay = self.groups.defer(group, self._backoff, MAX_BACKOFF_S)
+                    LOG.error("group %s: job table unavailable (%s); retrying in %.2fs",
+                              group.key, exc, delay)
+                    break
                 if state == LATER:  # a later arrival, maybe at another worker
                     self.groups.rearm(group, due)
                     continue
@@ -414,7 +426,7 @@ class SpoolWorker:
             self.groups.keep(group)  # ``recover`` takes it up again after a restart
         elif isinstance(outcome, Refused):
             delay = self.groups.defer(group, self._backoff, MAX_BACKOFF_S)
-            LOG.warning("group %s: sink refused (%s); retrying in %.2fs", group.key,
+            LOG.warning("group %s not closed (%s); retrying in %.2fs", group.key,
                         outcome.error, delay)
         else:
             self._forget(group)

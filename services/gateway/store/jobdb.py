@@ -33,14 +33,24 @@ from typing import Any, Protocol
 from services.gateway.config import POSTGRESQL, SQLITE, DbTarget
 from services.gateway.store.durable import DurableDb
 
-__all__ = ["POSTGRESQL", "SQLITE", "Database", "DbTarget", "JobDbError", "migrate",
-           "open_database"]
+__all__ = ["POSTGRESQL", "SQLITE", "Database", "DbTarget", "JobDbError", "JobDbUnavailable",
+           "migrate", "open_database"]
 
 LOG = logging.getLogger(__name__)
 
 
 class JobDbError(Exception):
     """The job table's database is unusable (unreachable, refused, too new a schema)."""
+
+
+class JobDbUnavailable(JobDbError):
+    """The database did not answer now (server restart, network, lock timeout, disk): the
+    transaction was rolled back; try again later."""
+
+
+# SQLite's primary result codes that mean "not now" rather than a bug: BUSY, LOCKED, IOERR,
+# FULL, CANTOPEN, PROTOCOL.
+_SQLITE_TRANSIENT = frozenset({5, 6, 10, 13, 14, 15})
 
 
 class Tx(Protocol):
@@ -80,8 +90,13 @@ class SqliteDatabase(DurableDb):
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
-        with self._tx() as db:
-            yield _SqliteTx(db)
+        try:
+            with self._tx() as db:
+                yield _SqliteTx(db)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _SQLITE_TRANSIENT:
+                raise JobDbUnavailable(f"job table: {exc.sqlite_errorname}") from exc
+            raise
 
 
 class _PgTx:
@@ -117,8 +132,8 @@ class PostgresDatabase:
                                          autocommit=True, connect_timeout=int(self._timeout),
                                          application_name="bedside-gateway")
         except psycopg.Error as exc:
-            raise JobDbError(f"job table database {self.target.redacted()} unreachable: "
-                             f"{type(exc).__name__}") from None
+            raise JobDbUnavailable(f"job table database {self.target.redacted()} unreachable:"
+                                   f" {type(exc).__name__}") from None
 
     @contextmanager
     def tx(self) -> Iterator[Tx]:
@@ -130,10 +145,11 @@ class PostgresDatabase:
             try:
                 with self._conn.transaction(), self._conn.cursor() as cur:
                     yield _PgTx(cur)
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as exc:
                 if self._conn.broken:
                     self._conn = None
-                raise
+                raise JobDbUnavailable(f"job table database {self.target.redacted()}: "
+                                       f"{type(exc).__name__}") from exc
 
     def close(self) -> None:
         with self._lock:
