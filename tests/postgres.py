@@ -54,12 +54,13 @@ class Postgres:
     def start(self) -> None:
         self._run(str(BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", self.user,
                   "--no-sync", "-E", "UTF8")
-        self._proc = subprocess.Popen(
-            [*self._as, str(BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
-             "-h", "127.0.0.1", "-k", str(self.root), "-c", "fsync=off",
-             "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-             "-c", "max_connections=100"],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "log", "wb"))  # noqa: SIM115
+        with (self.root / "log").open("wb") as log:  # the child keeps its own descriptor
+            self._proc = subprocess.Popen(
+                [*self._as, str(BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                 "-h", "127.0.0.1", "-k", str(self.root), "-c", "fsync=off",
+                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                 "-c", "max_connections=100"],
+                stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30
         while True:
             try:

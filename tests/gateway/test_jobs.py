@@ -22,7 +22,15 @@ from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
 from services.gateway.processing.worker import SpoolWorker
-from services.gateway.store.jobs import DELIVERED, FAILED, INFERRED, RECEIVED, SKIPPED, JobTable
+from services.gateway.store.jobs import (
+    DELIVERED,
+    FAILED,
+    INFERRED,
+    OPEN,
+    RECEIVED,
+    SKIPPED,
+    JobTable,
+)
 from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import Spool
 from tests.conftest import TINY_MANIFEST
@@ -252,6 +260,49 @@ def test_job_table_of_the_first_schema_is_migrated_with_its_rows(tmp_path: Path)
     table.close()
     again = JobTable(tmp_path)  # opening the migrated table again changes nothing
     assert [(r.name, r.state) for r in again.all()] == [("a.dcm", SKIPPED), ("b.dcm", DELIVERED)]
+
+
+_V2_UNVERSIONED = """
+CREATE TABLE jobs (
+    name TEXT PRIMARY KEY, study_hash TEXT NOT NULL, series_hash TEXT NOT NULL,
+    sop_hash TEXT NOT NULL, protocol TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN
+        ('received', 'inferred', 'failed', 'skipped', 'delivered')),
+    attempts INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL, updated_at REAL NOT NULL,
+    error TEXT, group_key TEXT, calling_aet TEXT);
+CREATE INDEX jobs_study ON jobs (study_hash, state);
+CREATE INDEX jobs_state ON jobs (state);
+CREATE INDEX jobs_group ON jobs (group_key);
+CREATE TABLE groups (
+    key TEXT PRIMARY KEY, level TEXT NOT NULL, study_hash TEXT NOT NULL,
+    series_hash TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+    opened_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX groups_state ON groups (state);
+INSERT INTO groups VALUES ('g1', 'series', 's', 'se', 'open', 1.0, 1.0);
+INSERT INTO jobs VALUES ('a.dcm', 's', 'se', 'i1', 'dimse', 'received', 0, 1.0, 1.0, NULL,
+                         'g1', 'MOD1');
+"""
+
+
+def test_grouping_table_from_before_versioning_is_migrated_with_its_open_group(
+    tmp_path: Path,
+) -> None:
+    """The file the gateway wrote before the schema was versioned (grouping, one worker)."""
+    db = sqlite3.connect(tmp_path / JobTable.FILE)
+    db.executescript(_V2_UNVERSIONED)
+    db.close()
+    table = JobTable(tmp_path)
+    with table.db.tx() as tx:
+        assert tx.execute("SELECT version FROM schema_version")[0] == [(3,)]
+    [group] = table.groups(OPEN)
+    assert group.key == "g1" and [m.name for m in table.members("g1")] == ["a.dcm"]
+    row = table.get("a.dcm")
+    assert row is not None and (row.state, row.calling_aet, row.owner) == (
+        RECEIVED, "MOD1", None)
+    # the migrated table keys groups for every worker: a.dcm's series joins g1
+    table.insert("b.dcm", "x", "x", "x", "dimse")
+    assert table.join_groups([("k2", "series", "s", "se", "b.dcm")]) == {"b.dcm": "g1"}
+    table.close()
 
 
 def test_mark_delivered_moves_only_inferred_or_failed_rows_once(
