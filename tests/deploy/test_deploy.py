@@ -133,9 +133,13 @@ def test_dry_run_renders_the_model_from_the_repository(optimized: Path, tmp_path
     values = tmp_path / "values.yaml"
     values.write_text("gateway:\n  aeTitle: RADIOLOGY\n", encoding="utf-8")
     out = tmp_path / "rendered"
+    # two gateway replicas need the PostgreSQL job table and one shared spool (the schema)
+    shared = ["--set", "gateway.jobTable.backend=postgresql",
+              "--set", "gateway.jobTable.postgresql.host=jobs.db.svc",
+              "--set", "gateway.spool.shared.enabled=true"]
     code = main(["deploy", "--repository", str(optimized), "--release", "pilot", "--namespace",
-                 "radiology", "-f", str(values), "--set", "gateway.replicas=2", "--dry-run",
-                 "--out", str(out)])
+                 "radiology", "-f", str(values), "--set", "gateway.replicas=2", *shared,
+                 "--dry-run", "--out", str(out)])
     assert code == 0
     assert "rendered" in capsys.readouterr().out
     model = ModelRelease.from_repository(optimized)
@@ -144,7 +148,7 @@ def test_dry_run_renders_the_model_from_the_repository(optimized: Path, tmp_path
     assert "pilot-bedside-gateway-model" in cm
     sts = (templates / "gateway-statefulset.yaml").read_text()
     assert f"--model={model.name}" in sts and "--ae-title=RADIOLOGY" in sts
-    assert "replicas: 2" in sts
+    assert "replicas: 2" in sts and "--job-db=postgresql://bedside@jobs.db.svc:5432/bedside" in sts
     assert "pilot-bedside-triton.radiology.svc:8001" in sts
     assert "nvidia.com/gpu" not in (templates / "triton-deployment.yaml").read_text()
 
@@ -156,6 +160,9 @@ def test_deploy_errors_are_one_line(tmp_path: Path, optimized: Path,
     assert main(["deploy", "--repository", str(optimized), "--dry-run",
                  "--set", "triton.image.tag=latest"]) == 2
     assert "does not render" in capsys.readouterr().err
+    assert main(["deploy", "--repository", str(optimized), "--dry-run",
+                 "--set", "gateway.replicas=2"]) == 2  # per-pod SQLite would split studies
+    assert "gateway/jobTable/backend" in capsys.readouterr().err
 
 
 def test_rollout_rule() -> None:
