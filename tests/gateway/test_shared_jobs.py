@@ -332,6 +332,40 @@ def test_start_up_recovery_leaves_a_live_workers_work_alone_with_fake_triton(
         table.close()
 
 
+def test_a_running_worker_finishes_what_a_dead_one_left_beyond_its_rows_with_fake_triton(
+    tmp_path: Path,
+) -> None:
+    """Without a restart: a dead worker's finished instance whose hand-off it never made is
+    handed on (not inferred again), and a spool file it wrote but recorded no row for is
+    inferred once, by a live worker's periodic reconciliation."""
+    db, sink, fake = DbTarget(), SharedSink(), FakeInferer()
+    b = SpoolWorker(InferenceCore(TINY_MANIFEST, fake), Spool(tmp_path), ResultStore(tmp_path),
+                    GatewayMetrics(), backoff_s=0.01, jobs=JobTable(tmp_path, db), sink=sink,
+                    policy=GroupingPolicy(level="instance"), lease_s=LEASE_S)
+    b.start()
+    try:
+        table = JobTable(tmp_path, db)
+        table.heartbeat("gone", lease_until=time.time() + LEASE_S)  # alive, then killed
+        finished, rowless = make_study(2, seed=40)
+        spool = Spool(tmp_path)
+        done = spool.put(dicom_bytes(finished))
+        table.insert(done.name, finished.StudyInstanceUID, finished.SeriesInstanceUID,
+                     finished.SOPInstanceUID, "dimse", owner="gone")
+        ResultStore(tmp_path).save(str(finished.StudyInstanceUID),
+                                   str(finished.SOPInstanceUID),
+                                   {"study_instance_uid": str(finished.StudyInstanceUID),
+                                    "sop_instance_uid": str(finished.SOPInstanceUID),
+                                    "findings": []}, job=done.name)
+        assert table.finish(done.name, INFERRED)  # killed before its hand-off
+        orphan = spool.put(dicom_bytes(rowless))  # killed before its row
+        assert wait_for(lambda: len(sink.accepted) == 2 and not spool.pending(), timeout=30)
+        assert sorted(g.job_names[0] for g in sink.accepted) == sorted([done.name, orphan.name])
+        assert fake.calls == 1  # the finished one was not inferred again
+        table.close()
+    finally:
+        _stop_all(b)
+
+
 # -- gateway replicas -----------------------------------------------------------------------
 
 _REPLICA = """

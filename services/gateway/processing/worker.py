@@ -63,7 +63,16 @@ from services.gateway.processing.groups import (
 from services.gateway.processing.recovery import RECOVERED, RecoveryPlan, plan_recovery
 from services.gateway.processing.runner import MAX_BACKOFF_S, Refused, Runner
 from services.gateway.store.jobdb import JobDbUnavailable
-from services.gateway.store.jobs import CLAIMED, LATER, OPEN, RECEIVED, GroupRow, JobRow, JobTable
+from services.gateway.store.jobs import (
+    CLAIMED,
+    CLOSING,
+    LATER,
+    OPEN,
+    RECEIVED,
+    GroupRow,
+    JobRow,
+    JobTable,
+)
 from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import Spool
 
@@ -109,6 +118,7 @@ class SpoolWorker:
         self.groups = Groups(self.policy, clock)
         self._next_prune = 0.0
         self._next_scan = 0.0
+        self._next_reconcile = 0.0
 
     @property
     def sink(self) -> GroupSink | None:
@@ -133,6 +143,7 @@ class SpoolWorker:
             self.submit(job)
         self._prune()
         self._next_scan = self._clock() + self._scan_every
+        self._next_reconcile = self._clock() + 2 * self.lease_s
         self._beat.start()
         self._thread.start()
 
@@ -157,36 +168,59 @@ class SpoolWorker:
         now = self._clock()
         self._retire_dead_neighbours(now)
         self.jobs.take_over(self.owner, now)  # dead workers' closing groups reopen
+        return self._reconcile(startup=True)
+
+    def _reconcile(self, startup: bool) -> list[Job]:
+        """``recover``'s plan for what no live worker holds, at start-up or (``startup``
+        False) while running, for what a dead worker left beyond its received rows (a
+        hand-off it did not finish, a spool file it wrote but recorded no row for): rows are
+        adopted one by one with a conditional UPDATE and rowless files inserted with ON
+        CONFLICT, so of two workers reconciling at once only one takes each."""
+        now = self._clock()
+        open_groups = self.jobs.groups(OPEN)  # before the listing: their files are listed
+        closing = {g.key for g in self.jobs.groups(CLOSING)}  # their closer has them
         live = self.jobs.live_owners(now) - {self.owner}
         files = self._spool.pending()
-        rows = self.jobs.rows([p.name for p in files])
+        names = {p.name for p in files}
+        rows = self.jobs.rows(names)
         wall, old = time.time(), self.lease_s
-        mine = [p for p in files if (
-            ((row := rows.get(p.name)) is None and (not live or _age(p, wall) > old))
-            or (row is not None and row.owner not in live))]
-        received = [r for r in self.jobs.received() if r.owner not in live]
-        plan = plan_recovery(mine, rows, received, self.jobs.groups(OPEN),
-                             self._results.stored, hand_on=self.sink is not None)
-        held_elsewhere = {r.group_key for n, r in rows.items() if r.owner in live}
-        plan.close = [k for k in plan.close if k not in held_elsewhere]
-        self.jobs.adopt([p.name for p in mine if p.name in rows], self.owner)
-        self._apply(plan)
-        if plan.rejoin:
+        adopted = self.jobs.adopt([n for n, r in rows.items() if r.owner not in live
+                                   and r.owner != self.owner and r.group_key not in closing],
+                                  self.owner, now)
+        if startup:  # what ``take_over`` just gave this worker, which holds nothing yet
+            adopted |= {n for n, r in rows.items() if r.owner == self.owner}
+        mine = [p for p in files if p.name in adopted or (
+            p.name not in rows and ((startup and not live) or _age(p, wall) > old))]
+        mine_names = {p.name for p in mine}
+        received = [r for r in self.jobs.received() if r.name in adopted or (
+            r.name not in names and r.owner not in live
+            and (startup or r.owner != self.owner) and r.group_key not in closing)]
+        plan = plan_recovery(mine, rows, received, open_groups, self._results.stored,
+                             hand_on=self.sink is not None)
+        held = {r.group_key for n, r in rows.items() if n not in mine_names}
+        plan.close = [k for k in plan.close if k not in held]
+        taken = self._apply(plan)
+        plan.requeue = [j for j in plan.requeue if j.path.name in taken or j.path.name in rows]
+        if startup and plan.rejoin:
             self.jobs.rearm({r.group.key for r in plan.rejoin},
-                               self._clock() + self.policy.timeout_s)
+                            self._clock() + self.policy.timeout_s)
         if mine:
             LOG.info("recovered %d acknowledged instances from the spool (%d open groups)",
                      len(mine), plan.open_groups)
         return plan.requeue
 
-    def _apply(self, plan: RecoveryPlan) -> None:
+    def _apply(self, plan: RecoveryPlan) -> set[str]:
+        """Apply the plan; the names of the rows it inserted (a row another worker inserted
+        first is that worker's to run)."""
         for done in plan.finish:
             if done.lost:
                 LOG.error("job %s was acknowledged but its spool file is gone", done.name)
             self.jobs.finish(done.name, done.state, done.reason)
+        inserted = set()
         for new in plan.insert:
-            self.jobs.insert(new.name, new.study_uid, new.series_uid, new.sop_uid, RECOVERED,
-                             owner=self.owner)
+            if self.jobs.insert(new.name, new.study_uid, new.series_uid, new.sop_uid,
+                                RECOVERED, owner=self.owner):
+                inserted.add(new.name)
         for path in plan.remove:
             self._spool.remove(path)
         for key in plan.close:
@@ -198,6 +232,7 @@ class SpoolWorker:
             self.groups.rehand(rehand.member, rehand.row)
             self._change_depth(+1)
         self._metrics.groups_open.set(self.groups.open_count)
+        return inserted
 
     def _scan(self) -> None:
         """Take over what workers whose lease ended left, and claim the due groups no live
@@ -208,6 +243,10 @@ class SpoolWorker:
             taken = self.jobs.take_over(self.owner, self._clock())
             if taken:
                 self._adopt(taken)
+            if self._clock() >= self._next_reconcile:
+                self._next_reconcile = self._clock() + 2 * self.lease_s
+                for job in self._reconcile(startup=False):
+                    self.submit(job)
             if self.groups.joins:  # a membership unrecorded: no group may close yet
                 return
             for row in self.jobs.claim_due(self.owner, self._clock()):

@@ -136,15 +136,17 @@ class JobTable:
     # -- jobs -------------------------------------------------------------------------------
 
     def insert(self, name: str, study_uid: str, series_uid: str, sop_uid: str,
-               protocol: str, calling_aet: str | None = None, owner: str | None = None) -> None:
+               protocol: str, calling_aet: str | None = None, owner: str | None = None) -> bool:
         """A newly spooled instance, state ``received``, held by ``owner`` (the worker that
-        will process it). Idempotent on ``name``."""
+        will process it). Idempotent on ``name``: False when the row existed already."""
         now = time.time()
-        self._run("INSERT INTO jobs (name, study_hash, series_hash, sop_hash, protocol,"
-                  " state, attempts, received_at, updated_at, calling_aet, owner)"
-                  " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                  (name, _hash(study_uid), _hash(series_uid), _hash(sop_uid), protocol,
-                   RECEIVED, now, now, calling_aet, owner))
+        with self.db.tx() as tx:
+            return tx.execute(
+                "INSERT INTO jobs (name, study_hash, series_hash, sop_hash, protocol,"
+                " state, attempts, received_at, updated_at, calling_aet, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (name, _hash(study_uid), _hash(series_uid), _hash(sop_uid), protocol,
+                 RECEIVED, now, now, calling_aet, owner))[1] == 1
 
     def get(self, name: str) -> JobRow | None:
         rows = self._run(f"SELECT {_COLUMNS} FROM jobs WHERE name = ?", (name,))
@@ -351,11 +353,18 @@ class JobTable:
                                  f" ({_marks(len(names))}) ORDER BY name", names)
         return [JobRow(*r) for r in rows]
 
-    def adopt(self, names: Iterable[str], owner: str) -> None:
-        """Rows this worker found at start without a live owner become its own."""
+    def adopt(self, names: Iterable[str], owner: str, now: float) -> set[str]:
+        """Of these rows, those without a live owner (nor ``owner`` itself) become
+        ``owner``'s, each by one conditional UPDATE, so two workers never adopt one row; the
+        names adopted."""
+        adopted = set()
         with self.db.tx() as tx:
             for name in names:
-                tx.execute("UPDATE jobs SET owner = ? WHERE name = ?", (owner, name))
+                if tx.execute("UPDATE jobs SET owner = ? WHERE name = ? AND (owner IS NULL OR"
+                              " (owner != ? AND owner NOT IN (SELECT owner FROM workers WHERE"
+                              " lease_until > ?)))", (owner, name, owner, now))[1]:
+                    adopted.add(name)
+        return adopted
 
     # -- housekeeping and queries -----------------------------------------------------------
 
