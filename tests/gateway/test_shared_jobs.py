@@ -366,6 +366,33 @@ def test_a_running_worker_finishes_what_a_dead_one_left_beyond_its_rows_with_fak
         _stop_all(b)
 
 
+def test_an_instance_another_worker_recovered_during_its_insert_is_not_queued_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ingest's row insert stalled past a lease and another worker took the rowless
+    file up meanwhile (faked: its row appears right after the spool write): the instance is
+    acknowledged (it is durable) but not queued here a second time."""
+    gw = fake_gateway(tmp_path, FakeInferer(unavailable_calls=10**6))
+    other = JobTable(gw.config.spool_dir)
+    put = gw.spool.put
+
+    def put_then_recovered_elsewhere(data: bytes | bytearray | memoryview) -> Path:
+        path = put(data)
+        assert other.insert(path.name, "", "", "", "recovered", owner="other")
+        return path
+
+    monkeypatch.setattr(gw.spool, "put", put_then_recovered_elsewhere)
+    try:
+        ds = make_study(1, seed=50)[0]
+        path = gw.ingestor.accept(dicom_bytes(ds), ds, "rest", 0.0, 0.0)
+        row = other.get(path.name)
+        assert row is not None and (row.owner, row.protocol) == ("other", "recovered")
+        assert gw.worker.depth == 0 and path.exists()
+    finally:
+        other.close()
+        gw.stop()
+
+
 # -- gateway replicas -----------------------------------------------------------------------
 
 _REPLICA = """

@@ -180,10 +180,10 @@ class Ingestor:
             LOG.error("spool write failed: %s", exc.strerror)
             raise Unavailable("cannot spool the instance", "spool_error") from exc
         try:
-            lane.worker.jobs.insert(path.name, str(ds.get("StudyInstanceUID", "")),
-                                     str(ds.get("SeriesInstanceUID", "")),
-                                     str(ds.get("SOPInstanceUID", "")), protocol,
-                                     calling_aet, owner=self._worker.owner)
+            recorded = lane.worker.jobs.insert(path.name, str(ds.get("StudyInstanceUID", "")),
+                                               str(ds.get("SeriesInstanceUID", "")),
+                                               str(ds.get("SOPInstanceUID", "")), protocol,
+                                               calling_aet, owner=lane.worker.owner)
         except Exception as exc:  # sqlite3.Error, OSError: not acknowledged, so take it back
             LOG.error("job table insert failed: %s", type(exc).__name__)
             # if even that fails, start-up reconciliation processes the file once
@@ -191,6 +191,10 @@ class Ingestor:
                 lane.spool.remove(path)
             raise Unavailable("cannot record the instance", "spool_error") from exc
         acked = time.perf_counter()
+        if not recorded:  # the insert waited so long that another worker recovered the file
+            LOG.warning("spooled instance %s was taken up by another gateway worker",
+                        path.name)  # durable all the same: acknowledged, processed there once
+            return path
         lane.worker.submit(Job(
             path=path, protocol=protocol, arrival=arrival, acked=acked,
             timings_ms={"receive": (received - arrival) * 1000.0,
