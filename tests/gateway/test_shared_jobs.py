@@ -418,13 +418,14 @@ def _c_store(port: int, instances: list[Dataset]) -> None:
         assoc.release()
 
 
-def test_two_replicas_on_postgresql_one_killed_mid_study_the_other_finishes_it_with_fake_triton(
-    tmp_path: Path, postgres: Postgres,
+def test_two_gateways_one_killed_mid_study_the_other_finishes_it_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
 ) -> None:
-    """Two gateways (two processes, real DIMSE) on one spool and one PostgreSQL database: a
-    study's first series reaches replica A, which is killed with SIGKILL; the second series
-    reaches replica B, which closes the study as one group with A's instances in it."""
-    url = postgres.new_database()
+    """Two gateways (two processes, real DIMSE) on one spool and one job table (replicas on
+    PostgreSQL; on SQLite, two processes of one pod): a study's first series reaches A, which
+    is killed with SIGKILL; the second series reaches B, which closes the study as one group
+    with A's instances in it."""
+    url = job_db.url
     port_a = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", _REPLICA, str(tmp_path), url, str(port_a)],
