@@ -88,12 +88,19 @@ def _worker(tmp: Path, db: DbTarget, fake: FakeInferer, sink: SharedSink | None,
                        lease_s=LEASE_S)
 
 
-def _acked(worker: SpoolWorker, tmp: Path, ds: Dataset) -> None:
-    """Spooled, recorded under the worker's lease and queued, as its ingest path does."""
+def _spooled(worker: SpoolWorker, tmp: Path, ds: Dataset) -> Job:
+    """Spooled and recorded under the worker's lease, as its ingest path does; to submit."""
     path = Spool(tmp).put(dicom_bytes(ds))
     worker.jobs.insert(path.name, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
                        "dimse", "MOD1", owner=worker.owner)
-    worker.submit(Job(path=path, protocol="dimse", acked=time.perf_counter()))
+    return Job(path=path, protocol="dimse", acked=time.perf_counter())
+
+
+def _acked(worker: SpoolWorker, tmp: Path, datasets: list[Dataset]) -> None:
+    """Spooled and recorded first, then queued together: the arrivals come closer together
+    than the group timeout even on a loaded machine (fsyncs are slow there)."""
+    for job in [_spooled(worker, tmp, ds) for ds in datasets]:
+        worker.submit(job)
 
 
 def _die(worker: SpoolWorker) -> None:
@@ -226,9 +233,10 @@ def test_a_study_split_across_two_workers_is_one_group_inferred_once_with_fake_t
     b.start()
     try:
         first, second = _study()
-        for ds_a, ds_b in zip(first, second, strict=True):  # interleaved, as two associations
-            _acked(a, tmp_path, ds_a)
-            _acked(b, tmp_path, ds_b)
+        jobs = [(w, _spooled(w, tmp_path, ds)) for ds_a, ds_b in zip(first, second, strict=True)
+                for w, ds in ((a, ds_a), (b, ds_b))]  # interleaved, as two associations
+        for worker, job in jobs:
+            worker.submit(job)
         assert wait_for(lambda: len(sink.accepted) == 1 and a.depth == b.depth == 0)
         time.sleep(LEASE_S)  # time for a second, wrong hand-off to show
         (group,) = sink.accepted
@@ -253,13 +261,13 @@ def test_a_dead_workers_open_group_is_finished_by_the_other_with_fake_triton(
     b.start()
     try:
         first, second = _study()
-        for ds in first:
-            _acked(a, tmp_path, ds)
+        _acked(a, tmp_path, first)
+        at_b = [_spooled(b, tmp_path, ds) for ds in second]  # acknowledged by b meanwhile
         assert wait_for(lambda: len(a.jobs.groups(OPEN)) == 1
                         and len(a.jobs.members(a.jobs.groups(OPEN)[0].key)) == 2)
         _die(a)
-        for ds in second:
-            _acked(b, tmp_path, ds)
+        for job in at_b:
+            b.submit(job)
         assert wait_for(lambda: len(sink.accepted) == 1 and b.depth == 0, timeout=30)
         (group,) = sink.accepted
         assert len(group.job_names) == 4 and len(group.results) == 4
@@ -280,8 +288,7 @@ def test_a_group_whose_closer_died_mid_inference_is_taken_over_once_with_fake_tr
     b = None
     try:
         first, second = _study()
-        for ds in first + second:
-            _acked(a, tmp_path, ds)
+        _acked(a, tmp_path, first + second)
         assert wait_for(lambda: down.calls > 0 and len(a.jobs.groups(CLOSING)) == 1)
         _die(a)  # claimed, inferring, gone
         b = _worker(tmp_path, job_db, up, sink)
