@@ -266,9 +266,14 @@ class Gateway:
         core = self._versioned(manifest)
         root = lane_root(self.config.spool_dir, manifest.name, default=False)
         spool, results = Spool(root), ResultStore(root)
+        try:
+            jobs = JobTable(root, self.config.job_table.for_model(manifest.name))
+        except JobDbError as exc:
+            raise ConfigError(str(exc)) from None
         worker = SpoolWorker(core, spool, results, self.metrics,
-                             self.config.triton_retry_backoff_s, sink=self.delivery,
+                             self.config.triton_retry_backoff_s, jobs=jobs, sink=self.delivery,
                              retention_s=self.config.job_retention_s,
+                             lease_s=self.config.job_lease_s,
                              policy=GroupingPolicy.resolve(manifest))
         return ModelLane(manifest.name, core, spool, results, worker)
 

@@ -569,10 +569,20 @@ class DbTarget:
 
     url: str = SQLITE
     password_file: Path | None = None
+    # PostgreSQL only: the schema holding this job table ("": the database's default). Each
+    # further served model has its own (``for_model``), as on SQLite each has its own file.
+    schema: str = ""
 
     @property
     def dialect(self) -> str:
         return SQLITE if self.url == SQLITE else POSTGRESQL
+
+    def for_model(self, name: str) -> DbTarget:
+        """The job table of another served model: on PostgreSQL its own schema in the same
+        database; on SQLite the same setting (the file lives in that model's spool folder)."""
+        if self.url == SQLITE:
+            return self
+        return dataclasses.replace(self, schema=f"model_{name}"[:63])
 
     def check(self) -> None:
         """Raise ValueError with a clear message when the target cannot be right."""

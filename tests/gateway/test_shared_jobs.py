@@ -504,3 +504,18 @@ def test_an_unreachable_database_is_a_clear_error_without_the_password(
     with pytest.raises(JobDbError, match="unreachable: OperationalError") as refused:
         JobTable(tmp_path, DbTarget(url))
     assert "s3cret" not in str(refused.value) and "gw@" not in str(refused.value)
+
+
+def test_each_served_model_has_its_own_job_table_in_one_postgresql_database(
+    tmp_path: Path, postgres: Postgres,
+) -> None:
+    """A gateway serving several models keeps one job table per model (one spool folder
+    each): on PostgreSQL a schema each, so one model's worker never takes over another's."""
+    target = DbTarget(postgres.new_database())
+    default, other = JobTable(tmp_path, target), JobTable(tmp_path, target.for_model("ct-seg"))
+    default.insert("a.dcm", "1.2", "1.2.3", "1.2.3.4", "dimse", owner="gone")
+    assert other.take_over("me", now=time.time()) == [] and other.all() == []
+    assert [r.name for r in default.take_over("me", now=time.time())] == ["a.dcm"]
+    assert DbTarget().for_model("ct-seg") == DbTarget()  # SQLite: a file per model folder
+    default.close()
+    other.close()

@@ -21,6 +21,7 @@ the URL, and is never logged; errors name the error class and the host, not the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -126,11 +127,18 @@ class PostgresDatabase:
 
     def _connect(self) -> None:
         import psycopg  # imported here: SQLite-only gateways never load the driver
+        import psycopg.sql
 
         try:
             self._conn = psycopg.connect(self.target.url, password=self.target.password(),
                                          autocommit=True, connect_timeout=int(self._timeout),
                                          application_name="bedside-gateway")
+            if self.target.schema:  # another served model's job table: its own schema
+                name = psycopg.sql.Identifier(self.target.schema)
+                with contextlib.suppress(psycopg.errors.UniqueViolation):  # a replica's
+                    self._conn.execute(psycopg.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}")
+                                       .format(name))
+                self._conn.execute(psycopg.sql.SQL("SET search_path TO {}").format(name))
         except psycopg.Error as exc:
             raise JobDbUnavailable(f"job table database {self.target.redacted()} unreachable:"
                                    f" {type(exc).__name__}") from None
