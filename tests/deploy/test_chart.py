@@ -330,6 +330,7 @@ def test_several_models_each_manifest_mounted_and_served() -> None:
     seg = {**yaml.safe_load((CHART / "values.yaml").read_text())["model"]["manifest"],
            "name": "ct-seg", "task": "segmentation"}
     docs = objects(render({"model": {"others": [seg]},
+                           "triton": {"modelControlMode": "explicit"},
                            "gateway": {"models": ["ct-seg"],
                                        "versions": {"shadow": ["ct-seg=2"],
                                                     "canary": ["cxr-lesion=3:0.1"]}}}))
@@ -345,6 +346,16 @@ def test_several_models_each_manifest_mounted_and_served() -> None:
         "ct-seg.manifest.json"
     with pytest.raises(helm.HelmError, match=r"give its manifest in model\.others"):
         render({"gateway": {"models": ["absent"]}})
+
+
+@pytest.mark.parametrize("versions", [{"shadow": ["cxr-lesion=2"]},
+                                      {"canary": ["cxr-lesion=2:0.1"]}])
+def test_versions_need_triton_explicit_model_control(versions: dict[str, list[str]]) -> None:
+    with pytest.raises(helm.HelmError, match="modelControlMode"):
+        render({"gateway": {"versions": versions}})  # the default mode is poll
+    docs = objects(render({"gateway": {"versions": versions},
+                           "triton": {"modelControlMode": "explicit"}}))
+    assert of_kind(docs, "StatefulSet")
 
 
 def test_two_replicas_share_a_postgresql_job_table_and_one_spool_claim() -> None:

@@ -183,6 +183,8 @@ def test_each_chart_value_reaches_its_flag() -> None:
         assert _typed(name, new) != _typed(name, default), name
         values = _merge(values, _nest(spec.chart, new))
         wanted[name] = _typed(name, new)
+    # shadow and canary versions need Triton's explicit model control (the schema says so)
+    values = _merge(values, {"triton": {"modelControlMode": "explicit"}})
     parsed = _parsed(_gateway_args(values))
     assert {name: parsed[name] for name in wanted} == wanted
 
