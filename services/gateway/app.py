@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,7 @@ from services.gateway.security.guard import (
     GuardMiddleware,
     PeerCertificates,
 )
+from services.gateway.security.podstate import PodState
 from services.gateway.security.ratelimit import ConcurrencyCap, RateLimiter
 from services.gateway.security.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
 from services.gateway.store.jobdb import JobDbError
@@ -82,16 +84,36 @@ def _load_manifest(config: GatewayConfig, name: str) -> Manifest:
     return manifest
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that other processes of the pod bind too (SO_REUSEPORT): the
+    kernel spreads new connections over them."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ServiceError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
 class Gateway:
     """Start with ``start()``; ``stop()`` closes listeners first, then drains the worker."""
 
     def __init__(self, config: GatewayConfig, inferer: ServingInferer | None = None,
-                 inferers: Mapping[str, ServingInferer] | None = None) -> None:
+                 inferers: Mapping[str, ServingInferer] | None = None,
+                 pod: PodState | None = None) -> None:
         """``inferer`` replaces the Triton gRPC client of the default model, ``inferers``
         those of the other served models by name (tests, embedding); by default the gateway
         talks to ``config.triton_grpc_url``. Every served model's manifest is loaded and
-        checked (grouping, selection rules) here: a bad one stops the start with its reason."""
+        checked (grouping, selection rules) here: a bad one stops the start with its reason.
+        ``pod``: this process is one of several of a pod (``bedside gateway --processes``):
+        its listeners share their ports with the others and its rate and association limits
+        are the pod's."""
         self.config = config
+        self.pod = pod
         self.manifest = _load_manifest(config, config.model_name)
         others = {name: _load_manifest(config, name) for name in config.served_models[1:]}
         read_leniently()
@@ -153,12 +175,12 @@ class Gateway:
             self._version_changed, self.recorders)
         self.guard = Guard(
             KeyStore(config.api_keys) if config.api_keys is not None else None, self.audit,
-            RateLimiter(config.rate_limit_per_s, config.rate_limit_burst),
+            RateLimiter(config.rate_limit_per_s, config.rate_limit_burst, shared=pod),
             ConcurrencyCap(config.max_concurrent_requests), config.allowed_sources,
             self.metrics)
         cert_files = (CertFiles(config.tls_cert, config.tls_key, config.tls_ca)
                       if config.http_tls and config.tls_cert and config.tls_key else None)
-        self.dimse = DicomServer(config, self.ingestor, self.metrics, audit=self.audit)
+        self.dimse = DicomServer(config, self.ingestor, self.metrics, audit=self.audit, pod=pod)
         self.oip = Dataplane(self.core, self.results, self.metrics, self.ready, self.lanes)
         self.grpc = (OipGrpcServer(
             self.oip, self.metrics, config.http_host, config.grpc_port,
@@ -193,7 +215,14 @@ class Gateway:
             timeout_keep_alive=config.http_keep_alive_s,  # type: ignore[arg-type]
             **tls_options,
         ))
-        self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+        self._http_thread = threading.Thread(target=self._serve_http, name="http", daemon=True)
+
+    def _serve_http(self) -> None:
+        if self.pod is None:
+            self._http.run()
+            return
+        self._http.run(sockets=[reuse_port_socket(self.config.http_host,
+                                                  self.config.http_port)])
 
     def _triton(self, manifest: Manifest, version: int | None = None) -> TritonInferer:
         config = self.config
@@ -373,4 +402,6 @@ class Gateway:
         for inferer in self._all_inferers():
             inferer.close()
         self.audit.close()
+        if self.pod is not None:
+            self.pod.close()
         LOG.info("gateway stopped")

@@ -180,6 +180,15 @@ class GatewayConfig:
         0, flag="--grpc-port", command_default=8081, chart="gateway.ports.grpc",
         why="off for library use and tests (no fixed port taken); the commands serve it",
         help="Open Inference Protocol v2 gRPC port on --http-host (0: off)")
+    # Gateway processes in the pod, each serving DIMSE, HTTP and gRPC on the same ports
+    # (SO_REUSEPORT) under one supervisor; 0 means one per CPU the pod is given (its CPU limit,
+    # else the CPUs it may run on). 1 runs the gateway in the command's own process.
+    processes: int = setting(
+        1, flag="--processes", command_default=0, chart="gateway.processes",
+        why="library use and tests embed one gateway in their own process; the commands "
+            "default to one process per CPU the pod is given",
+        help="gateway processes serving the same ports (0: one per CPU given: the cgroup CPU "
+             "limit, else the CPU affinity)")
     max_request_bytes: int = setting(
         64 * 1024 * 1024, flag="--max-request-bytes", chart="gateway.maxRequestBytes",
         help="largest HTTP request body or gRPC message accepted, bytes")
@@ -364,6 +373,8 @@ class GatewayConfig:
             raise ConfigError("association_lifetime_s must be >= 0 (0 = no cap)")
         if self.max_association_bytes < 0:
             raise ConfigError("max_association_bytes must be >= 0 (0 = no limit)")
+        if self.processes < 0:
+            raise ConfigError("processes must be >= 0 (0 = one per CPU given)")
         if self.max_spool_depth < 1:
             raise ConfigError("max_spool_depth must be >= 1")
         if self.max_request_bytes < 1024:

@@ -1,11 +1,28 @@
 """Gateway metrics, defined once, on a registry owned by the gateway instance.
 
 Labels are bounded: model, protocol, stage, outcome, reason, state. Never UIDs or patient data.
+
+A pod of several gateway processes exposes the pod's figures on every process's ``/metrics``
+(prometheus-client's multiprocess mode: the supervisor points ``PROMETHEUS_MULTIPROC_DIR`` at a
+directory of the pod's run directory before any process starts, each process writes its
+values there, and a scrape sums them; gauges say how, e.g. ``livesum``). Gauges read at scrape
+time from shared state (the job table, the outbox) are ``FunctionGauge``s: they are computed by
+the answering process, outside the multiprocess files, and are the pod's by construction. The
+Triton breaker's is the answering process's own breaker (every process calls the same Triton).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Clinical latencies: sub-millisecond stages up to multi-second totals under load.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -13,60 +30,105 @@ STAGES = ("receive", "spool", "queue", "preprocess", "inference", "postprocess",
           "gateway_overhead", "total", "deliver")
 
 
+class _Bound:
+    def __init__(self, functions: dict[tuple[str, ...], Callable[[], float]],
+                 values: tuple[str, ...]) -> None:
+        self._functions, self._values = functions, values
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        self._functions[self._values] = f
+
+
+class FunctionGauge(Collector):
+    """A gauge whose samples are functions called at scrape time (``labels(...).set_function``,
+    as on prometheus-client's ``Gauge``), kept out of the multiprocess files."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 registry: CollectorRegistry) -> None:
+        self._name, self._doc, self._labelnames = name, documentation, labelnames
+        self._functions: dict[tuple[str, ...], Callable[[], float]] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Bound:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}")
+        return _Bound(self._functions, tuple(str(v) for v in values))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, f in list(self._functions.items()):
+            family.add_metric(list(values), float(f()))
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """``registry``: where the metrics are exposed (a new one by default). In multiprocess
+        mode (``PROMETHEUS_MULTIPROC_DIR`` set) it aggregates every process of the pod."""
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        exposed = self.registry
+        if self.multiprocess:
+            MultiProcessCollector(self.registry)
+            # this process's own values are in the pod's files; its registry stays private
+            registry = CollectorRegistry()
+        else:
+            registry = self.registry
         self.stage_seconds = Histogram(
             "bedside_gateway_stage_seconds", "Time spent per pipeline stage",
-            ["model", "protocol", "stage"], buckets=BUCKETS, registry=self.registry,
+            ["model", "protocol", "stage"], buckets=BUCKETS, registry=registry,
         )
         self.requests = Counter(
             "bedside_gateway_requests", "Instances and requests by protocol and outcome",
-            ["protocol", "outcome", "reason"], registry=self.registry,
+            ["protocol", "outcome", "reason"], registry=registry,
         )
         self.spool_depth = Gauge(
             "bedside_gateway_spool_depth", "Acknowledged instances waiting for inference",
-            registry=self.registry,
+            registry=registry, multiprocess_mode="livesum",
         )
-        self.jobs = Gauge(
+        self.jobs = FunctionGauge(
             "bedside_gateway_jobs", "Acknowledged instances in the job table, by state "
-            "(received, inferred, failed, skipped, delivered)", ["state"], registry=self.registry,
+            "(received, inferred, failed, skipped, delivered)", ("state",), exposed,
         )
-        self.triton_breaker = Gauge(
+        self.triton_breaker = FunctionGauge(
             "bedside_gateway_triton_breaker", "1 for the Triton circuit breaker's current state "
-            "(closed, open, half_open), 0 for the others", ["state"], registry=self.registry,
+            "(closed, open, half_open), 0 for the others", ("state",), exposed,
         )
         # Results delivery (delivery/service.py): destination names come from the routes file
         # (validated, bounded); outcome is delivered, retry or dead.
         self.deliveries = Counter(
             "bedside_gateway_deliveries", "Result delivery attempts by destination and outcome "
-            "(delivered, retry, dead)", ["destination", "outcome"], registry=self.registry,
+            "(delivered, retry, dead)", ["destination", "outcome"], registry=registry,
         )
-        self.outbox_depth = Gauge(
+        self.outbox_depth = FunctionGauge(
             "bedside_gateway_outbox_depth", "Outbox rows waiting for delivery, by destination",
-            ["destination"], registry=self.registry,
+            ("destination",), exposed,
         )
-        self.dead_letters = Gauge(
+        self.dead_letters = FunctionGauge(
             "bedside_gateway_dead_letters", "Outbox rows in the dead-letter state (refused for "
-            "good or retries exhausted), by destination", ["destination"], registry=self.registry,
+            "good or retries exhausted), by destination", ("destination",), exposed,
         )
         self.open_associations = Gauge(
             "bedside_gateway_open_associations", "Open DIMSE associations",
-            registry=self.registry,
+            registry=registry, multiprocess_mode="livesum",
         )
         # Grouping (processing/): level is instance, series or study; outcome is inferred (at
         # least one item inferred), failed (only errors) or skipped (nothing selected).
         self.groups_open = Gauge(
             "bedside_gateway_groups_open", "Series/study groups waiting for their inactivity "
-            "timeout", registry=self.registry,
+            "timeout", registry=registry, multiprocess_mode="livesum",
         )
         self.groups_closed = Counter(
             "bedside_gateway_groups_closed", "Groups closed and handed on, by level and outcome "
-            "(inferred, failed, skipped)", ["level", "outcome"], registry=self.registry,
+            "(inferred, failed, skipped)", ["level", "outcome"], registry=registry,
         )
         self.group_sink_errors = Counter(
             "bedside_gateway_group_sink_errors", "Completed groups the sink refused (retried "
-            "with backoff), by level", ["level"], registry=self.registry,
+            "with backoff), by level", ["level"], registry=registry,
         )
 
         # Versions of one model (inference/versions.py, intake/models.py): baseline is the

@@ -17,12 +17,14 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
 import tritonclient.grpc as grpcclient
 
 from services.errors import ConfigError, ServiceError
+from services.lifetime import die_with_parent
 
 LOG = logging.getLogger(__name__)
 
@@ -142,10 +144,15 @@ class TritonServer:
         if self._explicit:
             args.append("--model-control-mode=explicit")
         LOG.info("starting tritonserver (grpc %s)", self.grpc_url)
+        # Its own session (a terminal's Ctrl-C reaches it through us, in order), but not its
+        # own life: SIGKILL when the thread that starts it ends, so that a parent killed with
+        # SIGKILL leaves no tritonserver behind holding its ports. Start it from the main
+        # thread.
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
                 cwd=self._workdir, start_new_session=True,
+                preexec_fn=partial(die_with_parent, signal.SIGKILL, os.getpid()),
             )
         self._wait_ready(timeout_s)
 

@@ -9,11 +9,17 @@ exceeded"), so one peer cannot take every slot; an association that lasts longer
 ``association_lifetime_s`` is aborted (A-ABORT), however busy. Every rejection, every lifetime
 abort and every refused store is logged with its reason, counted and audited, never with patient
 data.
+
+In a pod of several gateway processes (``pod`` given) both association limits are the pod's:
+every process listens on the same port (SO_REUSEPORT) and counts its associations in the pod's
+shared state (``security.podstate``), so ``max_associations`` and ``max_associations_per_ae``
+hold however the kernel spreads the connections.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from io import BytesIO
@@ -48,6 +54,7 @@ from services.gateway.intake.ingest import Ingestor
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import quiet_identifier_quoting_loggers, uid_hash
 from services.gateway.security.audit import AuditContext, AuditLog
+from services.gateway.security.podstate import PodState
 from services.gateway.security.tls import CertFiles, ReloadingSSLContext, subject_of
 from services.gateway.status import dimse_status
 
@@ -57,6 +64,16 @@ SUCCESS = 0x0000
 # A-ASSOCIATE-RJ result, source and diagnostic (PS3.8 9.3.4): rejected-transient, by the DUL
 # service provider (presentation related), local limit exceeded.
 _REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+_POD_TOTAL = "total"  # the pod's key for all associations; a calling AE's is "ae:" + title
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with SO_REUSEPORT: the pod's processes listen on
+    one port and the kernel spreads new associations over them."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()  # pynetdicom's own: SO_REUSEADDR, timeout, bind
 
 def _status(code: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
@@ -100,9 +117,13 @@ def _spooled_bytes(event: Event) -> bytes:
 
 class DicomServer:
     def __init__(self, config: GatewayConfig, ingestor: Ingestor,
-                 metrics: GatewayMetrics, audit: AuditLog | None = None) -> None:
-        """``audit``: where association and instance records go (none: not audited)."""
+                 metrics: GatewayMetrics, audit: AuditLog | None = None,
+                 pod: PodState | None = None) -> None:
+        """``audit``: where association and instance records go (none: not audited);
+        ``pod``: the pod's shared limits (several gateway processes on one port)."""
         self._config = config
+        self._pod = pod
+        self._pod_holds: dict[Association, list[str]] = {}  # under _assoc_lock
         self._ingestor = ingestor
         self._metrics = metrics
         self._audit = audit
@@ -149,11 +170,18 @@ class DicomServer:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
         ]
+        address = (self._config.dicom_host, self._config.dicom_port)
         try:
-            self._server = ae.start_server(
-                (self._config.dicom_host, self._config.dicom_port), block=False,
-                evt_handlers=handlers, ssl_context=self._tls,
-            )
+            if self._pod is None:
+                self._server = ae.start_server(address, block=False, evt_handlers=handlers,
+                                               ssl_context=self._tls)
+            else:  # AE.start_server(block=False), with a server class that shares the port
+                server = ae.make_server(address, evt_handlers=handlers,
+                                        ssl_context=self._tls, server_class=_ReusePortServer)
+                threading.Thread(target=server.serve_forever, name="dimse-acceptor",
+                                 daemon=True).start()
+                ae._servers.append(server)
+                self._server = server
         except OSError as exc:
             raise ServiceError(f"cannot listen for DICOM on {self._config.dicom_host}:"
                                f"{self._config.dicom_port}: {exc.strerror}") from exc
@@ -187,6 +215,7 @@ class DicomServer:
             self._assoc_bytes.pop(assoc, None)
             timer = self._lifetimes.pop(assoc, None)
             calling = self._assoc_ae.pop(assoc, None)
+            pod_keys = self._pod_holds.pop(assoc, [])
             if calling is not None:
                 left = self._per_ae.get(calling, 1) - 1
                 if left > 0:
@@ -195,24 +224,52 @@ class DicomServer:
                     self._per_ae.pop(calling, None)
         if timer is not None:
             timer.cancel()
+        if self._pod is not None:
+            for key in pod_keys:
+                self._pod.release(key)
 
     def _on_requested(self, event: Event) -> None:
         """Count the association against its calling AE title, or reject it past the limit."""
         limit = self._config.max_associations_per_ae
-        if not limit:
+        if not limit and self._pod is None:
             return
         calling = str(getattr(event.assoc.requestor.primitive, "calling_ae_title", "")).strip()
         allowed = self._config.allowed_calling_aets
         if allowed and calling not in allowed:
             return  # pynetdicom rejects it (calling AE title not recognized), uncounted
+        if self._pod is not None:
+            self._hold_in_pod(event, calling, limit)
+            return
         with self._assoc_lock:
             held = self._per_ae.get(calling, 0)
             if held < limit:
                 self._per_ae[calling] = held + 1
                 self._assoc_ae[event.assoc] = calling
                 return
-        reason = "calling_ae_association_limit"
-        LOG.warning("association from calling AE %r at %s rejected: %s (it holds %d of %d)",
+        self._reject_over_limit(event, calling, "calling_ae_association_limit", held, limit)
+
+    def _hold_in_pod(self, event: Event, calling: str, per_ae: int) -> None:
+        """The pod-wide counts: one of ``max_associations`` for the pod, then one of
+        ``max_associations_per_ae`` for the calling AE title; over either, rejected."""
+        assert self._pod is not None
+        keys: list[str] = []
+        checks = [(_POD_TOTAL, self._config.max_associations, "association_limit")]
+        if per_ae:
+            checks.append(("ae:" + calling, per_ae, "calling_ae_association_limit"))
+        for key, limit, reason in checks:
+            held = self._pod.hold(key, limit)
+            if held is not None:
+                for taken in keys:
+                    self._pod.release(taken)
+                self._reject_over_limit(event, calling, reason, held, limit)
+                return
+            keys.append(key)
+        with self._assoc_lock:
+            self._pod_holds[event.assoc] = keys
+
+    def _reject_over_limit(self, event: Event, calling: str, reason: str, held: int,
+                           limit: int) -> None:
+        LOG.warning("association from calling AE %r at %s rejected: %s (%d of %d held)",
                     _printable(calling), event.assoc.requestor.address, reason, held, limit)
         self._metrics.requests.labels("dimse", "rejected", reason).inc()
         self._record("association", "associate", reason, event.assoc, reason=reason,
