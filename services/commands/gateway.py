@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 LOG = logging.getLogger("bedside")
 NAME = "gateway"
 HELP = "run the gateway against a running Triton"
+_RUN_PREFIX = "bedside-pod-"
 _PROCESS_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
@@ -80,7 +82,10 @@ def serve_pod(config: GatewayConfig, verbose: bool) -> None:
     from services.gateway.security.podstate import PodState
     from services.supervisor import FATAL, Supervisor
 
-    run_dir = Path(tempfile.mkdtemp(prefix="bedside-pod-"))
+    _remove_stale_run_dirs()
+    run_dir = Path(tempfile.mkdtemp(prefix=_RUN_PREFIX))
+    lock = os.open(run_dir / "supervisor.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held for the pod's life; released by the kernel
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
     os.environ[MULTIPROC_ENV] = str(metrics_dir)  # inherited by every process spawned below
@@ -96,8 +101,26 @@ def serve_pod(config: GatewayConfig, verbose: bool) -> None:
     finally:
         os.environ.pop(MULTIPROC_ENV, None)
         shutil.rmtree(run_dir, ignore_errors=True)
+        os.close(lock)
     if code == FATAL:
         raise ServiceError("a gateway process could not start (its error is in the log above)")
+
+
+def _remove_stale_run_dirs() -> None:
+    """Run directories of pods whose supervisor is gone (killed with SIGKILL: no clean-up ran;
+    a container's /tmp outlives a restart of the container): their lock is free."""
+    for stale in Path(tempfile.gettempdir()).glob(_RUN_PREFIX + "*"):
+        try:
+            fd = os.open(stale / "supervisor.lock", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # not ours, or being created
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live pod's
+        finally:
+            os.close(fd)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _gateway_process(config: GatewayConfig, run_dir: Path, verbose: bool, index: int) -> None:
