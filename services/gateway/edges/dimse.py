@@ -72,6 +72,7 @@ class _ReusePortServer(ThreadedAssociationServer):
     one port and the kernel spreads new associations over them."""
 
     def server_bind(self) -> None:
+        assert self.socket is not None
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()  # pynetdicom's own: SO_REUSEADDR, timeout, bind
 
