@@ -12,6 +12,7 @@ import pytest
 
 from services.gateway.store import spool as spool_mod
 from services.gateway.store.results import ResultStore
+from services.gateway.store.durable import STALE_TMP_S
 from services.gateway.store.spool import DirSync, Spool, write_durably
 
 
@@ -114,6 +115,12 @@ def test_result_store_drops_temporaries_a_crashed_write_left_and_keeps_results(
     folder = next(store.root.iterdir())
     stale = folder / "abc.json.0123456789abcdef.tmp"  # what a write stopped by a crash leaves
     stale.write_bytes(b"{partial")
+    old = time.time() - STALE_TMP_S - 1
+    os.utime(stale, (old, old))
+    # another gateway process of the pod writing the same store right now: left alone
+    live = folder / "def.json.fedcba9876543210.tmp"
+    live.write_bytes(b"{in progress")
     reopened = ResultStore(tmp_path)
     assert not stale.exists()
+    assert live.exists()
     assert reopened.for_study("1.2.3") and reopened.for_study("1.2.3")[0]["findings"] == []

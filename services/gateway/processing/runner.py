@@ -43,6 +43,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import uid_hash
 from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy, GroupSink
 from services.gateway.processing.groups import Group, Job, Member, hashed
+from services.gateway.store.durable import remove_stale_temporaries
 from services.gateway.store.jobdb import JobDbUnavailable
 from services.gateway.store.jobs import (
     DELIVERED,
@@ -94,8 +95,8 @@ class Runner:
         self.sink = sink
         self.backoff_s = backoff_s
         self.maps = spool.root / "maps"
-        for stale in self.maps.glob("*.tmp"):  # a map write a crash stopped before its rename
-            stale.unlink(missing_ok=True)
+        # a map write a crash stopped before its rename (old: not another process's write)
+        remove_stale_temporaries(self.maps.glob("*.tmp"))
         self._stop = stop
 
     def close(self, group: Group) -> Closing:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +20,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# A temporary file this old was left by a write a crash stopped: a live writer (another gateway
+# process sharing the spool) renames its own within milliseconds.
+STALE_TMP_S = 600.0
+
+
+def remove_stale_temporaries(paths: Iterable[Path], min_age_s: float = STALE_TMP_S) -> None:
+    """Remove the temporary files among ``paths`` not modified for ``min_age_s``: at start, only
+    writes a crash stopped, never those of other processes writing the same spool now."""
+    cutoff = time.time() - min_age_s
+    for path in paths:
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
 
 
 class DurableDb:

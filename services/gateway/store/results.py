@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from services.gateway.phi import uid_hash
+from services.gateway.store.durable import remove_stale_temporaries
 from services.gateway.store.spool import durable_mkdir, write_durably
 
 
@@ -41,9 +42,9 @@ class ResultStore:
         self.direct = root / "results-direct"
         durable_mkdir(self.root)
         # A write stopped by a crash leaves its own temporary file (never the result: the
-        # rename did not happen); at start no writer is running, so every one is stale.
-        for stale in (*self.root.glob("*/*.tmp"), *self.direct.glob("*/*.tmp")):
-            stale.unlink(missing_ok=True)
+        # rename did not happen); other gateway processes of the pod may be writing now, so
+        # only old ones are stale.
+        remove_stale_temporaries((*self.root.glob("*/*.tmp"), *self.direct.glob("*/*.tmp")))
 
     def save(self, study_uid: str, sop_uid: str, result: dict[str, Any],
              job: str | None = None) -> None:

@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from services.gateway.store.durable import fsync_dir
+from services.gateway.store.durable import fsync_dir, remove_stale_temporaries
 
 
 class DirSync:
@@ -97,8 +97,8 @@ class Spool:
         durable_mkdir(self.incoming)
         durable_mkdir(self.failed)
         self._incoming_sync = DirSync(self.incoming)  # shared by every association's put
-        for stale in self.incoming.glob("*.tmp"):  # never acknowledged: safe to drop
-            stale.unlink()
+        # never acknowledged: safe to drop, once old enough not to be another process's write
+        remove_stale_temporaries(self.incoming.glob("*.tmp"))
 
     def put(self, data: bytes | bytearray | memoryview) -> Path:
         """Durable before it returns (file and directory entry fsynced); concurrent callers
