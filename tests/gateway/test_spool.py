@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from services.gateway.store import spool as spool_mod
-from services.gateway.store.results import ResultStore
 from services.gateway.store.durable import STALE_TMP_S
+from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import DirSync, Spool, write_durably
 
 
