@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -26,11 +27,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 
 from loadtests.stack import GatewayProcess, bedside_executable, wait_http_ok
+from services.gateway.phi import uid_hash
 from services.gateway.security.auth import hash_key, new_key
+from services.gateway.store.jobs import JobTable
+from services.gateway.store.results import ResultStore
 from services.net import free_port
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.harness import model_repository
 from tests.gateway.util import make_instance
+from tests.integration.peers import STORESCU
 
 pytestmark = pytest.mark.integration
 MODEL = TINY_MANIFEST.name
@@ -203,33 +208,137 @@ def test_killing_the_supervisor_with_sigkill_takes_every_process_with_it(
         gw.kill()
 
 
-def test_serve_killed_with_sigkill_leaves_no_tritonserver_behind(
+def _write_study(folder: Path, n: int, seed: int) -> tuple[str, dict[str, str]]:
+    """n small instances of one new study; (study UID, file path -> SOP Instance UID)."""
+    folder.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    files = {}
+    for k in range(n):
+        ds = make_instance(seed + k, size=32)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, k + 1
+        path = folder / f"{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files[str(path)] = str(ds.SOPInstanceUID)
+    return study, files
+
+
+def _storescu(port: int, files: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [STORESCU, "-v", "-aet", "TESTSCU", "-aec", "BEDSIDE", "127.0.0.1", str(port), *files],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, TCP_NODELAY="1"))
+
+
+def _acknowledged(storescu_output: str) -> list[str]:
+    """Files whose C-STORE got a Success response, from storescu -v's output."""
+    acked, current = [], None
+    for line in storescu_output.splitlines():
+        if "Sending file:" in line:
+            current = line.split("Sending file:", 1)[1].strip()
+        elif "Received Store Response (Success)" in line and current is not None:
+            acked.append(current)
+            current = None
+    return acked
+
+
+def _rows(spool: Path) -> list[tuple[str, str, str, str, str | None]]:
+    """(name, study_hash, sop_hash, state, group_key) per job, read while the pod writes."""
+    db = sqlite3.connect(f"file:{spool / JobTable.FILE}?mode=ro", uri=True, timeout=10)
+    try:
+        return list(db.execute("SELECT name, study_hash, sop_hash, state, group_key FROM jobs"))
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    finally:
+        db.close()
+
+
+def _pids(log: Path) -> dict[str, int]:
+    """gateway-N -> its current pid, from the supervisor's "gateway-N started (pid P)"."""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(
+        r"(gateway-\d+) started \(pid (\d+)\)", log.read_text())}
+
+
+def test_pod_with_triton_kill_one_process_mid_study_then_the_supervisor(
         optimized: Path, tmp_path: Path) -> None:
-    """``bedside serve``: its tritonserver sits in a session of its own, yet dies with it."""
+    """``bedside serve --processes 2`` at study level: a study sent over several associations
+    reaches both processes and forms one group; one process killed with SIGKILL mid-stream is
+    restarted, and every acknowledged instance ends with exactly one result; then SIGKILL of
+    ``bedside serve`` leaves neither gateway processes nor tritonserver behind."""
     http, dicom, triton_grpc = free_port(), free_port(), free_port()
-    log = tmp_path / "serve.log"
+    spool, log = tmp_path / "spool", tmp_path / "serve.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [str(bedside_executable()), "serve", "--repository", str(optimized / "repository"),
-             "--model", MODEL, "--spool", str(tmp_path / "spool"), "--http-port", str(http),
+             "--model", MODEL, "--spool", str(spool), "--http-port", str(http),
              "--dicom-port", str(dicom), "--grpc-port", "0", "--triton-grpc-port",
              str(triton_grpc), "--no-auth", "--plaintext", "--processes", "2",
-             "--min-free-bytes", "0"],
+             "--min-free-bytes", "0", "--group-level", "study", "--group-timeout", "2",
+             "--job-lease", "2"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http_ok(f"http://127.0.0.1:{http}/readyz", 120, proc, log)
+        _wait(lambda: log.read_text().count("gateway ready") == 2, 60, "two processes")
+        # 1. one study over associations of its own, two at a time, until both processes
+        #    stored some of it (the kernel picks the process of each new connection)
+        study_s, files_s = _write_study(tmp_path / "s", 48, seed=500)
+        chunks = [list(files_s)[k::6] for k in range(6)]
+        acked_s: list[str] = []
+        sent: list[str] = []
+        storers: set[str] = set()
+        while chunks and storers != {"gateway-0", "gateway-1"}:
+            pair, chunks = chunks[:2], chunks[2:]
+            for p in [_storescu(dicom, c) for c in pair]:
+                acked_s += _acknowledged(p.communicate(timeout=60)[0])
+            sent += [f for c in pair for f in c]
+            storers = {p for p, r in _audit(log) if r.get("action") == "store"}
+        assert sorted(acked_s) == sorted(sent)
+        # 2. a second study streams over two associations; one process is killed mid-way
+        study_t, files_t = _write_study(tmp_path / "t", 120, seed=700)
+        seen = len(_audit(log))
+        senders = [_storescu(dicom, list(files_t)[k::2]) for k in range(2)]
+        _wait(lambda: sum(r[1] == uid_hash(study_t) for r in _rows(spool)) >= 10, 60,
+              "some of the second study acknowledged")
+        victim = next(p for p, r in _audit(log)[seen:] if r.get("action") == "store")
+        os.kill(_pids(log)[victim], signal.SIGKILL)  # a process this stream is reaching
+        acked_t = [f for p in senders for f in _acknowledged(p.communicate(timeout=120)[0])]
+        _wait(lambda: log.read_text().count(" started (pid ") >= 3, 30, "the restart")
+        _wait(lambda: _rows(spool) and not any(r[3] == "received" for r in _rows(spool)), 120,
+              "every acknowledged instance to finish")
+        # 3. SIGKILL of bedside serve: nothing is left behind
         tritons = [int(p) for p in subprocess.run(
             ["pgrep", "-f", "--", f"--grpc-port={triton_grpc}"], capture_output=True, text=True,
             check=False).stdout.split()]
         assert tritons, "no tritonserver found"
         stubs = [c for t in tritons for c in _children(t)]  # its python backend stubs
-        gateways = _children(proc.pid)
+        gateways = [p for p in _children(proc.pid) if p not in tritons]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         _wait(lambda: not any(_alive(p) for p in [*tritons, *stubs, *gateways]), 30,
               "tritonserver and the gateway processes to exit")
-        _wait(lambda: _port_free(triton_grpc) and _port_free(http), 10, "the ports")
+        _wait(lambda: _port_free(triton_grpc) and _port_free(http) and _port_free(dicom), 10,
+              "the ports")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+    assert storers == {"gateway-0", "gateway-1"}, "the first study reached one process only"
+    assert 10 <= len(acked_t) < len(files_t), f"not killed mid-stream: {len(acked_t)} acked"
+    rows = _rows(spool)
+    sops = [r[2] for r in rows]
+    assert len(sops) == len(set(sops))  # one row per instance
+    by_sop = {r[2]: r for r in rows}
+    for files, acked in ((files_s, acked_s), (files_t, acked_t)):
+        for path in acked:  # every acknowledged instance: inferred, with its own one result
+            row = by_sop[uid_hash(files[path])]
+            assert row[3] == "inferred", row
+            doc = ResultStore(spool).stored(row[1], row[2])
+            assert doc is not None and doc[ResultStore.JOB_KEY] == row[0]
+            assert "error" not in doc
+    # the study that reached both processes is one group, keyed in the job table
+    assert len({r[4] for r in rows if r[1] == uid_hash(study_s)}) == 1
+    stored = list((spool / "results").rglob("*.json"))
+    assert len(stored) == len(rows)  # one result file per job, none twice
+    text = log.read_text(errors="replace")
+    assert not any(uid in text for uid in [study_s, study_t, *files_s.values(),
+                                           *files_t.values()])  # no raw UIDs in the logs
