@@ -4,7 +4,6 @@ that dies with its parent (real processes)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
