@@ -15,6 +15,12 @@ Rows (all measured now, here; nothing is read back from earlier runs):
 4. DIMSE ingest (durable C-STORE acks, dcmtk storescu) vs Orthanc, from
    ``loadtests.bench_ingest``.
 
+Rows 3 and 4 are measured for each gateway process count of ``--processes`` (default ``1,0``:
+one process, then the gateway's default of one per CPU given), one after the other in the
+same run, and a last table puts the issue's figures side by side per process count: REST
+throughput at concurrency 4 vs 1, gateway vs direct Triton at concurrency 4, the gateway
+overhead p50 at concurrency 1 and 4, DIMSE ingest vs Orthanc with 1 and 4 associations.
+
 It prints the machine (CPU, cores, load average: other work on the machine depresses every
 absolute figure, ratios less so), writes ``bench.json`` (for comparing runs), ``bench.md`` and
 ``throughput_vs_concurrency.png``.
@@ -42,7 +48,7 @@ import httpx
 import numpy as np
 
 from loadtests.payloads import Payloads
-from loadtests.stack import Endpoints, Stack
+from loadtests.stack import Endpoints, Stack, expected_processes
 from optimizer.contract.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
@@ -256,10 +262,48 @@ def gateway_vs_triton(ends: Endpoints, manifest: Manifest, sample: np.ndarray,
     return rows
 
 
-def ingest_vs_orthanc(n: int) -> dict[str, Any]:
+def ingest_vs_orthanc(n: int, processes: list[int]) -> dict[str, Any]:
+    """``bench_ingest`` once per gateway process count; its rows tagged with the count."""
     from loadtests import bench_ingest
 
-    return dict(bench_ingest.run(n=n, associations=(1, 4)))
+    merged: dict[str, Any] = {}
+    for count in processes:
+        args = ["--processes", str(count)]
+        figures = dict(bench_ingest.run(n=n, associations=(1, 4), gateway_args=args))
+        rows = [{**r, "processes": expected_processes(args)} for r in figures["rows"]]
+        merged = {**figures, "rows": [*merged.get("rows", []), *rows]}
+    return merged
+
+
+def _per(rows: list[dict[str, Any]], processes: int, key: str, value: int) -> dict[str, Any]:
+    return next((r for r in rows if r.get("processes", 1) == processes and r[key] == value),
+                {})
+
+
+def issue_figures(report: dict[str, Any]) -> list[str]:
+    """The issue's figures, one row per gateway process count."""
+    gw = report["gateway_vs_triton"]
+    ingest = report.get("ingest_vs_orthanc")
+    ingest_rows = ingest.get("rows", []) if isinstance(ingest, dict) else []
+    counts = sorted({r.get("processes", 1) for r in [*gw, *ingest_rows]})
+    lines = ["| gateway processes | REST c4 / c1 (>= 1.6) | gateway / Triton, c4 (>= 0.3 "
+             "demo, >= 0.85 DenseNet121) | overhead p50 c1 (<= 5 ms) | overhead p50 c4 "
+             "(<= 8 ms) | DIMSE / Orthanc, 1 assoc. (>= 0.75) | 4 assoc. (>= 1.0) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def fmt(value: Any, spec: str = ".2f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    for n in counts:
+        c1, c4 = _per(gw, n, "concurrency", 1), _per(gw, n, "concurrency", 4)
+        i1, i4 = _per(ingest_rows, n, "associations", 1), _per(ingest_rows, n, "associations", 4)
+        scaling = (c4["gateway_per_s"] / c1["gateway_per_s"]
+                   if c1.get("gateway_per_s") and c4.get("gateway_per_s") else None)
+        lines.append(f"| {n} | {fmt(scaling)} | {fmt(c4.get('throughput_ratio'))} | "
+                     f"{fmt(c1.get('gateway_overhead_p50_ms'), '.1f')} ms | "
+                     f"{fmt(c4.get('gateway_overhead_p50_ms'), '.1f')} ms | "
+                     f"{fmt(i1.get('ratio'))} | {fmt(i4.get('ratio'))} |")
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -277,12 +321,15 @@ def render(report: dict[str, Any]) -> str:
                      f"{r['triton_per_s']}/s vs {r['in_process_per_s']}/s | {r['ratio']:.2f} |"
                      " >= 0.95 |")
     for r in report["gateway_vs_triton"]:
-        lines.append(f"| gateway end to end vs direct Triton, concurrency {r['concurrency']} | "
+        procs = f", {r['processes']} process(es)" if "processes" in r else ""
+        lines.append(f"| gateway end to end vs direct Triton, concurrency {r['concurrency']}"
+                     f"{procs} | "
                      f"p50 {r['gateway_p50_ms']} ms vs {r['triton_p50_ms']} ms; "
                      f"{r['gateway_per_s']}/s vs {r['triton_per_s']}/s | "
                      f"{r['throughput_ratio']:.2f} (throughput) | - |")
         stages = ", ".join(f"{k} {v}" for k, v in r.get("stage_p50_ms", {}).items())
-        lines.append(f"| gateway overhead p50 (512x512 CR), concurrency {r['concurrency']} | "
+        lines.append(f"| gateway overhead p50 (512x512 CR), concurrency {r['concurrency']}"
+                     f"{procs} | "
                      f"{r['gateway_overhead_p50_ms']} ms (stage p50s, ms: {stages}) | - | "
                      "<= 5 ms |")
     ingest = report.get("ingest_vs_orthanc")
@@ -291,13 +338,17 @@ def render(report: dict[str, Any]) -> str:
             alone = r.get("gateway_ingest_only_per_s")
             only = (f" (ingest only {alone:.0f}/s, {alone / r['orthanc_per_s']:.2f})"
                     if alone else "")
+            procs = f", {r['processes']} process(es)" if "processes" in r else ""
             lines.append(f"| DIMSE ingest vs Orthanc, {r['associations']} association(s), "
-                         f"{ingest['side']}x{ingest['side']} CT | {r['gateway_per_s']:.0f}/s "
+                         f"{ingest['side']}x{ingest['side']} CT{procs} | "
+                         f"{r['gateway_per_s']:.0f}/s "
                          f"inferring{only} vs {r['orthanc_per_s']:.0f}/s | {r['ratio']:.2f} | "
                          ">= 1.0 |")
     else:
         lines.append(f"| DIMSE ingest vs Orthanc | not available: {ingest} | - | >= 1.0 |")
-    lines += ["", "![throughput vs concurrency](throughput_vs_concurrency.png)", ""]
+    lines += ["", "The issue's figures, side by side per gateway process count:", "",
+              *issue_figures(report),
+              "", "![throughput vs concurrency](throughput_vs_concurrency.png)", ""]
     return "\n".join(lines)
 
 
@@ -313,8 +364,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.plot(cs, [r["in_process_per_s"] for r in rows], "o-", label="in-process ONNX Runtime")
     ax.plot(cs, [r["triton_per_s"] for r in rows], "s-", label="Triton (gRPC)")
     gw = report["gateway_vs_triton"]
-    ax.plot([r["concurrency"] for r in gw], [r["gateway_per_s"] for r in gw], "^-",
-            label="gateway REST, 512x512 DICOM")
+    for n in sorted({r.get("processes", 1) for r in gw}):
+        mine = [r for r in gw if r.get("processes", 1) == n]
+        ax.plot([r["concurrency"] for r in mine], [r["gateway_per_s"] for r in mine], "^-",
+                label=f"gateway REST, 512x512 DICOM, {n} process(es)")
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("inferences / s")
     ax.set_xticks(sorted(set(cs) | {r["concurrency"] for r in gw}))
@@ -325,7 +378,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def run(optimized: Path, out: Path, concurrencies: list[int], gateway_concurrencies: list[int],
-        seconds: float, ingest_n: int) -> dict[str, Any]:
+        seconds: float, ingest_n: int, processes: list[int] | None = None) -> dict[str, Any]:
+    """``processes``: gateway process counts to measure rows 3 and 4 with (0: the gateway's
+    default, one per CPU given)."""
+    processes = processes if processes is not None else [1, 0]
     repo = optimized / "repository"
     report_json = json.loads((optimized / "report.json").read_text(encoding="utf-8"))
     model, threads = str(report_json["model"]), int(report_json["threads"])
@@ -339,18 +395,28 @@ def run(optimized: Path, out: Path, concurrencies: list[int], gateway_concurrenc
                               "input": "x".join(map(str, shape)), "seconds_per_point": seconds}
     LOG.info("variant vs PyTorch eager")
     report["variant_vs_eager"] = variant_vs_eager(optimized, version_dir, sample, threads)
-    with tempfile.TemporaryDirectory(prefix="bedside-bench-") as work, \
-            Stack(repo, model, Path(work)) as ends:
-        LOG.info("Triton vs in-process")
-        report["triton_vs_inprocess"] = triton_vs_inprocess(
-            ends, version_dir, manifest, sample, threads, concurrencies, seconds)
-        LOG.info("gateway vs direct Triton")
-        report["gateway_vs_triton"] = gateway_vs_triton(ends, manifest, sample,
-                                                        gateway_concurrencies, seconds)
+    with tempfile.TemporaryDirectory(prefix="bedside-bench-") as work:
+        stack = Stack(repo, model, Path(work), start_gateway=False)
+        try:
+            ends = stack.start()
+            LOG.info("Triton vs in-process")
+            report["triton_vs_inprocess"] = triton_vs_inprocess(
+                ends, version_dir, manifest, sample, threads, concurrencies, seconds)
+            report["gateway_vs_triton"] = []
+            for count in processes:
+                stack.gateway_args = ["--processes", str(count)]
+                n = expected_processes(stack.gateway_args)
+                LOG.info("gateway (%d processes) vs direct Triton", n)
+                stack.start_gateway()
+                rows = gateway_vs_triton(ends, manifest, sample, gateway_concurrencies, seconds)
+                report["gateway_vs_triton"] += [{**r, "processes": n} for r in rows]
+                stack.stop_gateway()
+        finally:
+            stack.stop()
     if ingest_n > 0:
         LOG.info("DIMSE ingest vs Orthanc (%d instances per scenario)", ingest_n)
         try:
-            report["ingest_vs_orthanc"] = ingest_vs_orthanc(ingest_n)
+            report["ingest_vs_orthanc"] = ingest_vs_orthanc(ingest_n, processes)
         except Exception as exc:  # the other rows stand; this one says why it is missing
             LOG.exception("DIMSE ingest benchmark failed")
             report["ingest_vs_orthanc"] = f"failed: {exc}"
@@ -381,13 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="per measured point")
     p.add_argument("--ingest-n", type=int, default=200,
                    help="instances per DIMSE ingest scenario (0: skip that row)")
+    p.add_argument("--processes", default="1,0",
+                   help="gateway process counts for the gateway and DIMSE rows, one after the "
+                        "other (0: the gateway's default, one per CPU given)")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     args = p.parse_args(argv)
     if not (args.optimized / "report.json").exists():
         raise SystemExit(f"{args.optimized}/report.json missing: run `bedside demo --out "
                          f"{args.optimized}` (or bedside optimize) first")
     report = run(args.optimized.absolute(), args.out.absolute(), _ints(args.concurrency),
-                 _ints(args.gateway_concurrency), args.seconds, args.ingest_n)
+                 _ints(args.gateway_concurrency), args.seconds, args.ingest_n,
+                 _ints(args.processes))
     print((args.out / "bench.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out / 'bench.json'}")
     return 0 if report else 1

@@ -73,12 +73,43 @@ def local_security_flags() -> list[str]:
 
 
 def gateway_command(repository: Path, model: str, spool: Path, triton_url: str,
-                    ports: Endpoints) -> list[str]:
+                    ports: Endpoints, extra: Sequence[str] = ()) -> list[str]:
     return [str(bedside_executable()), "gateway", "--repository", str(repository),
             "--model", model, "--spool", str(spool), "--http-host", ports.host,
             "--http-port", str(ports.http_port), "--dicom-host", ports.host,
             "--dicom-port", str(ports.dicom_port), "--grpc-port", str(ports.grpc_port),
-            "--triton-url", triton_url, *local_security_flags()]
+            "--triton-url", triton_url, *local_security_flags(), *extra]
+
+
+def expected_processes(args: Sequence[str]) -> int:
+    """The gateway processes a command line starts: ``--processes N``, else (0, the
+    default) one per CPU given to this process, as the gateway counts them."""
+    from services.lifetime import cpus_given
+
+    args, n = list(args), 0
+    for i, arg in enumerate(args):
+        if arg == "--processes":
+            n = int(args[i + 1])
+        elif arg.startswith("--processes="):
+            n = int(arg.split("=", 1)[1])
+    return n or cpus_given()
+
+
+def wait_processes_ready(log: Path, offset: int, processes: int, timeout_s: float,
+                         proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until ``processes`` gateway processes logged "gateway ready" after byte ``offset``:
+    the kernel spreads connections over every listener at once, so a measurement must not
+    start while some process is still loading."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"gateway exited with {proc.returncode}")
+        with log.open("rb") as f:
+            f.seek(offset)
+            if f.read().count(b"gateway ready") >= processes:
+                return
+        time.sleep(0.1)
+    raise ServiceError(f"{processes} gateway processes not ready after {timeout_s:.0f}s")
 
 
 def triton_env() -> Path:
@@ -121,11 +152,13 @@ class GatewayProcess:
                "--http-port", str(self.http_port), "--dicom-port", str(self.dicom_port),
                "--grpc-port", str(self.grpc_port), "--triton-url", triton_url,
                *security, *extra]
+        offset = log.stat().st_size if log.exists() else 0
         with log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         try:
             wait_http_ok(f"{self.url}{ready_path}", timeout_s, self.proc, log)
+            wait_processes_ready(log, offset, expected_processes(extra), timeout_s, self.proc)
         except ServiceError:
             self.kill()
             raise
@@ -154,7 +187,9 @@ class Stack:
     """Triton + gateway on a model repository; ``with Stack(...) as endpoints``."""
 
     def __init__(self, repository: Path, model: str, workdir: Path,
-                 start_gateway: bool = True) -> None:
+                 start_gateway: bool = True, gateway_args: Sequence[str] = ()) -> None:
+        """``gateway_args``: extra ``bedside gateway`` flags (e.g. ``--processes 2``)."""
+        self.gateway_args = list(gateway_args)
         self.repository = repository.absolute()
         self.model = model
         self.workdir = workdir.absolute()
@@ -183,26 +218,33 @@ class Stack:
         shutil.rmtree(spool, ignore_errors=True)
         log = self.workdir / "gateway.log"
         cmd = gateway_command(self.repository, self.model, spool, self.triton.grpc_url,
-                              self.endpoints)
+                              self.endpoints, self.gateway_args)
+        offset = log.stat().st_size if log.exists() else 0
         with log.open("ab") as out:
             self.gateway = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         try:
             wait_http_ok(f"{self.endpoints.http_url}/readyz", 60, self.gateway, log)
+            wait_processes_ready(log, offset, expected_processes(self.gateway_args), 60,
+                                 self.gateway)
         except ServiceError:
             self.stop()
             raise
-        LOG.info("gateway ready on %s", self.endpoints.http_url)
+        LOG.info("gateway ready on %s (%s)", self.endpoints.http_url,
+                 " ".join(self.gateway_args) or "default processes")
 
-    def stop(self) -> None:
+    def stop_gateway(self) -> None:
         proc, self.gateway = self.gateway, None
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        self.stop_gateway()
         if self.triton is not None:
             self.triton.stop()
             self.triton = None

@@ -65,3 +65,26 @@ def test_interleaved_alternates_and_merges_the_slices() -> None:
     assert fast.requests == len(fast.samples_ms) and slow.requests == len(slow.samples_ms)
     assert fast.throughput_per_s > 3 * slow.throughput_per_s
     assert fast.p50_ms < slow.p50_ms
+
+
+def test_report_puts_the_issue_figures_side_by_side_per_process_count() -> None:
+    def gw(n: int, c: int, per_s: float, ratio: float, overhead: float) -> dict[str, object]:
+        return {"processes": n, "concurrency": c, "gateway_per_s": per_s,
+                "throughput_ratio": ratio, "gateway_overhead_p50_ms": overhead,
+                "gateway_p50_ms": 1.0, "triton_p50_ms": 1.0, "triton_per_s": 1.0}
+
+    ingest = {"side": 512, "rows": [
+        {"processes": n, "associations": a, "ratio": r, "gateway_per_s": 1.0,
+         "orthanc_per_s": 1.0, "gateway_ingest_only_per_s": 1.0}
+        for n, a, r in ((1, 1, 0.49), (1, 4, 0.39), (2, 1, 0.8), (2, 4, 1.1))]}
+    report = {
+        "machine": {"cpu": "x", "cpus": 2, "load_average_at_start": 1.0, "python": "3.11"},
+        "model": "m", "input": "1x1x8x8", "threads": 2, "variant_vs_eager": [],
+        "triton_vs_inprocess": [],
+        "gateway_vs_triton": [gw(1, 1, 100.0, 0.2, 4.0), gw(1, 4, 104.0, 0.11, 16.1),
+                              gw(2, 1, 110.0, 0.21, 3.9), gw(2, 4, 190.0, 0.33, 6.5)],
+        "ingest_vs_orthanc": ingest,
+    }
+    md = render(report)
+    assert "| 1 | 1.04 | 0.11 | 4.0 ms | 16.1 ms | 0.49 | 0.39 |" in md
+    assert "| 2 | 1.73 | 0.33 | 3.9 ms | 6.5 ms | 0.80 | 1.10 |" in md
