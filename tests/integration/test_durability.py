@@ -33,11 +33,13 @@ MODEL = TINY_MANIFEST.name
 
 
 class GatewayProcess(SharedGatewayProcess):
-    """``bedside gateway`` as a subprocess, so that it can be killed for real."""
+    """``bedside gateway`` as a subprocess, so that it can be killed for real. One gateway
+    process: the Triton request counts below include one warm-up per process
+    (tests/integration/test_processes.py kills one of several)."""
 
     def __init__(self, repository: Path, spool: Path, triton_url: str, log: Path,
                  *extra: str) -> None:
-        super().__init__(repository, MODEL, spool, triton_url, log, *extra)
+        super().__init__(repository, MODEL, spool, triton_url, log, "--processes", "1", *extra)
 
     def study(self, study_uid: str) -> tuple[int, Any]:
         r = httpx.get(f"{self.url}/v1/studies/{study_uid}/results", timeout=10)

@@ -27,12 +27,13 @@ pytestmark = pytest.mark.integration
 
 
 class Gateway(GatewayProcess):
-    """``bedside gateway --group-level series`` as a subprocess that can be killed for real."""
+    """``bedside gateway --group-level series`` as a subprocess that can be killed for real;
+    one gateway process (the Triton request count includes one warm-up per process)."""
 
     def __init__(self, repository: Path, spool: Path, triton_url: str, log: Path,
                  timeout_s: float) -> None:
         super().__init__(repository, MODEL, spool, triton_url, log, "--group-level", "series",
-                         "--group-timeout", str(timeout_s))
+                         "--group-timeout", str(timeout_s), "--processes", "1")
 
 
 def test_open_series_group_survives_sigkill_and_is_inferred_once_on_real_triton(
