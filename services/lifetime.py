@@ -22,6 +22,9 @@ from pathlib import Path
 LOG = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _CGROUP = Path("/sys/fs/cgroup")
+# Resolved once, in the parent: a ``preexec_fn`` runs between fork and exec, where looking a
+# symbol up (dlopen's locks, held by some other thread at the fork) could hang.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> None:
