@@ -26,7 +26,12 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 
-from loadtests.stack import GatewayProcess, bedside_executable, wait_http_ok
+from loadtests.stack import (
+    GatewayProcess,
+    bedside_executable,
+    wait_http_ok,
+    wait_processes_ready,
+)
 from services.gateway.phi import uid_hash
 from services.gateway.security.auth import hash_key, new_key
 from services.gateway.store.jobs import JobTable
@@ -258,14 +263,10 @@ def _pids(log: Path) -> dict[str, int]:
         r"(gateway-\d+) started \(pid (\d+)\)", log.read_text())}
 
 
-def test_pod_with_triton_kill_one_process_mid_study_then_the_supervisor(
-        optimized: Path, tmp_path: Path) -> None:
-    """``bedside serve --processes 2`` at study level: a study sent over several associations
-    reaches both processes and forms one group; one process killed with SIGKILL mid-stream is
-    restarted, and every acknowledged instance ends with exactly one result; then SIGKILL of
-    ``bedside serve`` leaves neither gateway processes nor tritonserver behind."""
-    http, dicom, triton_grpc = free_port(), free_port(), free_port()
-    spool, log = tmp_path / "spool", tmp_path / "serve.log"
+def _serve(optimized: Path, spool: Path, log: Path, http: int, dicom: int,
+           triton_grpc: int) -> subprocess.Popen[bytes]:
+    """``bedside serve --processes 2`` at study level (2 s timeout, 2 s leases), ready."""
+    offset = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [str(bedside_executable()), "serve", "--repository", str(optimized / "repository"),
@@ -275,9 +276,42 @@ def test_pod_with_triton_kill_one_process_mid_study_then_the_supervisor(
              "--min-free-bytes", "0", "--group-level", "study", "--group-timeout", "2",
              "--job-lease", "2"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_http_ok(f"http://127.0.0.1:{http}/readyz", 120, proc, log)
+    wait_processes_ready(log, offset, 2, 60, proc)
+    return proc
+
+
+def _stream_and_kill(log: Path, spool: Path, dicom: int, files: dict[str, str], study: str,
+                     kill: Callable[[str], None]) -> list[str]:
+    """Send the files over two associations; once 10 are acknowledged, ``kill(process name)``
+    with the name of a process the stream reaches; the files acknowledged."""
+    seen = len(_audit(log))
+    senders = [_storescu(dicom, list(files)[k::2]) for k in range(2)]
+    _wait(lambda: sum(r[1] == uid_hash(study) for r in _rows(spool)) >= 10, 60,
+          "some of the study acknowledged")
+    kill(next(p for p, r in _audit(log)[seen:] if r.get("action") == "store"))
+    acked = [f for p in senders for f in _acknowledged(p.communicate(timeout=120)[0])]
+    assert 10 <= len(acked) < len(files), f"not killed mid-stream: {len(acked)} acked"
+    return acked
+
+
+def _finished(spool: Path) -> bool:
+    rows = _rows(spool)
+    return bool(rows) and not any(r[3] == "received" for r in rows)
+
+
+def test_pod_with_triton_one_process_then_every_process_killed_mid_stream(
+        optimized: Path, tmp_path: Path) -> None:
+    """``bedside serve --processes 2`` at study level, real Triton, dcmtk storescu: a study
+    sent over several associations reaches both processes and is one group; one process killed
+    with SIGKILL mid-stream is restarted; then the whole pod (supervisor and every gateway
+    process) is killed with SIGKILL mid-stream, which leaves no tritonserver behind, and a new
+    pod on the same spool finishes the work: every acknowledged instance has exactly one
+    result; the new pod drains on SIGTERM."""
+    http, dicom, triton_grpc = free_port(), free_port(), free_port()
+    spool, log = tmp_path / "spool", tmp_path / "serve.log"
+    proc = _serve(optimized, spool, log, http, dicom, triton_grpc)
     try:
-        wait_http_ok(f"http://127.0.0.1:{http}/readyz", 120, proc, log)
-        _wait(lambda: log.read_text().count("gateway ready") == 2, 60, "two processes")
         # 1. one study over associations of its own, two at a time, until both processes
         #    stored some of it (the kernel picks the process of each new connection)
         study_s, files_s = _write_study(tmp_path / "s", 48, seed=500)
@@ -291,44 +325,46 @@ def test_pod_with_triton_kill_one_process_mid_study_then_the_supervisor(
                 acked_s += _acknowledged(p.communicate(timeout=60)[0])
             sent += [f for c in pair for f in c]
             storers = {p for p, r in _audit(log) if r.get("action") == "store"}
+        assert storers == {"gateway-0", "gateway-1"}, "the study reached one process only"
         assert sorted(acked_s) == sorted(sent)
-        # 2. a second study streams over two associations; one process is killed mid-way
+        # 2. a second study streams; one process it reaches is killed with SIGKILL
         study_t, files_t = _write_study(tmp_path / "t", 120, seed=700)
-        seen = len(_audit(log))
-        senders = [_storescu(dicom, list(files_t)[k::2]) for k in range(2)]
-        _wait(lambda: sum(r[1] == uid_hash(study_t) for r in _rows(spool)) >= 10, 60,
-              "some of the second study acknowledged")
-        victim = next(p for p, r in _audit(log)[seen:] if r.get("action") == "store")
-        os.kill(_pids(log)[victim], signal.SIGKILL)  # a process this stream is reaching
-        acked_t = [f for p in senders for f in _acknowledged(p.communicate(timeout=120)[0])]
+        acked_t = _stream_and_kill(log, spool, dicom, files_t, study_t,
+                                   lambda name: os.kill(_pids(log)[name], signal.SIGKILL))
         _wait(lambda: log.read_text().count(" started (pid ") >= 3, 30, "the restart")
-        _wait(lambda: _rows(spool) and not any(r[3] == "received" for r in _rows(spool)), 120,
-              "every acknowledged instance to finish")
-        # 3. SIGKILL of bedside serve: nothing is left behind
+        _wait(lambda: _finished(spool), 120, "every acknowledged instance to finish")
+        # 3. a third study streams; the whole pod is killed with SIGKILL (tritonserver, in a
+        #    session of its own, must go with it)
         tritons = [int(p) for p in subprocess.run(
             ["pgrep", "-f", "--", f"--grpc-port={triton_grpc}"], capture_output=True, text=True,
             check=False).stdout.split()]
         assert tritons, "no tritonserver found"
         stubs = [c for t in tritons for c in _children(t)]  # its python backend stubs
-        gateways = [p for p in _children(proc.pid) if p not in tritons]
-        os.kill(proc.pid, signal.SIGKILL)
+        study_u, files_u = _write_study(tmp_path / "u", 120, seed=900)
+        acked_u = _stream_and_kill(log, spool, dicom, files_u, study_u,
+                                   lambda name: os.killpg(proc.pid, signal.SIGKILL))
         proc.wait(timeout=10)
-        _wait(lambda: not any(_alive(p) for p in [*tritons, *stubs, *gateways]), 30,
-              "tritonserver and the gateway processes to exit")
+        _wait(lambda: not any(_alive(p) for p in [*tritons, *stubs]), 30,
+              "tritonserver to exit with the pod")
         _wait(lambda: _port_free(triton_grpc) and _port_free(http) and _port_free(dicom), 10,
               "the ports")
+        assert any(r[3] == "received" for r in _rows(spool))  # work was left unfinished
+        # 4. a new pod on the same spool finishes it; SIGTERM drains it
+        proc = _serve(optimized, spool, log, http, dicom, triton_grpc)
+        _wait(lambda: _finished(spool), 120, "the new pod to finish the work")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert _port_free(triton_grpc) and _port_free(http) and _port_free(dicom)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
-    assert storers == {"gateway-0", "gateway-1"}, "the first study reached one process only"
-    assert 10 <= len(acked_t) < len(files_t), f"not killed mid-stream: {len(acked_t)} acked"
     rows = _rows(spool)
     sops = [r[2] for r in rows]
     assert len(sops) == len(set(sops))  # one row per instance
     by_sop = {r[2]: r for r in rows}
-    for files, acked in ((files_s, acked_s), (files_t, acked_t)):
+    for files, acked in ((files_s, acked_s), (files_t, acked_t), (files_u, acked_u)):
         for path in acked:  # every acknowledged instance: inferred, with its own one result
             row = by_sop[uid_hash(files[path])]
             assert row[3] == "inferred", row
@@ -339,6 +375,7 @@ def test_pod_with_triton_kill_one_process_mid_study_then_the_supervisor(
     assert len({r[4] for r in rows if r[1] == uid_hash(study_s)}) == 1
     stored = list((spool / "results").rglob("*.json"))
     assert len(stored) == len(rows)  # one result file per job, none twice
+    assert not list((spool / "incoming").glob("*.dcm"))
     text = log.read_text(errors="replace")
-    assert not any(uid in text for uid in [study_s, study_t, *files_s.values(),
-                                           *files_t.values()])  # no raw UIDs in the logs
+    assert not any(uid in text for uid in [study_s, study_t, study_u, *files_s.values(),
+                                           *files_t.values(), *files_u.values()])
