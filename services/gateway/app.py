@@ -155,7 +155,8 @@ class Gateway:
             raise ConfigError(str(exc)) from None
         LOG.info("job table: %s", config.job_table.redacted())
         self.worker = SpoolWorker(
-            self.core, self.spool, self.results, self.metrics, config.triton_retry_backoff_s,
+            self.core, self.spool, self.results, self.metrics.for_lane(config.model_name),
+            config.triton_retry_backoff_s,
             jobs=jobs, sink=self.delivery, retention_s=config.job_retention_s,
             lease_s=config.job_lease_s,
             policy=GroupingPolicy.resolve(self.manifest, config.group_level,
@@ -276,7 +277,10 @@ class Gateway:
             self.metrics.accuracy_budget.labels(name, "min_agreement").set(budget.min_agreement)
             self.metrics.accuracy_budget.labels(name, "max_dice_drop").set(budget.max_dice_drop)
         for labels in self._version_labels.pop(name, []):
-            self.metrics.model_version.remove(*labels)
+            # a pod's multiprocess files keep a removed series: it reads 0 there, not 1
+            self.metrics.model_version.labels(*labels).set(0)
+            if not self.metrics.multiprocess:
+                self.metrics.model_version.remove(*labels)
         current = [(name, role, str(v)) for role, v in
                    (("primary", plan.primary), ("shadow", plan.shadow),
                     ("canary", plan.canary)) if v is not None]
@@ -302,7 +306,7 @@ class Gateway:
             jobs = JobTable(root, self.config.job_table.for_model(manifest.name))
         except JobDbError as exc:
             raise ConfigError(str(exc)) from None
-        worker = SpoolWorker(core, spool, results, self.metrics,
+        worker = SpoolWorker(core, spool, results, self.metrics.for_lane(manifest.name),
                              self.config.triton_retry_backoff_s, jobs=jobs, sink=self.delivery,
                              retention_s=self.config.job_retention_s,
                              lease_s=self.config.job_lease_s,

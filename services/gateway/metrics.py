@@ -13,6 +13,7 @@ Triton breaker's is the answering process's own breaker (every process calls the
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -63,6 +64,30 @@ class FunctionGauge(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+
+class _LaneSum:
+    """One gauge several models' workers each set to their own figure (spool depth, open
+    groups): it holds the sum over the models, so that it is right in multiprocess mode too,
+    where a gauge is the value last set (``set_function`` is not read there)."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self._gauge = gauge
+        self._parts: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def set_part(self, lane: str, value: float) -> None:
+        with self._lock:
+            self._parts[lane] = value
+            self._gauge.set(sum(self._parts.values()))
+
+
+class _LanePart:
+    def __init__(self, total: _LaneSum, lane: str) -> None:
+        self._total, self._lane = total, lane
+
+    def set(self, value: float) -> None:
+        self._total.set_part(self._lane, value)
 
 
 class GatewayMetrics:
@@ -138,37 +163,48 @@ class GatewayMetrics:
         self.version_decisions = Counter(
             "bedside_gateway_version_decisions", "Shadow-versus-primary decisions per label "
             "(agree true or false), classification models", [*version_labels, "agree"],
-            registry=self.registry,
+            registry=registry,
         )
         self.version_score_error = Histogram(
             "bedside_gateway_version_score_error", "Absolute score difference between the "
             "shadow and the primary version per label, classification models", version_labels,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
-            registry=self.registry,
+            registry=registry,
         )
         self.version_dice = Histogram(
             "bedside_gateway_version_dice", "Dice between the shadow's and the primary's masks "
             "per class, segmentation models", version_labels,
-            buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 1.0), registry=self.registry,
+            buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 1.0), registry=registry,
         )
         self.shadow_failures = Counter(
             "bedside_gateway_shadow_failures", "Shadow inferences that failed (never affecting "
             "the primary's answer), by reason", ["model", "candidate", "reason"],
-            registry=self.registry,
+            registry=registry,
         )
         self.accuracy_budget = Gauge(
             "bedside_gateway_model_accuracy_budget", "The manifest's accuracy budget, for the "
             "agreement alerts: kind min_agreement or max_dice_drop", ["model", "kind"],
-            registry=self.registry,
+            registry=registry, multiprocess_mode="livemax",
         )
         self.model_version = Gauge(
             "bedside_gateway_model_version", "1 for each version in use, by role (primary, "
-            "shadow, canary)", ["model", "role", "version"], registry=self.registry,
+            "shadow, canary)", ["model", "role", "version"], registry=registry,
+            multiprocess_mode="livemax",
         )
         self.canary_share = Gauge(
             "bedside_gateway_canary_share", "Share of studies the canary version answers",
-            ["model"], registry=self.registry,
+            ["model"], registry=registry, multiprocess_mode="livemax",
         )
+        self._lane_sums: dict[str, _LaneSum] = {}
+
+    def for_lane(self, lane: str) -> GatewayMetrics:
+        """These metrics, as one model's worker sees them: its ``spool_depth`` and
+        ``groups_open`` are its part of the gauges' sum over the served models."""
+        view = copy.copy(self)
+        for name in ("spool_depth", "groups_open"):
+            total = self._lane_sums.setdefault(name, _LaneSum(getattr(self, name)))
+            setattr(view, name, _LanePart(total, lane))
+        return view
 
     def observe(self, model: str, protocol: str, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
