@@ -35,9 +35,15 @@ from services.gateway.inference.triton import (
     TritonInferer,
     load_versions,
 )
-from services.gateway.inference.versions import VersionedCore, VersionPlan
+from services.gateway.inference.versions import VersionedCore, VersionPlan, plan_from
 from services.gateway.intake.ingest import Ingestor
-from services.gateway.intake.models import ModelLane, ModelVersions, ShadowRecorder, lane_root
+from services.gateway.intake.models import (
+    ModelLane,
+    ModelVersions,
+    ShadowRecorder,
+    VersionFollower,
+    lane_root,
+)
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.phi import quiet_identifier_quoting_loggers
 from services.gateway.processing.grouping import GroupingPolicy
@@ -134,6 +140,7 @@ class Gateway:
         if inferer is not None:
             self._injected[self.manifest.name] = inferer
         self.recorders: dict[str, ShadowRecorder] = {}
+        self._manifest_versions: dict[str, int] = {}  # each model's manifest version
         self._version_labels: dict[str, list[tuple[str, str, str]]] = {}
         self.core = self._versioned(self.manifest)
         self.inferer = cast(ServingInferer, self.core.inferer)
@@ -176,7 +183,11 @@ class Gateway:
         self.model_versions = ModelVersions(
             self.lanes, self.version_store, self._make_core,
             None if self._injected else partial(load_versions, config.triton_grpc_url),
-            self._version_changed, self.recorders)
+            self._version_changed, self.recorders, plan_for=self._plan_for,
+            on_follow=self._version_followed)
+        # a promotion or rollback made by another process of the pod or another replica
+        self._follower = (VersionFollower(self.model_versions, self.version_store)
+                          if self.model_versions.versioned else None)
         self.guard = Guard(
             KeyStore(config.api_keys) if config.api_keys is not None else None, self.audit,
             RateLimiter(config.rate_limit_per_s, config.rate_limit_burst, shared=pod),
@@ -249,13 +260,8 @@ class Gateway:
         """A model's versions as one core, with its plan (saved primary, settings) and the
         recorder of its shadow's results (``<lane>/shadow/``)."""
         name = manifest.name
-        saved = self._saved_versions.get(name, {})
-        primary = saved.get("primary") or manifest.version
-        shadow, canary, share = self._version_settings.get(name, (None, None, 0.0))
-        plan = VersionPlan(primary=primary, previous=saved.get("previous"),
-                           shadow=None if shadow == primary else shadow,
-                           canary=None if canary == primary else canary,
-                           share=0.0 if canary == primary else share)
+        self._manifest_versions[name] = manifest.version
+        plan = self._plan_for(name, self._saved_versions.get(name, {}), manifest.version)
         root = lane_root(self.config.spool_dir, name, default=name == self.config.model_name)
         recorder = ShadowRecorder(manifest, ResultStore(root / "shadow"), self.metrics)
         self.recorders[name] = recorder
@@ -288,6 +294,16 @@ class Gateway:
             self.metrics.model_version.labels(*labels).set(1)
         self._version_labels[name] = current
         self.metrics.canary_share.labels(name).set(plan.share if plan.canary else 0.0)
+
+    def _plan_for(self, name: str, saved: Mapping[str, int | None],
+                  manifest_version: int | None = None) -> VersionPlan:
+        if manifest_version is None:
+            manifest_version = self._manifest_versions[name]
+        shadow, canary, share = self._version_settings.get(name, (None, None, 0.0))
+        return plan_from(saved, manifest_version, shadow, canary, share)
+
+    def _version_followed(self, name: str, old: VersionPlan, new: VersionPlan) -> None:
+        self._export_versions(name, new)
 
     def _version_changed(self, name: str, action: str, old: VersionPlan,
                          new: VersionPlan) -> None:
@@ -375,6 +391,8 @@ class Gateway:
             self.delivery.start()
         for lane in self.lanes:
             lane.worker.start()
+        if self._follower is not None:
+            self._follower.start()
         self.dimse.start()
         if self.grpc is not None:
             try:
@@ -400,6 +418,8 @@ class Gateway:
         self._http.should_exit = True
         if self._http_thread.is_alive():
             self._http_thread.join(timeout=10)
+        if self._follower is not None:
+            self._follower.stop()
         for lane in self.lanes:
             lane.worker.stop()
         if self.delivery is not None:  # after the workers (no accept in flight), before jobs

@@ -196,6 +196,32 @@ def test_a_promotion_survives_a_restart(tmp_path: Path, fakes: dict[str, FakeInf
         again.stop()
 
 
+def test_a_promotion_reaches_the_other_gateway_process_on_the_spool_with_fake_tritons(
+        tmp_path: Path, fakes: dict[str, FakeInferer]) -> None:
+    """Two gateways on one spool (two processes of a pod, or two replicas): a promotion and
+    a rollback through one are followed by the other without a restart, audited once."""
+    one = Gateway(_config(tmp_path, shadow_versions=(f"{MODEL}=2",)), inferers=fakes)
+    other = Gateway(_config(tmp_path, shadow_versions=(f"{MODEL}=2",)), inferers=fakes)
+    one.start()
+    other.start()
+    try:
+        assert httpx.post(f"{base_url(one)}/v1/models/{MODEL}/promote").status_code == 200
+        assert wait_for(lambda: other.core.plan == VersionPlan(primary=2, previous=1))
+        assert {d["model_version"] for d in _submit(other, [make_instance(71)])} == {2}
+        metrics = httpx.get(f"{base_url(other)}/metrics").text
+        assert (f'bedside_gateway_model_version{{model="{MODEL}",role="primary",version="2"}}'
+                f' 1.0') in metrics
+        assert httpx.post(f"{base_url(one)}/v1/models/{MODEL}/rollback").status_code == 200
+        assert wait_for(lambda: other.core.plan == VersionPlan(primary=1, shadow=2))
+    finally:
+        other.stop()
+        one.stop()
+    records = [json.loads(line) for line in
+               (one.config.audit_log or Path()).read_text().splitlines()]
+    assert [(r["action"], r["to_version"]) for r in records
+            if r["event"] == "model_version"] == [("promote", 2), ("rollback", 1)]
+
+
 def test_canary_answers_its_share_of_studies_with_fake_tritons(
     tmp_path: Path, fakes: dict[str, FakeInferer],
 ) -> None:

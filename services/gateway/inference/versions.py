@@ -90,6 +90,20 @@ class VersionPlan:
         return dataclasses.asdict(self)
 
 
+def plan_from(saved: Mapping[str, int | None], manifest_version: int, shadow: int | None,
+              canary: int | None, share: float) -> VersionPlan:
+    """The plan a saved primary/previous (``store/versions.py``; empty: the manifest's
+    version) and the shadow/canary settings give: what a gateway starts with, and what every
+    other process or replica follows after one of them promoted or rolled back (the same plan
+    the one that changed it holds: a promoted or restored version stops being shadow or
+    canary)."""
+    primary = saved.get("primary") or manifest_version
+    return VersionPlan(primary=primary, previous=saved.get("previous"),
+                       shadow=None if shadow == primary else shadow,
+                       canary=None if canary == primary else canary,
+                       share=0.0 if canary == primary else share)
+
+
 def canary_bucket(study_uid: str) -> float:
     """A study's place in [0, 1): the first 64 bits of SHA-256 of its UID. The canary takes
     the studies below its share, so the split is sticky per study and stable across

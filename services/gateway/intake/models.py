@@ -123,6 +123,8 @@ class ShadowRecorder:
 MakeCore = Callable[[Manifest, int], InferenceCore]
 LoadVersions = Callable[[str, Sequence[int]], None]
 OnChange = Callable[[str, str, VersionPlan, VersionPlan], None]
+PlanFor = Callable[[str, Mapping[str, int | None]], VersionPlan]
+OnFollow = Callable[[str, VersionPlan, VersionPlan], None]
 
 
 class ModelVersions:
@@ -136,14 +138,53 @@ class ModelVersions:
 
     def __init__(self, lanes: Sequence[ModelLane], store: VersionStore, make_core: MakeCore,
                  load: LoadVersions | None, on_change: OnChange,
-                 recorders: Mapping[str, ShadowRecorder]) -> None:
+                 recorders: Mapping[str, ShadowRecorder],
+                 plan_for: PlanFor | None = None, on_follow: OnFollow | None = None) -> None:
+        """``plan_for`` (a model's name and its saved entry -> its plan) lets ``follow`` apply
+        a change another gateway process or replica saved; ``on_follow`` is told of each."""
         self._lanes = {lane.name: lane for lane in lanes}
         self._store = store
         self._make_core = make_core
         self._load = load
         self._on_change = on_change
         self._recorders = dict(recorders)
+        self._plan_for = plan_for
+        self._on_follow = on_follow
         self._lock = threading.Lock()
+
+    @property
+    def versioned(self) -> bool:
+        """Whether any served model runs under version control."""
+        return any(isinstance(lane.core, VersionedCore) for lane in self._lanes.values())
+
+    def follow(self) -> list[str]:
+        """Apply the primaries saved by whichever process or replica promoted or rolled back
+        (the saved file is the one truth; Triton already loaded what they need): the models
+        whose plan changed here. Nothing is audited: the process that made the change did."""
+        if self._plan_for is None:
+            return []
+        changed = []
+        with self._lock:
+            saved = self._store.load()
+            for name, lane in self._lanes.items():
+                core = lane.core
+                if not isinstance(core, VersionedCore):
+                    continue
+                new = self._plan_for(name, saved.get(name, {}))
+                old = core.plan
+                if new == old:
+                    continue
+                base = core.cores[old.primary].manifest
+                for version in new.versions:
+                    if version not in core.cores:
+                        core.add_core(version, self._make_core(base, version))
+                core.set_plan(new)
+                LOG.info("model %s: following a saved change, primary version %d -> %d", name,
+                         old.primary, new.primary)
+                if self._on_follow is not None:
+                    self._on_follow(name, old, new)
+                changed.append(name)
+        return changed
 
     def _core(self, name: str) -> VersionedCore:
         lane = self._lanes.get(name)
@@ -199,3 +240,42 @@ class ModelVersions:
                      new.primary)
             self._on_change(name, action, old, new)
             return new
+
+
+class VersionFollower:
+    """Checks the saved primaries every ``period_s`` and applies a change that another
+    gateway process of the pod, or another replica on the shared spool, made
+    (``ModelVersions.follow``). Cheap when nothing changed: one stat of the file."""
+
+    def __init__(self, versions: ModelVersions, store: VersionStore,
+                 period_s: float = 1.0) -> None:
+        self._versions = versions
+        self._store = store
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self._seen = store.stamp()
+        self._thread = threading.Thread(target=self._run, name="version-follower",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def check(self) -> list[str]:
+        """One look at the saved file: the models whose plan changed."""
+        stamp = self._store.stamp()
+        if stamp == self._seen:
+            return []
+        self._seen = stamp
+        return self._versions.follow()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            try:
+                self.check()
+            except Exception:  # a bad file must not stop following: logged, tried again
+                LOG.exception("following saved model versions failed")

@@ -45,6 +45,14 @@ class VersionStore:
                                   "previous": previous if isinstance(previous, int) else None}
         return out
 
+    def stamp(self) -> tuple[int, int] | None:
+        """Changes when the file is rewritten (mtime and inode: each save is a rename)."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
     def save(self, model: str, primary: int, previous: int | None) -> None:
         """Durable before it returns."""
         with self._lock:
