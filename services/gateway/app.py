@@ -17,7 +17,7 @@ import uvicorn
 
 from optimizer.contract.manifest import Manifest
 from services.errors import ConfigError, ServiceError
-from services.gateway.config import GatewayConfig
+from services.gateway.config import POSTGRESQL, GatewayConfig
 from services.gateway.delivery.routing import load_routes
 from services.gateway.delivery.service import DeliveryService
 from services.gateway.dicom.parsing import read_leniently
@@ -60,6 +60,7 @@ from services.gateway.security.guard import (
 from services.gateway.security.podstate import PodState
 from services.gateway.security.ratelimit import ConcurrencyCap, RateLimiter
 from services.gateway.security.tls import CertFiles, ReloadingGrpcCredentials, ReloadingSSLContext
+from services.gateway.store.durable import SHARED_VOLUME, WAL
 from services.gateway.store.jobdb import JobDbError
 from services.gateway.store.jobs import STATES as JOB_STATES
 from services.gateway.store.jobs import JobTable
@@ -154,7 +155,10 @@ class Gateway:
         self.delivery = (DeliveryService(routes, config.spool_dir, self.manifest, self.metrics,
                                          mark_delivered=self._mark_delivered,
                                          manifests={self.manifest.name: self.manifest,
-                                                    **others})
+                                                    **others},
+                                         journal=(SHARED_VOLUME
+                                                  if config.job_table.dialect == POSTGRESQL
+                                                  else WAL))
                          if routes is not None else None)
         try:
             jobs = JobTable(config.spool_dir, config.job_table)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from services.gateway.delivery.service import DeliveryService
 from services.gateway.errors import DeliveryFailed, DeliveryRejected
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.security.deid import Deidentifier, UidMap
+from services.gateway.store.durable import SHARED_VOLUME, WAL
 from tests.gateway.groups import (
     CLASSIFIER,
     PHI,
@@ -477,3 +479,23 @@ def test_a_claim_of_a_killed_process_of_this_host_is_released_at_start(tmp_path:
     assert Outbox(tmp_path).claim("pacs", time.time()) is not None  # due again at once
     still = Outbox(tmp_path)  # a claim of a live process (this one) is kept
     assert still.claim("pacs", time.time()) is None
+
+
+@pytest.mark.parametrize("journal", [WAL, SHARED_VOLUME])
+def test_outbox_and_reverse_map_journal_follow_the_spool_sharing(tmp_path: Path,
+                                                                   journal: str) -> None:
+    """Replicas on several hosts share the spool: the outbox and the reverse UID map then use
+    SQLite's rollback journal (WAL's shared memory exists only within one host)."""
+    service = DeliveryService(routes(), tmp_path, CLASSIFIER, GatewayMetrics(),
+                              senders={"pacs": RecordingSender("pacs"),
+                                       "research": RecordingSender("research")},
+                              journal=journal)
+    try:
+        for path in (tmp_path / Outbox.FILE, tmp_path / "deid_uids.sqlite3"):
+            db = sqlite3.connect(path)
+            try:
+                assert db.execute("PRAGMA journal_mode").fetchone()[0] == journal
+            finally:
+                db.close()
+    finally:
+        service.outbox.close()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.gateway.store.durable import DurableDb
+from services.gateway.store.durable import WAL, DurableDb
 
 LOG = logging.getLogger(__name__)
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
@@ -97,11 +97,13 @@ class Outbox(DurableDb):
     FILE = "outbox.sqlite3"
     FOLDER = "outbox"
 
-    def __init__(self, spool_root: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, spool_root: Path, clock: Callable[[], float] = time.time,
+                 journal: str = WAL) -> None:
+        """``journal``: SHARED_VOLUME when replicas on several hosts share the spool."""
         self.folder = spool_root / self.FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
         self._clock = clock
-        super().__init__(spool_root / self.FILE, "outbox")
+        super().__init__(spool_root / self.FILE, "outbox", journal)
         self._db.executescript(_SCHEMA)
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)").fetchall()}
         if "claimed_by" not in cols:  # the claim's holder (host-pid), added for shared outboxes

@@ -74,7 +74,7 @@ from services.gateway.errors import (
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.processing.grouping import CompletedGroup
 from services.gateway.security.deid import AmbiguousReturn, Deidentifier, DeidOptions, UidMap
-from services.gateway.store.durable import fsync_dir
+from services.gateway.store.durable import WAL, fsync_dir
 from services.gateway.store.spool import write_durably
 
 LOG = logging.getLogger(__name__)
@@ -97,12 +97,15 @@ class DeliveryService:
                  senders: Mapping[str, Sender] | None = None,
                  device: ResultDevice = DEFAULT_DEVICE,
                  clock: Callable[[], float] = time.time, poll_s: float = 1.0,
-                 manifests: Mapping[str, Manifest] | None = None) -> None:
+                 manifests: Mapping[str, Manifest] | None = None,
+                 journal: str = WAL) -> None:
         """``senders`` replaces the real clients per destination name (tests). ``manifest``
         is the default model's; ``manifests`` every served model's by name (a group names its
-        model; its results are built and routed by that model's manifest)."""
+        model; its results are built and routed by that model's manifest). ``journal``:
+        SHARED_VOLUME when replicas on several hosts share the spool (the outbox and the
+        reverse UID map are SQLite files on it)."""
         self.routes = routes
-        self.outbox = Outbox(spool_root, clock)
+        self.outbox = Outbox(spool_root, clock, journal)
         self._manifest = manifest
         self._manifests = dict(manifests or {manifest.name: manifest})
         self._metrics = metrics
@@ -114,7 +117,8 @@ class DeliveryService:
         self._senders: dict[str, Sender] = {
             name: given[name] if name in given else make_sender(dest)
             for name, dest in routes.destinations.items()}
-        self._uids = (UidMap(spool_root / "deid_uids.sqlite3", routes.deid_secret, clock)
+        self._uids = (UidMap(spool_root / "deid_uids.sqlite3", routes.deid_secret, clock,
+                             journal)
                       if routes.deid_secret is not None else None)
         self._pruned_at = 0.0
         self._prune_lock = threading.Lock()

@@ -195,7 +195,9 @@ class UidMap:
     Thread-safe: one connection, one lock, one transaction per ``record`` or ``prune``."""
 
     def __init__(self, path: Path, secret: bytes,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, journal: str = "wal") -> None:
+        """``journal``: "wal", or "delete" when replicas on several hosts share the spool
+        (store/durable.py SHARED_VOLUME)."""
         if len(secret) < 16:
             raise ValueError("the de-identification secret must be at least 16 bytes")
         self._secret = secret
@@ -205,7 +207,9 @@ class UidMap:
                                    timeout=30.0)
         if new:
             os.chmod(path, 0o600)  # the reverse map identifies studies
-        self._db.execute("PRAGMA journal_mode=WAL")
+        mode = self._db.execute(f"PRAGMA journal_mode={journal.upper()}").fetchone()[0]
+        if str(mode).lower() != journal:
+            raise OSError(f"reverse UID map: journal mode {journal} refused ({mode})")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed mapping survives power loss
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(uid_map)")}

@@ -39,20 +39,32 @@ def remove_stale_temporaries(paths: Iterable[Path], min_age_s: float = STALE_TMP
             continue
 
 
+# SQLite's journal for a database several hosts open (the outbox and the reverse UID map on
+# the ReadWriteMany spool that gateway replicas share): WAL keeps its index in shared memory,
+# which exists only within one host, so across hosts SQLite needs its rollback journal and the
+# network filesystem's POSIX locks. WAL (the default) for a spool only one pod uses.
+WAL, SHARED_VOLUME = "wal", "delete"
+
+
+def open_journal(db: sqlite3.Connection, journal: str, what: str, path: Path) -> None:
+    """``journal`` (WAL or SHARED_VOLUME) with ``synchronous=FULL``, or OSError."""
+    mode = db.execute(f"PRAGMA journal_mode={journal.upper()}").fetchone()[0]
+    if str(mode).lower() != journal:
+        raise OSError(f"{what} {path}: journal mode {journal} refused ({mode})")
+    db.execute("PRAGMA synchronous=FULL")
+
+
 class DurableDb:
     """One connection shared by threads. In WAL mode a process crash loses no commit; FULL also
-    fsyncs the WAL at every commit, so a committed row survives a power loss as surely as an
-    fsynced file does."""
+    fsyncs the WAL (or the rollback journal and the database, ``SHARED_VOLUME``) at every
+    commit, so a committed row survives a power loss as surely as an fsynced file does."""
 
-    def __init__(self, path: Path, what: str) -> None:
+    def __init__(self, path: Path, what: str, journal: str = WAL) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=30.0)
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise OSError(f"{what} {path}: WAL mode refused ({mode})")
-        self._db.execute("PRAGMA synchronous=FULL")
+        open_journal(self._db, journal, what, path)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
