@@ -264,6 +264,41 @@ def test_references_to_two_patients_studies_are_refused_one_patients_are_not(uid
     assert back.SourceImageSequence[1].ReferencedSOPInstanceUID == prior_source.SOPInstanceUID
 
 
+def _referencing(result: Dataset, *about: Dataset) -> Dataset:
+    refs = []
+    for ds in about:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        refs.append(item)
+    result.SourceImageSequence = Sequence(refs)
+    return result
+
+
+def test_object_in_one_patients_study_referencing_another_patients_is_refused(
+        uids: UidMap) -> None:
+    """Its own study maps to patient X, but it references patient Y's de-identified
+    instances: re-identified, Y's real UIDs would be filed into X's record."""
+    deid = Deidentifier(uids)
+    x_source = study_with_phi(1, seed=54)[0]
+    x = deid.deidentify(x_source)
+    y_source = study_with_phi(1, seed=55)[0]
+    y_source.PatientID = "OTHER-PATIENT"
+    y = deid.deidentify(y_source)
+    with pytest.raises(AmbiguousReturn):
+        deid.reidentify_returning(_referencing(reader_sr(x), y))
+    with pytest.raises(AmbiguousReturn):
+        deid.reidentify_returning(_referencing(reader_sr(x), x, y))
+    # the same patient's prior study is a comparison: accepted, filed into X's own study
+    prior_source = study_with_phi(1, seed=56)[0]
+    prior = deid.deidentify(prior_source)
+    back = deid.reidentify_returning(_referencing(reader_sr(x), prior))
+    assert back is not None
+    assert back.StudyInstanceUID == x_source.StudyInstanceUID
+    assert back.PatientID == x_source.PatientID
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == prior_source.SOPInstanceUID
+
+
 def test_map_survives_a_restart_and_holds_only_the_identity_attributes(tmp_path: Path) -> None:
     path = tmp_path / "deid_uids.sqlite3"
     first = UidMap(path, SECRET)

@@ -372,12 +372,15 @@ class Deidentifier:
         it: its own Study Instance UID's original, else the original study of the replacement
         UIDs it references (the first referenced, when they span several studies of one
         patient, e.g. a comparison with a prior). None: not about anything de-identified here
-        (or about a study past the map's retention). Raises ``AmbiguousReturn`` when its
-        references span studies of several patients and its own study is none of them."""
-        own = self._uids.original(str(ds.get("StudyInstanceUID", "") or ""))
-        if own is not None and self._uids.identity(own) is not None:
-            return own
+        (or about a study past the map's retention). Raises ``AmbiguousReturn`` when its own
+        study and the studies it references are not all one patient's (every reference is
+        mapped back on re-identification, so one into another patient's study would carry
+        that patient's UIDs into this one's record)."""
         found: dict[str, Dataset] = {}
+        own = self._uids.original(str(ds.get("StudyInstanceUID", "") or ""))
+        own_identity = self._uids.identity(own) if own is not None else None
+        if own is not None and own_identity is not None:
+            found[own] = own_identity
         for uid in _referenced_uids(ds):
             study = self._uids.study_of(uid)
             if study is None or study in found:
