@@ -23,9 +23,11 @@ from services.gateway.config import GatewayConfig
 from services.gateway.inference.agreement import compare, dice
 from services.gateway.inference.core import Result
 from services.gateway.inference.versions import VersionPlan, answering_version, canary_bucket
+from services.gateway.security.auth import new_key
 from services.net import free_port
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
+from tests.gateway.test_auth import entry, write_keys
 from tests.gateway.harness import base_url, model_repository, wait_for
 from tests.gateway.util import dicom_bytes, make_instance, make_study
 
@@ -218,6 +220,44 @@ def test_a_promotion_reaches_the_other_gateway_process_on_the_spool_with_fake_tr
         one.stop()
     records = [json.loads(line) for line in
                (one.config.audit_log or Path()).read_text().splitlines()]
+    assert [(r["action"], r["to_version"]) for r in records
+            if r["event"] == "model_version"] == [("promote", 2), ("rollback", 1)]
+
+
+def test_model_changes_need_the_models_scope_and_only_promote_and_rollback_exist_with_fake_tritons(
+        tmp_path: Path, fakes: dict[str, FakeInferer]) -> None:
+    """Any POST under /v1/models/{name}/ needs the models scope, whatever the action's
+    spelling; with it, an action other than exactly promote or rollback answers 404 and
+    changes nothing."""
+    other_key, ops_key = new_key(), new_key()
+    keys = tmp_path / "keys.json"
+    write_keys(keys, [entry("app", other_key, ["infer", "submit", "read", "metrics"]),
+                      entry("ops", ops_key, ["models"])])
+    gw = Gateway(_config(tmp_path, shadow_versions=(f"{MODEL}=2",), api_keys=keys),
+                 inferers=fakes)
+    gw.start()
+    url = f"{base_url(gw)}/v1/models/{MODEL}"
+    try:
+        ops = {"Authorization": f"Bearer {ops_key}"}
+        assert httpx.post(f"{url}/promote", headers=ops).status_code == 200
+        promoted = VersionPlan(primary=2, previous=1)
+        assert gw.core.plan == promoted
+        app = {"Authorization": f"Bearer {other_key}"}
+        for action in ("promote", "rollback", "Rollback", "anything", "rollback/x"):
+            r = httpx.post(f"{url}/{action}", headers=app)
+            assert r.status_code == 403 and r.json()["error"]["reason"] == "scope", action
+        assert gw.core.plan == promoted
+        for action in ("Rollback", "ROLLBACK", "anything", "promote ", "rollback2"):
+            r = httpx.post(f"{url}/{action}", headers=ops)
+            assert r.status_code == 404, (action, r.status_code)
+            assert r.json()["error"]["reason"] == "unknown_action", action
+        assert gw.core.plan == promoted
+        assert httpx.post(f"{url}/rollback", headers=ops).status_code == 200
+        assert gw.core.plan.primary == 1
+    finally:
+        gw.stop()
+    records = [json.loads(line) for line in
+               (gw.config.audit_log or Path()).read_text().splitlines()]
     assert [(r["action"], r["to_version"]) for r in records
             if r["event"] == "model_version"] == [("promote", 2), ("rollback", 1)]
 

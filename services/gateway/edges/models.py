@@ -14,13 +14,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.gateway.edges.rest import error_response, read_body
-from services.gateway.errors import BadRequest, GatewayError
+from services.gateway.errors import BadRequest, GatewayError, NotFound
 from services.gateway.intake.models import ModelVersions
 from services.gateway.jsonbody import parse_json
 from services.gateway.metrics import GatewayMetrics
 
 LOG = logging.getLogger(__name__)
 MAX_BODY = 4096
+ACTIONS = ("promote", "rollback")
 
 
 def create_routes(versions: ModelVersions, metrics: GatewayMetrics) -> list[Route]:
@@ -30,6 +31,12 @@ def create_routes(versions: ModelVersions, metrics: GatewayMetrics) -> list[Rout
     async def change(request: Request) -> Response:
         name = request.path_params["model"]
         action = request.path_params["action"]
+        if action not in ACTIONS:  # exactly these: anything else changes nothing
+            exc = NotFound("unknown model action; expected promote or rollback",
+                           "unknown_action")
+            LOG.warning("model change refused: %s", exc.reason)
+            metrics.requests.labels("rest", "refused", exc.reason).inc()
+            return error_response(exc)
         try:
             body = await read_body(request, MAX_BODY)
             doc = parse_json(body, "body", MAX_BODY) if body.strip() else {}

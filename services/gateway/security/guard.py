@@ -85,7 +85,8 @@ HTTP_RULES: tuple[tuple[str, re.Pattern[str], Rule], ...] = tuple(
         ("GET", "/metrics", Rule("metrics", "metrics", "rest")),
         ("GET", "/v2/models", Rule("metadata", "read", "oip_rest")),
         ("GET", "/v1/models", Rule("models", "read", "rest")),
-        ("POST", "/v1/models/[^/]+/(promote|rollback)", Rule("model_version", "models", "rest")),
+        # any action (an unknown one answers 404 there, but never without the scope)
+        ("POST", "/v1/models/[^/]+/.+", Rule("model_version", "models", "rest")),
     ))
 OTHER_HTTP = Rule("other", ANY, "rest")
 
