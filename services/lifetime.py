@@ -23,17 +23,19 @@ LOG = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _CGROUP = Path("/sys/fs/cgroup")
 # Resolved once, in the parent: a ``preexec_fn`` runs between fork and exec, where looking a
-# symbol up (dlopen's locks, held by some other thread at the fork) could hang.
+# symbol up (dlopen's locks, held by some other thread at the fork) could hang. Its argument
+# and result types are set here too, so that a call converts five ints and nothing else.
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_PRCTL.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_PRCTL.restype = ctypes.c_int
 
 
 def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> None:
     """Have the kernel send ``sig`` to this process when its parent dies. ``parent_pid``: the
     parent as the caller knew it; when this process has already been re-parented (the parent
     died before this call), ``sig`` is sent at once. Safe in a ``preexec_fn`` (no allocation
-    beyond the ctypes call, no lock)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+    beyond the ctypes call, no lock, no symbol looked up: ``_PRCTL`` was resolved on import)."""
+    if _PRCTL(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if parent_pid is not None and os.getppid() != parent_pid:
         os.kill(os.getpid(), sig)

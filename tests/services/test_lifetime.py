@@ -1,13 +1,19 @@
 """CPUs given to the process (cgroup quota and affinity; fake cgroup trees), and a child
-that dies with its parent (real processes)."""
+that dies with its parent (real processes), set up without a symbol look-up between fork and
+exec."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+import pytest
 
 from services.lifetime import cpus_given
 
@@ -64,3 +70,30 @@ def test_a_child_in_its_own_session_dies_when_its_parent_is_killed() -> None:
             break
         assert time.monotonic() < deadline, "the child outlived its parent"
         time.sleep(0.05)
+
+
+_READ_DEATH_SIGNAL = """
+import ctypes
+value = ctypes.c_int()
+assert ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0) == 0  # PR_GET_PDEATHSIG
+print(value.value)
+"""
+
+
+def test_the_preexec_function_looks_no_symbol_up_between_fork_and_exec(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """dlopen in the forked child can hang on a lock another thread held at the fork: the
+    child must only call what the parent resolved. With ctypes.CDLL made to fail (in the
+    parent, so in the fork too), the child still starts, its death signal set."""
+    from services.lifetime import die_with_parent
+
+    def no_dlopen(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ctypes.CDLL called between fork and exec")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_dlopen)
+    child = subprocess.run(
+        [sys.executable, "-c", _READ_DEATH_SIGNAL], capture_output=True, text=True,
+        timeout=60, preexec_fn=partial(die_with_parent, signal.SIGUSR1, os.getpid()))
+    monkeypatch.undo()
+    assert child.returncode == 0, child.stderr
+    assert int(child.stdout) == signal.SIGUSR1
