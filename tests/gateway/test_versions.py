@@ -27,8 +27,8 @@ from services.gateway.security.auth import new_key
 from services.net import free_port
 from tests.conftest import TINY_MANIFEST
 from tests.gateway.fakes import FakeInferer
-from tests.gateway.test_auth import entry, write_keys
 from tests.gateway.harness import base_url, model_repository, wait_for
+from tests.gateway.test_auth import entry, write_keys
 from tests.gateway.util import dicom_bytes, make_instance, make_study
 
 MODEL = TINY_MANIFEST.name
