@@ -295,3 +295,49 @@ def test_routes_select_by_model(tmp_path: Path) -> None:
     routes.check_models((TINY_MANIFEST.name, CT_SEG.name))
     with pytest.raises(ConfigError, match="not served"):
         routes.check_models((TINY_MANIFEST.name,))
+
+
+def test_a_lane_that_cannot_spool_refuses_the_instance_and_leaves_no_job_in_any_lane_with_fake_tritons(  # noqa: E501
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two models take the instance; the second one's spool write fails (faked: its
+    ``Spool.put`` raises). The sender is refused, the first model keeps no file, row or result
+    of it, and the resend is inferred exactly once per model."""
+    repo = two_model_repository(tmp_path)
+    twin = dataclasses.replace(TINY_MANIFEST, name="tiny-cxr-b")
+    (repo / twin.name).mkdir()
+    twin.save(repo / twin.name / "manifest.json")
+    a, b = FakeInferer(), FakeInferer()
+    b.model = twin.name  # type: ignore[misc]
+    gw = Gateway(_config(tmp_path, models=("*",)), inferer=a,
+                 inferers={CT_SEG.name: SegFake(), twin.name: b})
+    gw.start()
+    try:
+        taking = [lane for lane in gw.lanes if lane.name in (TINY_MANIFEST.name, twin.name)]
+        first, failing = taking[0], taking[-1]
+
+        def disk_error(data: bytes) -> Path:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(failing.spool, "put", disk_error)
+        warm = (a.calls, b.calls)
+        ds = make_instance(5)
+        body = {"instances": [base64.b64encode(dicom_bytes(ds)).decode()]}
+        r = httpx.post(f"{base_url(gw)}/v1/studies", json=body)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["reason"] == "spool_error"
+        for lane in taking:
+            assert lane.worker.jobs.all() == [], lane.name
+            assert lane.spool.pending() == [], lane.name
+        monkeypatch.undo()
+        r = httpx.post(f"{base_url(gw)}/v1/studies", json=body)
+        assert r.status_code == 202, r.text
+        url = f"{base_url(gw)}{r.json()['results_url']}"
+        assert wait_for(lambda: httpx.get(url).json().get("status") == "done")
+        models = sorted(d["model"] for d in httpx.get(url).json()["instances"])
+        assert models == [TINY_MANIFEST.name, twin.name]  # one result per model, no duplicate
+        assert (a.calls - warm[0], b.calls - warm[1]) == (1, 1)
+        for lane in taking:
+            assert len(lane.worker.jobs.all()) == 1, lane.name
+    finally:
+        gw.stop()

@@ -158,22 +158,45 @@ class Ingestor:
                lanes: Sequence[ModelLane] | None = None) -> Path:
         """Spool durably, then queue for inference, once per lane (model) that takes it
         (``lanes``, from ``check``; None: checked here). Raises Unavailable when it cannot
-        spool: the caller must not acknowledge in that case (lanes spooled before the failure
-        keep their job: the instance is inferred by those models, and again if resent).
-        ``calling_aet``: the DIMSE calling AE title (kept in the job table for the group and
-        its delivery); None for HTTP edges. Returns the first lane's spool file."""
+        spool: the caller must not acknowledge in that case. All or nothing across lanes: the
+        file is spooled and its job row inserted in every lane first, and only then is any
+        lane's worker given the job; when a lane fails, the lanes staged before it get their
+        file and row taken back, so a refused (and then resent) instance is inferred once per
+        model, not twice. ``calling_aet``: the DIMSE calling AE title (kept in the job table
+        for the group and its delivery); None for HTTP edges. Returns the first lane's spool
+        file."""
         self.check_capacity()
         if lanes is None:
             lanes = self.lanes if len(self.lanes) == 1 else self.check(ds, calling_aet)
-        paths = [self._accept_into(lane, data, ds, protocol, arrival, received, calling_aet)
-                 for lane in lanes]
+        staged: list[tuple[ModelLane, Path, bool]] = []
+        try:
+            for lane in lanes:
+                staged.append(self._stage(lane, data, ds, protocol, calling_aet))
+        except BaseException:
+            for lane, path, recorded in staged:
+                self._withdraw(lane, path, recorded)
+            raise
+        acked = time.perf_counter()
+        for lane, path, recorded in staged:
+            if not recorded:  # the insert waited so long that another worker recovered it
+                LOG.warning("spooled instance %s was taken up by another gateway worker",
+                            path.name)  # durable all the same: acknowledged, processed there
+                continue
+            lane.worker.submit(Job(
+                path=path, protocol=protocol, arrival=arrival, acked=acked,
+                timings_ms={"receive": (received - arrival) * 1000.0,
+                            "spool": (acked - received) * 1000.0},
+                calling_aet=calling_aet,
+            ))
         self._metrics.requests.labels(protocol, "accepted", "ok").inc()
         LOG.info("spooled instance %s via %s for %d model(s)", uid_hash(str(ds.SOPInstanceUID)),
-                 protocol, len(paths))
-        return paths[0]
+                 protocol, len(staged))
+        return staged[0][1]
 
-    def _accept_into(self, lane: ModelLane, data: bytes, ds: Dataset, protocol: str,
-                     arrival: float, received: float, calling_aet: str | None) -> Path:
+    def _stage(self, lane: ModelLane, data: bytes, ds: Dataset, protocol: str,
+               calling_aet: str | None) -> tuple[ModelLane, Path, bool]:
+        """The file spooled and its ``received`` row inserted in ``lane``, not yet given to
+        the lane's worker: (lane, file, whether this call inserted the row)."""
         try:
             path = lane.spool.put(data)
         except OSError as exc:
@@ -190,18 +213,21 @@ class Ingestor:
             with contextlib.suppress(OSError):
                 lane.spool.remove(path)
             raise Unavailable("cannot record the instance", "spool_error") from exc
-        acked = time.perf_counter()
-        if not recorded:  # the insert waited so long that another worker recovered the file
-            LOG.warning("spooled instance %s was taken up by another gateway worker",
-                        path.name)  # durable all the same: acknowledged, processed there once
-            return path
-        lane.worker.submit(Job(
-            path=path, protocol=protocol, arrival=arrival, acked=acked,
-            timings_ms={"receive": (received - arrival) * 1000.0,
-                        "spool": (acked - received) * 1000.0},
-            calling_aet=calling_aet,
-        ))
-        return path
+        return lane, path, recorded
+
+    @staticmethod
+    def _withdraw(lane: ModelLane, path: Path, recorded: bool) -> None:
+        """Take back a staged lane of an instance that is not acknowledged: its file, then its
+        row. A row another worker recovered (``recorded`` False) is that worker's now; a row
+        that cannot be deleted here stays ``received`` without a file, which recovery ends."""
+        if not recorded:
+            return
+        with contextlib.suppress(OSError):
+            lane.spool.remove(path)
+        try:
+            lane.worker.jobs.withdraw(path.name)
+        except Exception as exc:  # sqlite3.Error, OSError: logged, the refusal stands
+            LOG.error("job table withdraw failed: %s", type(exc).__name__)
 
     def pending(self, study_uid: str) -> int:
         """Instances of the study acknowledged and not finished yet (job table rows still

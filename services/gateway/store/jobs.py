@@ -148,6 +148,13 @@ class JobTable:
                 (name, _hash(study_uid), _hash(series_uid), _hash(sop_uid), protocol,
                  RECEIVED, now, now, calling_aet, owner))[1] == 1
 
+    def withdraw(self, name: str) -> bool:
+        """Delete the row of an instance spooled but then refused (never acknowledged), while
+        it is still ``received``: False when there was none to delete."""
+        with self.db.tx() as tx:
+            return tx.execute("DELETE FROM jobs WHERE name = ? AND state = ?",
+                              (name, RECEIVED))[1] == 1
+
     def get(self, name: str) -> JobRow | None:
         rows = self._run(f"SELECT {_COLUMNS} FROM jobs WHERE name = ?", (name,))
         return JobRow(*rows[0]) if rows else None
