@@ -221,7 +221,7 @@ class Gateway:
         self.connections = ConnectionGuard(
             ConnectionLimits(config.http_header_timeout_s, config.http_body_timeout_s,
                              config.max_connections_per_source),
-            self.audit, self.metrics, error_response)
+            self.audit, self.metrics, error_response, pod=pod)
         tls_options: dict[str, Any] = {"http": self.connections.protocol_class()}
         if cert_files is not None:
             reloading = ReloadingSSLContext(cert_files, "optional")

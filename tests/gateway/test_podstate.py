@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from services.gateway.security.connections import ADMIT, DROP, REFUSE, SourceCounts
 from services.gateway.security.podstate import PodState
 from services.gateway.security.ratelimit import RateLimiter
 
@@ -45,3 +46,22 @@ def test_holds_count_across_processes_and_a_dead_process_gives_its_back(
     assert a.held("ae:CT") == 0 and a.held("ae:MR") == 1
     restarted = PodState(tmp_path, 1)  # a new process of index 1 starts from nothing held
     assert restarted.held("ae:MR") == 0
+
+
+def test_connections_per_source_are_capped_per_pod_and_a_dead_process_gives_its_back(
+        tmp_path: Path) -> None:
+    """Two processes' ``SourceCounts`` on one pod state: the cap is the pod's, not each one's."""
+    a = SourceCounts(2, PodState(tmp_path, 0))
+    b = SourceCounts(2, PodState(tmp_path, 1))
+    assert [a.open("10.0.0.7"), b.open("10.0.0.7")] == [ADMIT, ADMIT]
+    assert b.open("10.0.0.7") == REFUSE  # the third from one address, whichever process
+    assert a.open("10.0.0.8") == ADMIT  # another address has its own count
+    assert [a.open("10.0.0.7"), b.open("10.0.0.7")] == [REFUSE, DROP]  # beyond twice the cap
+    assert a.admitted("10.0.0.7") == b.admitted("10.0.0.7") == 2
+    b.close("10.0.0.7", REFUSE)
+    b.close("10.0.0.7", ADMIT)
+    assert b.open("10.0.0.7") == ADMIT
+    assert a.open("10.0.0.7") == REFUSE
+    PodState.release_process(tmp_path, 0)  # process 0 died (kill -9) holding its connections
+    assert b.admitted("10.0.0.7") == 1
+    assert [a.open("10.0.0.7"), b.open("10.0.0.7")] == [ADMIT, REFUSE]

@@ -18,7 +18,8 @@ protocol with three more rules:
 - per-source cap: one source address may hold ``per_source`` connections; beyond, each further
   connection is answered 429 + ``Retry-After`` (``Connection: close``) at its first request,
   and beyond twice the cap it is closed at once, so that a flood of refused connections cannot
-  hold sockets either. 0 means no cap. The cap sees the address the TCP connection comes from:
+  hold sockets either. 0 means no cap. With several gateway processes on one port the counts
+  are the pod's (``podstate.PodState``), so the cap is per pod, not per process. The cap sees the address the TCP connection comes from:
   behind an ingress or a load balancer that is the proxy's, not the client's.
 
 Every timeout and refusal is logged with the source address and the reason, counted in
@@ -45,6 +46,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from services.gateway.errors import GatewayError, RateLimited, RequestTimeout
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.security.audit import AuditLog
+from services.gateway.security.podstate import PodState
 
 LOG = logging.getLogger(__name__)
 ADMIT, REFUSE, DROP = "admit", "refuse", "drop"
@@ -64,16 +66,28 @@ class ConnectionLimits:
 
 class SourceCounts:
     """Open connections per source address: admitted ones (at most ``limit``) and refused ones
-    still open (at most ``limit`` more); the verdict for a new one."""
+    still open (at most ``limit`` more); the verdict for a new one.
 
-    def __init__(self, limit: int) -> None:
+    With ``pod`` (several gateway processes share the port), both counts are the pod's: holds
+    ``src:<address>`` and ``src-refused:<address>`` in ``PodState``, kept per process, so the
+    supervisor's release of a dead process gives its connections back. Without, they are this
+    process's own."""
+
+    def __init__(self, limit: int, pod: PodState | None = None) -> None:
         self.limit = limit
+        self._pod = pod
         self._lock = threading.Lock()
         self._open: dict[str, list[int]] = {}  # source -> [admitted, refused]
 
     def open(self, source: str | None) -> str:
         if not self.limit or source is None:
             return ADMIT
+        if self._pod is not None:
+            if self._pod.hold(f"src:{source}", self.limit) is None:
+                return ADMIT
+            if self._pod.hold(f"src-refused:{source}", self.limit) is None:
+                return REFUSE
+            return DROP
         with self._lock:
             counts = self._open.setdefault(source, [0, 0])
             if counts[0] < self.limit:
@@ -87,6 +101,9 @@ class SourceCounts:
     def close(self, source: str | None, verdict: str) -> None:
         if not self.limit or source is None or verdict == DROP:
             return
+        if self._pod is not None:
+            self._pod.release(f"src:{source}" if verdict == ADMIT else f"src-refused:{source}")
+            return
         with self._lock:
             counts = self._open.get(source)
             if counts is None:
@@ -96,6 +113,8 @@ class SourceCounts:
                 del self._open[source]
 
     def admitted(self, source: str) -> int:
+        if self._pod is not None:
+            return self._pod.held(f"src:{source}")
         with self._lock:
             return self._open.get(source, [0, 0])[0]
 
@@ -104,14 +123,16 @@ class ConnectionGuard:
     """The policy and its records; ``protocol_class()`` applies it to uvicorn connections."""
 
     def __init__(self, limits: ConnectionLimits, audit: AuditLog, metrics: GatewayMetrics,
-                 error_response: Callable[[GatewayError], Any]) -> None:
+                 error_response: Callable[[GatewayError], Any],
+                 pod: PodState | None = None) -> None:
         """``error_response``: the HTTP edge's error response (a Starlette ``Response``), so
-        that a 408 or 429 here has the body of every other REST error."""
+        that a 408 or 429 here has the body of every other REST error. ``pod``: the pod's
+        shared state when several processes share the port (the per-source cap is the pod's)."""
         self.limits = limits
         self.audit = audit
         self.metrics = metrics
         self.error_response = error_response
-        self.counts = SourceCounts(limits.per_source)
+        self.counts = SourceCounts(limits.per_source, pod)
 
     def _cap_error(self) -> RateLimited:
         return RateLimited(f"more than {self.limits.per_source} connections from this "

@@ -1,5 +1,6 @@
-"""Limits counted per pod, not per process: the token buckets of the rate limit and the
-association counts of the DIMSE edge, shared by every gateway process of one pod.
+"""Limits counted per pod, not per process: the token buckets of the rate limit, the
+association counts of the DIMSE edge and the HTTP connections per source address, shared by
+every gateway process of one pod.
 
 The state is a small SQLite file in the pod's run directory, which the supervisor creates
 for the pod and removes after it; never in the spool, which replicas may share while each pod
@@ -8,13 +9,15 @@ the pod take turns on it (SQLite's file locks). Nothing here must survive the po
 journal is WAL without fsync (``synchronous=OFF``): a process killed mid-transaction loses
 nothing committed, and a power loss loses a pod whose limits start over anyway.
 
-Holds (an association counted against its calling AE title, or against the pod's total) are
-recorded per process, so that a process that dies, killed with SIGKILL included, gives back
-what it held: the supervisor calls ``PodState.release_process`` for its index before
-restarting it, and the process itself clears its index at start. Holds keyed by a calling AE
-title are bounded by the number of associations the pod accepts; buckets of principals not
-seen for ``IDLE_DROP_S`` are dropped. The file holds AE titles and principal names (API key
-names, certificate subjects), never patient data.
+Holds (an association counted against its calling AE title, or against the pod's total; an
+HTTP connection against its source address, ``connections.SourceCounts``) are recorded per
+process, so that a process that dies, killed with SIGKILL included, gives back what it held:
+the supervisor calls ``PodState.release_process`` for its index before restarting it, and the
+process itself clears its index at start. Holds keyed by a calling AE title are bounded by
+the number of associations the pod accepts, those keyed by a source address by the
+connections the pod holds open (a row goes when its count is 0); buckets of principals not
+seen for ``IDLE_DROP_S`` are dropped. The file holds AE titles, source addresses and principal
+names (API key names, certificate subjects), never patient data.
 """
 
 from __future__ import annotations
