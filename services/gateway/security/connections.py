@@ -19,8 +19,9 @@ protocol with three more rules:
   connection is answered 429 + ``Retry-After`` (``Connection: close``) at its first request,
   and beyond twice the cap it is closed at once, so that a flood of refused connections cannot
   hold sockets either. 0 means no cap. With several gateway processes on one port the counts
-  are the pod's (``podstate.PodState``), so the cap is per pod, not per process. The cap sees the address the TCP connection comes from:
-  behind an ingress or a load balancer that is the proxy's, not the client's.
+  are the pod's (``podstate.PodState``), so the cap is per pod, not per process. The cap sees
+  the address the TCP connection comes from: behind an ingress or a load balancer that is
+  the proxy's, not the client's.
 
 Every timeout and refusal is logged with the source address and the reason, counted in
 ``bedside_gateway_requests_total`` (protocol ``http``, outcome ``refused``, reason
