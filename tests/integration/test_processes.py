@@ -197,6 +197,57 @@ def test_two_processes_serve_share_limits_and_metrics_then_drain_on_sigterm(
     assert len(list((gw.spool / "incoming").glob("*.dcm"))) == stores
 
 
+def _ask(port: int) -> tuple[socket.socket, int | None]:
+    """A new connection and one request on it, kept open: (socket, status, None: closed
+    unanswered)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    try:
+        head = sock.recv(4096)
+    except ConnectionResetError:
+        head = b""
+    return sock, int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None
+
+
+def _status_of_new_connection(port: int) -> int | None:
+    sock, status = _ask(port)
+    sock.close()
+    return status
+
+
+def test_the_connections_per_source_cap_is_the_pods_with_real_processes(
+        tmp_path: Path) -> None:
+    """Two processes, ``--max-connections-per-source 2``: two connections held from one
+    address, every further one is refused, whichever process the kernel gives it to."""
+    gw = GatewayProcess(model_repository(tmp_path), MODEL, tmp_path / "spool", "127.0.0.1:1",
+                        tmp_path / "gw.log", "--processes", "2", "--min-free-bytes", "0",
+                        "--max-connections-per-source", "2")
+    held: list[socket.socket] = []
+    try:
+        _wait(lambda: gw.log.read_text().count("gateway ready") == 2, 60, "two processes")
+        for _ in range(2):
+            sock, status = _ask(gw.http_port)
+            held.append(sock)
+            assert status == 200
+        tries = 0
+        while {p for p, r in _audit(gw.log) if r.get("reason") == "source_connection_limit"
+               } != {"gateway-0", "gateway-1"}:
+            assert tries < 24, "the kernel sent every refused connection to one process"
+            sock, status = _ask(gw.http_port)
+            sock.close()
+            assert status in (429, None)  # answered 429, or closed at once beyond twice the cap
+            tries += 1
+        for sock in held:
+            sock.close()
+        held = []
+        # closed: the pod's holds are given back, two connections are admitted again
+        _wait(lambda: _status_of_new_connection(gw.http_port) == 200, 10, "the cap to free up")
+    finally:
+        for sock in held:
+            sock.close()
+        gw.kill()
+
+
 def test_killing_the_supervisor_with_sigkill_takes_every_process_with_it(
         tmp_path: Path) -> None:
     gw = GatewayProcess(model_repository(tmp_path), MODEL, tmp_path / "spool", "127.0.0.1:1",
