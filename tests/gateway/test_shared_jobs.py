@@ -27,6 +27,7 @@ from services.gateway.config import PASSWORD_ENV, DbTarget, GatewayConfig
 from services.gateway.inference.core import InferenceCore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.processing.grouping import CompletedGroup, GroupingPolicy
+from services.gateway.processing.groups import Group, Member, hashed, read_header
 from services.gateway.processing.worker import Job, SpoolWorker
 from services.gateway.store.jobdb import (
     LATEST,
@@ -45,6 +46,7 @@ from services.gateway.store.jobs import (
     OPEN,
     RECEIVED,
     JobTable,
+    group_key,
 )
 from services.gateway.store.results import ResultStore
 from services.gateway.store.spool import Spool
@@ -199,6 +201,66 @@ def test_take_over_takes_a_dead_workers_rows_and_claims_never_a_live_ones(
     table.close()
 
 
+def test_a_join_under_a_key_another_worker_claimed_opens_a_group_of_its_own(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    """Worker A still holds group K in its timers when B claims K; an arrival at A proposes
+    K: it opens a new group named after itself (was: "exists but is not open", retried
+    forever), which is claimed and closed in turn."""
+    a, b = JobTable(tmp_path, job_db), JobTable(tmp_path, job_db)
+    for name in ("a1", "a2"):
+        a.insert(name, "1.2", "1.2.3", f"1.2.3.{name}", "dimse", owner="A")
+    assert a.join_groups([("K", "study", "h", "", "a1")], {"K": 10.0}) == {"a1": "K"}
+    assert [g.key for g in b.claim_due("B", now=10.0)] == ["K"]
+    joined = a.join_groups([("K", "study", "h", "", "a2")], {"K": 20.0})
+    own = group_key("study", "h", "", "a2")
+    assert joined == {"a2": own} and own != "K"
+    assert [m.name for m in a.members("K")] == ["a1"]
+    assert [m.name for m in a.members(own)] == ["a2"]
+    assert b.close_group("K", "B")
+    assert a.claim_group(own, "A", now=15.0) == (LATER, 20.0)  # its due time was kept
+    assert a.claim_group(own, "A", now=20.0) == (CLAIMED, 20.0)
+    assert a.close_group(own, "A")
+    # the job joining again (a restart) while its own key is closed too: yet another key
+    again = a.join_groups([("K", "study", "h", "", "a2")])["a2"]
+    assert again not in ("K", own) and a.group(again) is not None
+    assert {g.key for g in a.groups(CLOSED)} == {"K", own}
+    a.close()
+    b.close()
+
+
+def test_a_worker_whose_claim_was_taken_over_can_neither_finish_nor_close_it(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    """A claims a group and stalls past its lease; B takes over and claims the group (and
+    A's ungrouped row): A's finish and close no longer apply, its heartbeat says the lease
+    was gone; B's do, once."""
+    a, b = JobTable(tmp_path, job_db), JobTable(tmp_path, job_db)
+    assert not a.heartbeat("A", lease_until=10.0)  # no lease before the first beat
+    assert a.heartbeat("A", lease_until=10.0)
+    for name in ("g1", "g2", "solo"):
+        a.insert(name, "1.2", "1.2.3", f"1.2.3.{name}", "dimse", owner="A")
+    a.join_groups([("K", "series", "h", "s", "g1"), ("K", "series", "h", "s", "g2")],
+                  {"K": 5.0})
+    assert a.claim_group("K", "A", now=5.0) == (CLAIMED, 5.0) and a.holds("K", "A")
+    assert [r.name for r in b.take_over("B", now=20.0)] == ["solo"]  # A's lease ended at 10
+    assert [g.key for g in b.claim_due("B", now=20.0)] == ["K"]
+    assert not a.heartbeat("A", lease_until=30.0)  # A wakes up: its lease was gone
+    assert not a.holds("K", "A") and b.holds("K", "B")
+    assert a.finish_many(["g1", "g2"], INFERRED, owner="A") == 0
+    assert not a.finish("solo", INFERRED, owner="A")
+    assert not a.close_group("K", "A")
+    assert {r.state for r in a.all()} == {RECEIVED}
+    group = a.group("K")
+    assert group is not None and group.state == CLOSING
+    assert b.finish_many(["g1", "g2"], INFERRED, owner="B") == 2
+    assert b.finish("solo", INFERRED, owner="B")
+    assert b.close_group("K", "B") and not b.close_group("K", "B")
+    assert {r.state for r in a.all()} == {INFERRED} and [g.key for g in a.groups(CLOSED)] == ["K"]
+    a.close()
+    b.close()
+
+
 def test_a_dropped_postgresql_connection_is_retryable_and_replaced(
     tmp_path: Path, postgres: Postgres,
 ) -> None:
@@ -301,6 +363,135 @@ def test_a_group_whose_closer_died_mid_inference_is_taken_over_once_with_fake_tr
         assert Spool(tmp_path).pending() == []
     finally:
         _stop_all(a, *([b] if b is not None else []))
+
+
+def test_an_arrival_for_a_group_another_worker_claimed_is_inferred_once_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    """B claims A's open study group (B's clock runs ahead: due for B, not yet for A) while A
+    still holds it in its timers; more of the study then arrives at A. A's new arrivals form
+    a group of their own (A no longer stops closing groups for good), and every instance is
+    inferred once: two hand-offs, four results."""
+    sink, fake_a, fake_b = SharedSink(), FakeInferer(), FakeInferer()
+    a = SpoolWorker(InferenceCore(TINY_MANIFEST, fake_a), Spool(tmp_path), ResultStore(tmp_path),
+                    GatewayMetrics(), backoff_s=0.01, jobs=JobTable(tmp_path, job_db),
+                    sink=sink, policy=GroupingPolicy(level="study", timeout_s=3.0),
+                    lease_s=1000.0)  # alive for B, whose clock is 100 s ahead
+    b = SpoolWorker(InferenceCore(TINY_MANIFEST, fake_b), Spool(tmp_path), ResultStore(tmp_path),
+                    GatewayMetrics(), backoff_s=0.01, jobs=JobTable(tmp_path, job_db),
+                    sink=sink, policy=GroupingPolicy(level="study", timeout_s=3.0),
+                    clock=lambda: time.time() + 100.0, lease_s=LEASE_S)
+    a.start()
+    try:
+        first, second = _study()
+        _acked(a, tmp_path, first)
+        assert wait_for(lambda: len(a.jobs.groups(OPEN)) == 1
+                        and len(a.jobs.members(a.jobs.groups(OPEN)[0].key)) == 2)
+        key = a.jobs.groups(OPEN)[0].key
+        b.start()  # its scan claims the group A holds open in memory
+        assert wait_for(lambda: (g := a.jobs.group(key)) is not None and g.state != OPEN)
+        _acked(a, tmp_path, second)
+        assert wait_for(lambda: len(sink.accepted) == 2 and a.depth == b.depth == 0,
+                        timeout=20)
+        time.sleep(LEASE_S)  # time for a wrong third hand-off to show
+        assert len(sink.accepted) == 2
+        assert sorted(len(g.results) for g in sink.accepted) == [2, 2]
+        assert sorted(n for g in sink.accepted for n in g.job_names) == sorted(
+            r.name for r in a.jobs.all())
+        assert fake_a.calls + fake_b.calls == 4
+        assert [(r.state, r.attempts) for r in a.jobs.all()] == [(INFERRED, 1)] * 4
+        assert a.jobs.groups(OPEN) == [] and a.jobs.groups(CLOSING) == []
+        assert Spool(tmp_path).pending() == []
+    finally:
+        _stop_all(a, b)
+
+
+def test_a_closer_whose_claim_was_taken_over_mid_inference_hands_on_nothing_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claims a group and stalls while inferring, past its lease (faked: B's take-over runs
+    at A's first inference attempt); B claims the group. A's runner finishes nothing, hands
+    nothing on, removes no file ("lost"); B closes it: exactly one hand-off."""
+    sink, fake_a, fake_b = SharedSink(), FakeInferer(), FakeInferer()
+    a, b = _worker(tmp_path, job_db, fake_a, sink), _worker(tmp_path, job_db, fake_b, sink)
+    try:
+        a.jobs.heartbeat(a.owner, time.time() + LEASE_S)
+        first, _ = _study()
+        jobs = [_spooled(a, tmp_path, ds) for ds in first]
+        study_h = hashed(str(first[0].StudyInstanceUID))
+        key = a.jobs.open_group("K", "study", study_h, "", [j.path.name for j in jobs])
+
+        def group() -> Group:
+            members = []
+            for j in jobs:
+                header = read_header(j.path)
+                assert header is not None
+                members.append(Member(j, header, full=False))
+            return Group(key, "study", study_h, "", persisted=True, members=members)
+
+        assert a.jobs.claim_group(key, a.owner, time.time())[0] == CLAIMED
+        later = time.time() + 10 * LEASE_S
+        attempt = a.jobs.attempt
+
+        def stalled_past_the_lease(name: str, error: str | None = None) -> None:
+            if not b.jobs.holds(key, b.owner):
+                b.jobs.take_over(b.owner, later)
+                assert [g.key for g in b.jobs.claim_due(b.owner, later)] == [key]
+            attempt(name, error)
+
+        monkeypatch.setattr(a.jobs, "attempt", stalled_past_the_lease)
+        assert a.runner.close(group()) == "lost"
+        assert fake_a.calls >= 1 and sink.accepted == []
+        assert {r.state for r in a.jobs.all()} == {RECEIVED}  # its finish did not apply
+        assert all(j.path.exists() for j in jobs)
+        assert b.runner.close(group()) == "closed"
+        assert len(sink.accepted) == 1 and len(sink.accepted[0].results) == 2
+        assert {r.state for r in a.jobs.all()} == {INFERRED}
+        closed = a.jobs.group(key)
+        assert closed is not None and closed.state == CLOSED
+        assert not a.jobs.close_group(key, a.owner)
+        assert Spool(tmp_path).pending() == []
+    finally:
+        a.jobs.close()
+        b.jobs.close()
+
+
+def test_a_worker_told_its_lease_was_gone_drops_what_another_took_over_with_fake_triton(
+    tmp_path: Path, job_db: DbTarget,
+) -> None:
+    """An instance group A could not hand on yet (sink refused) waits in A's memory; A stalls,
+    B takes its row over (faked: take_over at a later time). A's next heartbeat finds the
+    lease gone; the worker thread then drops the group (not A's any more) instead of handing
+    it on, and rescans at once. Only the lease thread runs; the worker thread's step is
+    called by the test."""
+    a = SpoolWorker(InferenceCore(TINY_MANIFEST, FakeInferer()), Spool(tmp_path),
+                    ResultStore(tmp_path), GatewayMetrics(), backoff_s=0.01,
+                    jobs=JobTable(tmp_path, job_db), policy=GroupingPolicy(level="instance"),
+                    lease_s=LEASE_S)
+    other = JobTable(tmp_path, job_db)
+    try:
+        a.jobs.heartbeat(a.owner, time.time() + LEASE_S)
+        job = _spooled(a, tmp_path, make_study(1, seed=60)[0])
+        a.submit(job)
+        header = read_header(job.path)
+        assert header is not None
+        group = a.groups.add(Member(job, header, full=False), 0.0)
+        assert group is not None
+        a.groups.defer(group, 60.0, 60.0)  # its sink said "later"
+        assert [r.name for r in other.take_over("B", time.time() + 10 * LEASE_S)] == [
+            job.path.name]
+        a._beat.start()  # the lease thread alone: its next beat finds the lease gone
+        assert wait_for(a._lease_lost.is_set)
+        a._stop.set()
+        a._beat.join(timeout=10)
+        assert a.jobs.live_owners(time.time()) >= {a.owner}  # registered again
+        a._next_scan = time.time() + 60
+        a._drop_taken()  # what the worker thread does next
+        assert a.groups.closing() == [] and not a.groups.holds(job.path.name)
+        assert a.depth == 0 and a._next_scan <= time.time() and job.path.exists()
+    finally:
+        a.jobs.close()
+        other.close()
 
 
 def test_start_up_recovery_leaves_a_live_workers_work_alone_with_fake_triton(

@@ -16,13 +16,13 @@ hashed study/series UIDs and the name of the job that opened the group.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from optimizer.contract.manifest import GroupLevel, InferUnit, Manifest, Selection
 from services.errors import ConfigError
+from services.gateway.store.jobs import group_key as group_key  # the key's one definition
 
 LEVELS: tuple[GroupLevel, ...] = ("instance", "series", "study")
 
@@ -52,10 +52,6 @@ class GroupSink(Protocol):
         ...
 
 
-def group_key(level: str, study_hash: str, series_hash: str, opened_by: str) -> str:
-    """The group's idempotency key: the same group gets the same key after a restart."""
-    text = "|".join((level, study_hash, series_hash, opened_by))
-    return hashlib.sha256(text.encode("ascii", "replace")).hexdigest()[:24]
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,10 @@ class Groups:
                 del self._closing[key]
                 yield group
 
+    def closing(self) -> list[Group]:
+        """The groups waiting to finish closing (a snapshot)."""
+        return list(self._closing.values())
+
     def keep(self, group: Group) -> None:
         """A group that could not finish closing (stopping): tried again when next due."""
         self._closing[group.key] = group

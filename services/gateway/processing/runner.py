@@ -77,15 +77,17 @@ class Refused:
     error: str  # the exception's class name (a message may carry PHI)
 
 
-Closing = Literal["closed", "stopping"] | Refused
+Closing = Literal["closed", "stopping", "lost"] | Refused
 
 
 class Runner:
     def __init__(self, core: InferenceCore, spool: Spool, results: ResultStore, jobs: JobTable,
                  metrics: GatewayMetrics, policy: GroupingPolicy, sink: GroupSink | None,
-                 backoff_s: float, stop: Stopping) -> None:
+                 backoff_s: float, stop: Stopping, owner: str | None = None) -> None:
         """``sink`` None: a closed group just finishes (no maps are kept for it either).
-        ``backoff_s`` is the first wait while Triton is unavailable; ``stop`` ends the retries."""
+        ``backoff_s`` is the first wait while Triton is unavailable; ``stop`` ends the retries.
+        ``owner``: the worker whose claims this runner closes; its rows are finished and its
+        groups closed only while that claim holds (None: unconditionally, one worker alone)."""
         self.core = core
         self.spool = spool
         self.results = results
@@ -98,10 +100,13 @@ class Runner:
         # a map write a crash stopped before its rename (old: not another process's write)
         remove_stale_temporaries(self.maps.glob("*.tmp"))
         self._stop = stop
+        self.owner = owner
 
     def close(self, group: Group) -> Closing:
         """Select, infer what is left to infer, hand on, release the spool files: "closed";
-        "stopping" when stopped before every member finished; ``Refused`` when the sink raised.
+        "stopping" when stopped before every member finished; ``Refused`` when the sink raised;
+        "lost" when another worker took the claim over (this worker's lease had expired): then
+        nothing is handed on, closed or released here, the new holder does it.
         No exception escapes: a bug quarantines what was left unfinished and closes the group."""
         try:
             return self._close(group)
@@ -120,12 +125,16 @@ class Runner:
                         self.spool.remove(m.job.path)
             with contextlib.suppress(Exception):
                 if group.persisted:
-                    self.jobs.close_group(group.key)
+                    self.jobs.close_group(group.key, self.owner)
             return "closed"
 
     def _close(self, group: Group) -> Closing:
+        if not self._holds(group):
+            return self._lost(group)
         if not self._settle(group):
             return "stopping"  # ``recover`` takes it up again after a restart
+        if not self._holds(group):  # taken over while inferring: never handed on twice
+            return self._lost(group)
         completed = self.completed(group) if self.sink is not None else None
         if self.sink is not None and completed is not None and completed.results:
             try:
@@ -133,8 +142,8 @@ class Runner:
             except Exception as exc:  # the sink says "later": retry, never drop
                 self.metrics.group_sink_errors.labels(group.level).inc()
                 return Refused(type(exc).__name__)
-        if group.persisted:
-            self.jobs.close_group(group.key)
+        if group.persisted and not self.jobs.close_group(group.key, self.owner) and self.owner:
+            return self._lost(group)  # its files are the new holder's
         for m in group.members:
             self.spool.remove(m.job.path)
         for path in self.maps.glob(f"{group.key}-*.npy") if self.maps.is_dir() else ():
@@ -145,6 +154,21 @@ class Runner:
         if group.persisted:
             LOG.info("group %s closed (%d instances)", group.key, len(group.members))
         return "closed"
+
+    def _holds(self, group: Group) -> bool:
+        """This worker still holds the group: its claim in the table (series and study
+        groups), or its rows (an instance group: a take-over moves the row to another)."""
+        if self.owner is None:
+            return True
+        if group.persisted:
+            return self.jobs.holds(group.key, self.owner)
+        rows = self.jobs.rows([m.name for m in group.members])
+        return all(r.owner in (None, self.owner) for r in rows.values())
+
+    def _lost(self, group: Group) -> Closing:
+        LOG.warning("group %s was taken over by another worker (this worker's lease had"
+                    " expired); left to it", group.key)
+        return "lost"
 
     def _outcome(self, group: Group) -> str:
         states = {r.state for m in group.members if (r := self.jobs.get(m.name)) is not None}
@@ -201,7 +225,7 @@ class Runner:
         else:
             self.results.save(doc["study_instance_uid"], doc["series_instance_uid"], doc,
                               job=group.key)
-        self.jobs.finish_many([m.name for m in waiting], SKIPPED, reason)
+        self.jobs.finish_many([m.name for m in waiting], SKIPPED, reason, self.owner)
         for m in waiting:
             self.metrics.requests.labels(m.job.protocol, "skipped", reason).inc()
         LOG.info("series %s skipped: %s", uid_hash(first.uid("SeriesInstanceUID")), reason)
@@ -230,7 +254,8 @@ class Runner:
             return False
         error = doc.get("error")
         self.jobs.finish_many(names, FAILED if error else INFERRED,
-                              error.get("reason") if isinstance(error, dict) else None)
+                              error.get("reason") if isinstance(error, dict) else None,
+                              self.owner)
         LOG.info("job %s: result already stored before a restart; not inferred again", tag)
         return True
 
@@ -262,7 +287,7 @@ class Runner:
         self._save_maps(name, result)
         self.results.save(result.study_instance_uid, result.sop_instance_uid,
                           result.to_dict(), job=name)
-        self.jobs.finish(name, INFERRED)
+        self.jobs.finish(name, INFERRED, owner=self.owner)
         self.metrics.observe(self.core.manifest.name, job.protocol, result.timings_ms)
         self.metrics.requests.labels(job.protocol, "inferred", "ok").inc()
         return True
@@ -313,7 +338,7 @@ class Runner:
                 "inferred_on": "series",
                 "error": {"reason": exc.reason, "message": str(exc)},
             }, job=group.key)
-            self.jobs.finish_many(names, FAILED, exc.reason)
+            self.jobs.finish_many(names, FAILED, exc.reason, self.owner)
             for m in waiting:
                 self.metrics.requests.labels(m.job.protocol, "failed", exc.reason).inc()
             return True
@@ -324,7 +349,7 @@ class Runner:
         doc = {**result.to_dict(), "inferred_on": "series", "instances": len(readable),
                "source_sop_instance_uids": [m.uid("SOPInstanceUID") for m in readable]}
         self.results.save(study_uid, series_uid, doc, job=group.key)
-        self.jobs.finish_many(names, INFERRED)
+        self.jobs.finish_many(names, INFERRED, owner=self.owner)
         self.metrics.observe(self.core.manifest.name, middle.job.protocol, result.timings_ms)
         for m in waiting:
             self.metrics.requests.labels(m.job.protocol, "inferred", "ok").inc()
@@ -396,11 +421,11 @@ class Runner:
                 "error": {"reason": exc.reason, "message": str(exc)},
             }, job=name)
             LOG.info("stored error result for instance %s", uid_hash(sop))
-            self.jobs.finish(name, FAILED, exc.reason)
+            self.jobs.finish(name, FAILED, exc.reason, self.owner)
             if release:
                 self.spool.remove(job.path)
         elif job.path.exists():
-            self.jobs.finish(name, FAILED, exc.reason)
+            self.jobs.finish(name, FAILED, exc.reason, self.owner)
             self.spool.quarantine(job.path)
         self.metrics.requests.labels(job.protocol, "failed", exc.reason).inc()
 

@@ -30,7 +30,9 @@ from a thread of its own (``lease_s``). Groups are keyed in the table; a local t
 to try to claim a group, the table's conditional UPDATE says who closes it, and the claimer
 reads the members other workers spooled from the shared spool. Every ``lease_s / 3`` the worker
 claims due groups whoever opened them and takes over the rows and ``closing`` groups of workers
-whose lease ran out (killed); start-up recovery looks only at what no live worker holds.
+whose lease ran out (killed); start-up recovery looks only at what no live worker holds. A
+worker that stalled past its lease hears it from its next heartbeat and drops what it no longer
+holds; its runner finishes and closes only under its claim, so a group is handed on once.
 Times in the table (due times, leases) come from ``clock``: wall time by default, the one clock
 replicas share.
 """
@@ -112,8 +114,9 @@ class SpoolWorker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spool-worker", daemon=True)
         self._beat = threading.Thread(target=self._heartbeats, name="worker-lease", daemon=True)
+        self._lease_lost = threading.Event()  # set by the lease thread, read by the worker
         self.runner = Runner(core, spool, results, self.jobs, metrics, self.policy, sink,
-                             backoff_s, self._stop)
+                             backoff_s, self._stop, owner=self.owner)
         # worker-thread state (filled by ``start`` before the thread runs)
         self.groups = Groups(self.policy, clock)
         self._next_prune = 0.0
@@ -149,10 +152,14 @@ class SpoolWorker:
 
     def _heartbeats(self) -> None:
         """Renew this worker's lease until it stops; a failed renewal is retried (the lease
-        outlives a few of them)."""
+        outlives a few of them). A lease found gone (a stall longer than the lease: another
+        worker took over this one's rows and claims) is reported to the worker thread."""
         while not self._stop.wait(self._scan_every):
             try:
-                self.jobs.heartbeat(self.owner, self._clock() + self.lease_s)
+                if not self.jobs.heartbeat(self.owner, self._clock() + self.lease_s):
+                    LOG.warning("this worker's lease had expired; what it held may have been"
+                                " taken over")
+                    self._lease_lost.set()
             except Exception as exc:
                 LOG.error("job table lease renewal failed: %s", type(exc).__name__)
 
@@ -323,6 +330,9 @@ class SpoolWorker:
             self._record_joins()
             if self._stop.is_set():
                 return
+            if self._lease_lost.is_set():
+                self._lease_lost.clear()
+                self._drop_taken()
             self._close_due()
             if self._clock() >= self._next_scan and not self._stop.is_set():
                 self._scan()
@@ -422,6 +432,20 @@ class SpoolWorker:
             if self._stop.is_set():
                 break
 
+    def _drop_taken(self) -> None:
+        """After a lost lease: the groups in memory this worker no longer holds are dropped
+        (an instance group whose row another worker took; a series or study group is asked
+        of the table when due, ``claim_group``), and the table is read again at once (the
+        next scan: take-over, due claims)."""
+        for group in self.groups.closing():
+            if group.persisted:
+                continue
+            rows = self.jobs.rows([m.name for m in group.members])
+            if any(r.owner not in (None, self.owner) for r in rows.values()):
+                self.groups.take(group.key)
+                self._forget(group)
+        self._next_scan = self._clock()
+
     def _forget(self, group: Group) -> None:
         self._change_depth(-len([m for m in group.members if self.groups.holds(m.name)]))
         self.groups.release(group)
@@ -434,7 +458,7 @@ class SpoolWorker:
             group = Group(row.key, row.level, row.study_hash, row.series_hash, persisted=True)
         self._merge_members(group)
         if not group.members:  # every member finished and released already
-            self.jobs.close_group(group.key)
+            self.jobs.close_group(group.key, self.owner)
             return
         self._close(group)
 
@@ -461,7 +485,9 @@ class SpoolWorker:
         """The runner closes the group; unfinished (stopping, or a sink that raised), it is
         kept and tried again when due."""
         outcome = self.runner.close(group)
-        if outcome == "stopping":
+        if outcome == "lost":  # another worker holds it now: its members are that one's
+            self._forget(group)
+        elif outcome == "stopping":
             self.groups.keep(group)  # ``recover`` takes it up again after a restart
         elif isinstance(outcome, Refused):
             delay = self.groups.defer(group, self._backoff, MAX_BACKOFF_S)

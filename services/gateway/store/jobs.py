@@ -40,11 +40,16 @@ arriving at another process joins the group the first one opened, and the group'
 the latest member's acknowledgement plus the timeout. Closing is claimed by one conditional
 UPDATE (``open`` -> ``closing``, owner set; row locks with SKIP LOCKED on PostgreSQL): exactly
 one worker closes a group. Rows and ``closing`` groups of a worker whose lease expired (killed)
-are taken over by a live one (``take_over``); live claims are never taken.
+are taken over by a live one (``take_over``); live claims are never taken. A worker that only
+stalled past its lease learns it from ``heartbeat`` (False), and its finishes and closes, made
+with its ``owner``, no longer apply to what was taken over (``finish_many``, ``close_group``). An
+arrival whose proposed key names a group no longer open (another worker claimed it meanwhile)
+opens a new group under a key named after the arrival.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Collection, Iterable, Mapping
@@ -68,6 +73,7 @@ _COLUMNS = ("name, study_hash, series_hash, sop_hash, protocol, state, attempts,
             " updated_at, error, group_key, calling_aet, owner")
 _GROUP_COLUMNS = "key, level, study_hash, series_hash, state, opened_at, updated_at"
 _BATCH = 500  # rows one take-over or claim moves at most
+_REKEYS = 8  # keys a joining job tries when the proposed one names a group no longer open
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,12 @@ class GroupRow:
     state: str
     opened_at: float
     updated_at: float
+
+
+def group_key(level: str, study_hash: str, series_hash: str, opened_by: str) -> str:
+    """A group's idempotency key (no UID): the same group gets the same key after a restart."""
+    text = "|".join((level, study_hash, series_hash, opened_by))
+    return hashlib.sha256(text.encode("ascii", "replace")).hexdigest()[:24]
 
 
 def _hash(uid: str) -> str:
@@ -179,22 +191,32 @@ class JobTable:
         self._run("UPDATE jobs SET attempts = attempts + 1, updated_at = ?,"
                   " error = COALESCE(?, error) WHERE name = ?", (time.time(), error, name))
 
-    def finish(self, name: str, state: str, error: str | None = None) -> bool:
+    def finish(self, name: str, state: str, error: str | None = None,
+               owner: str | None = None) -> bool:
         """``received`` -> ``state`` (inferred, failed or skipped), once: False when the row
-        was already final (or unknown), so a second transition is never made."""
-        return self.finish_many([name], state, error) == 1
+        was already final (or unknown), so a second transition is never made, or when
+        ``owner`` (if given) no longer holds it (``finish_many``)."""
+        return self.finish_many([name], state, error, owner) == 1
 
-    def finish_many(self, names: Iterable[str], state: str, error: str | None = None) -> int:
+    def finish_many(self, names: Iterable[str], state: str, error: str | None = None,
+                    owner: str | None = None) -> int:
         """``finish`` for several jobs in one transaction (a series inferred as one item);
-        how many rows made the transition."""
+        how many rows made the transition. With ``owner``, only rows that worker holds: those
+        of a group it claims (``closing`` under it), or outside any group, its own (or no
+        one's); a worker whose claim was taken over finishes nothing of it."""
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
+        sql = ("UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE name = ? AND"
+               " state = ?")
+        held: tuple[Any, ...] = ()
+        if owner is not None:
+            sql += (" AND ((group_key IS NULL AND (owner IS NULL OR owner = ?)) OR group_key IN"
+                    " (SELECT key FROM groups WHERE state = ? AND owner = ?))")
+            held = (owner, CLOSING, owner)
         done = 0
         with self.db.tx() as tx:
             for name in names:
-                done += tx.execute("UPDATE jobs SET state = ?, error = ?, updated_at = ?"
-                                   " WHERE name = ? AND state = ?",
-                                   (state, error, time.time(), name, RECEIVED))[1]
+                done += tx.execute(sql, (state, error, time.time(), name, RECEIVED, *held))[1]
         return done
 
     def mark_delivered(self, names: Iterable[str]) -> None:
@@ -225,7 +247,7 @@ class JobTable:
         due = due or {}
         with self.db.tx() as tx:
             for key, level, study_hash, series_hash, name in entries:
-                actual = self._open_key(tx, key, level, study_hash, series_hash, now)
+                actual = self._open_key(tx, key, level, study_hash, series_hash, name, now)
                 when = due.get(key, 0.0)
                 tx.execute("UPDATE groups SET due_at = ?, updated_at = ? WHERE key = ? AND"
                            " due_at < ?", (when, now, actual, when))
@@ -234,21 +256,28 @@ class JobTable:
         return joined
 
     def _open_key(self, tx: Any, key: str, level: str, study_hash: str, series_hash: str,
-                  now: float) -> str:
-        """The open group's key for this (level, study, series), opening it when none is."""
+                  name: str, now: float) -> str:
+        """The open group's key for this (level, study, series), opening it when none is:
+        under ``key``, or, when that key is taken by a group no longer open (claimed by
+        another worker meanwhile), under a key named after the joining job ``name``."""
         select = ("SELECT key FROM groups WHERE level = ? AND study_hash = ? AND series_hash = ?"
                   " AND state = ?" + (" FOR UPDATE" if self.dialect != SQLITE else ""))
         ident = (level, study_hash, series_hash, OPEN)
         rows, _ = tx.execute(select, ident)
         if rows:
             return str(rows[0][0])
-        tx.execute("INSERT INTO groups (key, level, study_hash, series_hash, state, opened_at,"
-                   " updated_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING",
-                   (key, *ident[:3], OPEN, now, now))
-        rows, _ = tx.execute(select, ident)  # ours, or the one a concurrent worker opened
-        if rows:
-            return str(rows[0][0])
-        raise RuntimeError(f"group {key} exists but is not open")  # key reuse: a bug
+        for attempt in range(_REKEYS):
+            tx.execute("INSERT INTO groups (key, level, study_hash, series_hash, state,"
+                       " opened_at, updated_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0)"
+                       " ON CONFLICT DO NOTHING", (key, *ident[:3], OPEN, now, now))
+            rows, _ = tx.execute(select, ident)  # ours, or the one a concurrent worker opened
+            if rows:
+                return str(rows[0][0])
+            # the key names a group another worker claimed (or closed) while this worker
+            # still held it open in memory: the arrival opens a new group under its own name
+            key = group_key(level, study_hash, series_hash,
+                            name if attempt == 0 else f"{name}|{attempt}")
+        raise RuntimeError(f"no free key for a group opened by {name}")
 
     def claim_group(self, key: str, owner: str, now: float) -> tuple[str, float]:
         """Claim one group for closing: (CLAIMED, due) when it was open and due (now
@@ -287,10 +316,23 @@ class JobTable:
                                  f" ({_marks(len(keys))}) ORDER BY key", keys)
         return [GroupRow(*r) for r in rows]
 
-    def close_group(self, key: str) -> None:
-        """The group was handed on (or had nothing to hand on): closed for good."""
-        self._run("UPDATE groups SET state = ?, updated_at = ? WHERE key = ?",
-                  (CLOSED, time.time(), key))
+    def close_group(self, key: str, owner: str | None = None) -> bool:
+        """The group was handed on (or had nothing to hand on): closed for good. With
+        ``owner``, only while that worker's claim holds (``closing`` under it): False when
+        its claim was taken over, or nothing changed."""
+        if owner is None:
+            return self._close(key, "")
+        return self._close(key, " AND state = ? AND owner = ?", CLOSING, owner)
+
+    def _close(self, key: str, where: str, *params: Any) -> bool:
+        with self.db.tx() as tx:
+            return tx.execute("UPDATE groups SET state = ?, updated_at = ? WHERE key = ?"
+                              + where, (CLOSED, time.time(), key, *params))[1] == 1
+
+    def holds(self, key: str, owner: str) -> bool:
+        """``owner`` still holds its claim on the group (``closing`` under it)."""
+        return bool(self._run("SELECT 1 FROM groups WHERE key = ? AND state = ? AND owner = ?",
+                              (key, CLOSING, owner)))
 
     def reopen(self, key: str, due_at: float) -> None:
         """A claimed group this worker could not finish (stopping): open again, due at
@@ -320,13 +362,17 @@ class JobTable:
 
     # -- workers, leases, take-over ---------------------------------------------------------
 
-    def heartbeat(self, owner: str, lease_until: float) -> None:
-        """This worker is alive until ``lease_until`` (its claims are not taken before)."""
+    def heartbeat(self, owner: str, lease_until: float) -> bool:
+        """This worker is alive until ``lease_until`` (its claims are not taken before). False
+        when its lease was gone (first beat, or taken over after a stall: its claims and rows
+        may be another worker's now); the lease is registered again either way."""
         with self.db.tx() as tx:
-            if not tx.execute("UPDATE workers SET lease_until = ? WHERE owner = ?",
-                              (lease_until, owner))[1]:
-                tx.execute("INSERT INTO workers (owner, lease_until) VALUES (?, ?)"
-                           " ON CONFLICT DO NOTHING", (owner, lease_until))
+            if tx.execute("UPDATE workers SET lease_until = ? WHERE owner = ?",
+                          (lease_until, owner))[1]:
+                return True
+            tx.execute("INSERT INTO workers (owner, lease_until) VALUES (?, ?)"
+                       " ON CONFLICT DO NOTHING", (owner, lease_until))
+            return False
 
     def retire(self, owner: str) -> None:
         """A clean stop: the lease ends now, so live workers take over what is left."""
