@@ -4,8 +4,10 @@ fatal start ends the group."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -39,30 +41,52 @@ def _wait(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-
         time.sleep(0.05)
 
 
-def test_a_killed_worker_is_restarted_and_sigterm_stops_all(tmp_path: Path) -> None:
+def _killed_worker_scenario(folder: Path) -> dict[str, object]:
+    """Runs in a process of its own (``python -c``): it sends SIGTERM to itself, which the
+    test process must not receive (the suite loads the Helm SDK's Go runtime, whose signal
+    handling crashed the test process when a signal was sent to it)."""
     ended: list[tuple[int, int]] = []
-    sup = Supervisor(partial(_worker, tmp_path), 2, "w",
+    sup = Supervisor(partial(_worker, folder), 2, "w",
                      on_exit=lambda index, pid: ended.append((index, pid)), grace_s=20,
                      backoff_s=0.1)
+    seen: dict[str, object] = {}
 
     def drive() -> None:
-        _wait(lambda: len(_pids(tmp_path, 0)) == 1 and len(_pids(tmp_path, 1)) == 1)
-        (first,) = _pids(tmp_path, 1)
+        _wait(lambda: len(_pids(folder, 0)) == 1 and len(_pids(folder, 1)) == 1)
+        (first,) = _pids(folder, 1)
         os.kill(first, signal.SIGKILL)
-        _wait(lambda: len(_pids(tmp_path, 1)) == 2)  # a new process under index 1
-        assert ended == [(1, first)]  # its clean-up ran before the restart
+        _wait(lambda: len(_pids(folder, 1)) == 2)  # a new process under index 1
+        seen["ended_before_restart"] = list(ended)
+        seen["killed"] = first
         os.kill(os.getpid(), signal.SIGTERM)  # what Kubernetes sends the supervisor
 
     driver = threading.Thread(target=drive)
     driver.start()
-    assert sup.run() == 0
+    seen["status"] = sup.run()
     driver.join()
-    assert sup.restarts == 1
-    live = [p for i in (0, 1) for p in _pids(tmp_path, i) if p != ended[0][1]]
+    seen["restarts"] = sup.restarts
+    seen["ended"] = ended
+    return seen
+
+
+def test_a_killed_worker_is_restarted_and_sigterm_stops_all(tmp_path: Path) -> None:
+    code = ("import json, sys; from pathlib import Path; "
+            "from tests.services.test_supervisor import _killed_worker_scenario as run; "
+            "print(json.dumps(run(Path(sys.argv[1]))))")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    first = seen["killed"]
+    assert seen["ended_before_restart"] == [[1, first]]  # its clean-up ran before the restart
+    assert seen["status"] == 0 and seen["restarts"] == 1
+    live = [p for i in (0, 1) for p in _pids(tmp_path, i) if p != first]
     assert len(live) == 2
     for pid in live:  # both stopped through their SIGTERM handler (drained), not killed
         assert list(tmp_path.glob(f"*.{pid}.stopped"))
-    assert sorted(i for i, _ in ended) == [0, 1, 1]
+    assert sorted(i for i, _ in seen["ended"]) == [0, 1, 1]
 
 
 def test_a_worker_that_cannot_start_stops_the_group() -> None:
