@@ -158,19 +158,23 @@ def run_demo(out: Path, triton_env: Path, sizes: DemoSizes, threads: int = 2) ->
     print("[4/5] starting Triton Inference Server and the gateway (a copy of the model as "
           "version 2, in shadow)")
     run_dir = out / "run"
-    model_folder = result.repository / DEMO_MANIFEST.name
+    # served from a copy: the optimizer's repository (what a user deploys, and what
+    # loadtests.bench serves) keeps its one version
+    served = run_dir / "repository"
+    shutil.rmtree(served, ignore_errors=True)
+    shutil.copytree(result.repository, served)
+    model_folder = served / DEMO_MANIFEST.name
     primary = Manifest.load(model_folder / "manifest.json").version
     shadow = primary + 1
-    if not (model_folder / str(shadow)).exists():
-        shutil.copytree(model_folder / str(primary), model_folder / str(shadow))
-    triton = TritonServer(install, result.repository, run_dir / "triton",
+    shutil.copytree(model_folder / str(primary), model_folder / str(shadow))
+    triton = TritonServer(install, served, run_dir / "triton",
                           TritonPorts(free_port(), free_port(), free_port()),
                           explicit_models=True)  # the gateway loads versions 1 and 2
     gateway: Gateway | None = None
     try:
         triton.start()
         config = GatewayConfig(
-            model_repository=result.repository, model_name=DEMO_MANIFEST.name,
+            model_repository=served, model_name=DEMO_MANIFEST.name,
             triton_grpc_url=triton.grpc_url, spool_dir=run_dir / "spool",
             http_port=free_port(), dicom_port=free_port(),
             shadow_versions=(f"{DEMO_MANIFEST.name}={shadow}",),
