@@ -132,7 +132,9 @@ def test_sigkill_mid_study_then_restart_processes_every_acked_instance_once(
         triton.stop()
         study_b, files_b = _write_study(tmp_path / "b", 150, seed=400)
         proc = _storescu(gw.dicom_port, list(files_b))
-        _wait(lambda: sum(r[2] == RECEIVED for r in job_rows(spool)) >= 10, 60,
+        # a row precedes its acknowledgement: at the kill the newest row's may not have left
+        # yet, so 11 rows mean at least 10 acknowledgements sent
+        _wait(lambda: sum(r[2] == RECEIVED for r in job_rows(spool)) >= 11, 60,
               "some acknowledged instances")
         gw.kill()
         out, _ = proc.communicate(timeout=60)
