@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.gateway.store.durable import WAL, DurableDb
+from services.gateway.store.durable import WAL, DurableDb, pid_alive
 
 LOG = logging.getLogger(__name__)
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
@@ -121,7 +121,7 @@ class Outbox(DurableDb):
                     "SELECT id, claimed_by FROM outbox WHERE state = ? AND claimed_by IS NOT"
                     " NULL", (PENDING,)).fetchall():
                 at, _, pid = str(holder).rpartition("-")
-                if at == host and pid.isdigit() and not _pid_alive(int(pid)):
+                if at == host and pid.isdigit() and not pid_alive(int(pid)):
                     db.execute("UPDATE outbox SET next_at = ?, claimed_by = NULL WHERE id = ?",
                                (self._clock(), row_id))
 
@@ -295,13 +295,3 @@ def _claimant() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True

@@ -64,6 +64,7 @@ from services.gateway.processing.groups import (
 )
 from services.gateway.processing.recovery import RECOVERED, RecoveryPlan, plan_recovery
 from services.gateway.processing.runner import MAX_BACKOFF_S, Refused, Runner
+from services.gateway.store.durable import pid_alive
 from services.gateway.store.jobdb import JobDbUnavailable
 from services.gateway.store.jobs import (
     CLAIMED,
@@ -271,7 +272,7 @@ class SpoolWorker:
         for owner in self.jobs.live_owners(now) - {self.owner}:
             where = owner.rpartition("-")[0]
             at, _, pid = where.rpartition("-")
-            if at == host and pid.isdigit() and not _pid_alive(int(pid)):
+            if at == host and pid.isdigit() and not pid_alive(int(pid)):
                 LOG.info("worker %s is gone; taking over its jobs", owner)
                 self.jobs.retire(owner)
 
@@ -497,14 +498,6 @@ class SpoolWorker:
             self._forget(group)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _age(path: Path, now: float) -> float:

@@ -54,6 +54,18 @@ def open_journal(db: sqlite3.Connection, journal: str, what: str, path: Path) ->
     db.execute("PRAGMA synchronous=FULL")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a claim or lease holder found dead on
+    the same host is released at once instead of after its timeout)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 class DurableDb:
     """One connection shared by threads. In WAL mode a process crash loses no commit; FULL also
     fsyncs the WAL (or the rollback journal and the database, ``SHARED_VOLUME``) at every
